@@ -1,0 +1,103 @@
+"""Map Hugging Face tensor names onto flaxchat's params pytree.
+
+Both importers (safetensors and GGUF) produce tensors under HF names and layouts (``[out, in]``
+matrices); this module is the one place that knows how they become stacked linen params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from checkpoints.errors import CheckpointError
+from model.config import ModelConfig
+from model.transformer import param_shapes
+
+# (params path inside one layer, HF name suffix, is a matrix that needs transposing)
+_LAYER_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
+    (("input_norm", "scale"), "input_layernorm.weight", False),
+    (("post_attention_norm", "scale"), "post_attention_layernorm.weight", False),
+    (("attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
+    (("attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
+    (("attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
+    (("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
+    (("attn", "q_proj", "bias"), "self_attn.q_proj.bias", False),
+    (("attn", "k_proj", "bias"), "self_attn.k_proj.bias", False),
+    (("attn", "v_proj", "bias"), "self_attn.v_proj.bias", False),
+    (("attn", "o_proj", "bias"), "self_attn.o_proj.bias", False),
+    (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", False),
+    (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", False),
+    (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
+    (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
+    (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
+]
+_TOP_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
+    (("embed", "embedding"), "model.embed_tokens.weight", False),
+    (("final_norm", "scale"), "model.norm.weight", False),
+    (("lm_head", "kernel"), "lm_head.weight", True),
+]
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def expected_hf_names(cfg: ModelConfig) -> list[str]:
+    """Every HF tensor name the model needs (used to report what a checkpoint lacks)."""
+    shapes = param_shapes(cfg)
+    names = [name for path, name, _ in _TOP_TENSORS if _get(shapes, path) is not None]
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.{n}" for path, n, _ in _LAYER_TENSORS if _get(shapes["layers"], path) is not None]
+    return names
+
+
+def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source: object) -> dict:
+    """Build the params pytree by pulling each HF-named tensor through ``fetch``.
+
+    ``fetch(name)`` returns a float numpy array or raises ``KeyError``. Every tensor is shape-checked
+    against the model so a mismatched checkpoint fails loudly instead of loading half a model.
+    """
+    shapes = param_shapes(cfg)
+    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else None
+    params: dict = {}
+
+    def load(name: str, transpose: bool, want: jax.ShapeDtypeStruct) -> np.ndarray:
+        try:
+            array = np.asarray(fetch(name))
+        except KeyError:
+            raise CheckpointError(source, f"tensor {name!r} is missing") from None
+        if transpose:
+            array = array.T
+        if array.shape != tuple(want.shape):
+            raise CheckpointError(
+                source, f"tensor {name!r} has shape {array.shape}, expected {tuple(want.shape)}"
+            )
+        if not np.all(np.isfinite(array)):
+            raise CheckpointError(source, f"tensor {name!r} contains NaN or infinite values")
+        return array.astype(dtype or np.float32)
+
+    for path, name, transpose in _TOP_TENSORS:
+        want = _get(shapes, path)
+        if want is not None:
+            _set(params, path, load(name, transpose, want))
+    for path, suffix, transpose in _LAYER_TENSORS:
+        want = _get(shapes["layers"], path)
+        if want is None:
+            continue
+        one = jax.ShapeDtypeStruct(want.shape[1:], want.dtype)
+        stacked = np.stack([load(f"model.layers.{i}.{suffix}", transpose, one) for i in range(cfg.num_layers)])
+        _set(params, ("layers",) + path, stacked)
+    return jax.tree.map(lambda a, s: jax.numpy.asarray(a, dtype=s.dtype), params, shapes)

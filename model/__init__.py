@@ -1,0 +1,1 @@
+"""Pure model code: config, linen decoder, tokenizers."""

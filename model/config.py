@@ -1,0 +1,199 @@
+"""Model hyper-parameters: one frozen dataclass for every supported Llama-family decoder.
+
+The config is static (hashable) so it can be closed over by jitted functions; weights live in a
+separate pytree. It is built from a Hugging Face ``config.json`` dict here and from GGUF metadata in
+``checkpoints/gguf_import.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint describes a model this stack cannot run faithfully."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-embedding frequency scaling (the HF ``rope_parameters``/``rope_scaling`` block)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs to know about its shape and numerics."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES' values
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # Per-frequency divisors stored by llama.cpp (``rope_freqs.weight``) for llama3-scaled GGUFs.
+    rope_freq_factors: tuple[float, ...] = ()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projection bias (Qwen2; Llama/Qwen3 with attention_bias)
+    o_bias: bool = False  # output projection bias (Llama/Qwen3 with attention_bias)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    # Per-layer sliding-window length (None = full attention) as a tuple so the config stays hashable.
+    sliding_windows: tuple[int | None, ...] = ()
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the weights
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
+            raise UnsupportedModelError(f"unsupported architecture {self.architecture!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope scaling {self.rope_scaling.rope_type!r} "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows needs one entry per layer")
+        if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def window_sizes(self) -> np.ndarray:
+        """Per-layer attention window as an int array; full attention is the int32 maximum."""
+        full = np.iinfo(np.int32).max
+        windows = self.sliding_windows or (None,) * self.num_layers
+        return np.array([full if w is None else w for w in windows], dtype=np.int32)
+
+    def inverse_frequencies(self) -> np.ndarray:
+        """RoPE inverse frequencies (float32, length head_dim/2), scaled as the checkpoint asks."""
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv_freq = inv_freq.astype(np.float32)
+        rs = self.rope_scaling
+        if rs.rope_type == "linear":
+            inv_freq = inv_freq / np.float32(rs.factor)
+        elif rs.rope_type == "llama3":
+            low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+            high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            inv_freq = np.where(medium, smoothed, scaled)
+        if self.rope_freq_factors:
+            inv_freq = inv_freq / np.asarray(self.rope_freq_factors, dtype=np.float32)
+        return inv_freq.astype(np.float32)
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        data["rope_scaling"] = RopeScaling(**data.get("rope_scaling", {}))
+        data["sliding_windows"] = tuple(data.get("sliding_windows", ()))
+        data["rope_freq_factors"] = tuple(data.get("rope_freq_factors", ()))
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout)."""
+        archs = hf.get("architectures") or []
+        arch_name = archs[0] if archs else None
+        if arch_name not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch_name!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        arch = SUPPORTED_ARCHITECTURES[arch_name]
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        num_layers = hf["num_hidden_layers"]
+        # transformers 5 folds rope_theta into rope_parameters; 4.x has rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = RopeScaling(
+            rope_type=rope_type,
+            factor=float(rope.get("factor", 1.0)),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+            ),
+        )
+        if hf.get("partial_rotary_factor", 1.0) != 1.0 or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("partial rotary embeddings are not supported")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("MLP projection biases (mlp_bias=true) are not supported")
+        windows: tuple[int | None, ...] = ()
+        sliding = hf.get("sliding_window")
+        if arch == "mistral" and sliding:
+            windows = (int(sliding),) * num_layers
+        elif arch in ("qwen2", "qwen3") and hf.get("use_sliding_window") and sliding:
+            layer_types = hf.get("layer_types") or [
+                "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
+                for i in range(num_layers)
+            ]
+            windows = tuple(int(sliding) if t == "sliding_attention" else None for t in layer_types)
+        act = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
+        if arch == "gemma":
+            act = "gelu_pytorch_tanh"  # transformers forces the tanh approximation for Gemma
+        kwargs: dict[str, Any] = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma")),
+            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            sliding_windows=windows,
+            hidden_act=act,
+            norm_weight_offset=1.0 if arch == "gemma" else 0.0,
+            scale_embeddings=arch == "gemma",
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)

@@ -1,0 +1,237 @@
+"""A pure linen decoder for the Llama family (Llama 2/3, Mistral, Qwen 2/3, Gemma).
+
+``Transformer.apply(params, tokens, positions, cache) -> (logits, cache)``: the KV cache is an explicit
+input and output (no mutable collections), so the caller owns device state and can donate the buffers.
+
+The layer stack is an ``nn.scan`` (params stacked on a leading layer axis): XLA compiles one layer instead
+of ``num_layers``. The whole cache rides in the scan *carry* and each layer scatters its new keys/values
+into it, which XLA performs in place; passing per-layer caches as scan inputs/outputs would copy the cache
+on every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+_MASK_VALUE = -1e30  # finite so a fully masked row cannot produce NaNs
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values for every layer, slot and position: ``[layers, batch, max_len, kv_heads, head_dim]``.
+
+    A row's entry at position ``p`` is valid once the row has processed position ``p``; attention masks by
+    position (causal), so stale entries from a slot's previous occupant are never read.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as the reference implementations do, then cast back."""
+
+    eps: float
+    weight_offset: float = 0.0  # Gemma stores (scale - 1)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight_offset:
+            return (normed * (self.weight_offset + scale.astype(jnp.float32))).astype(self.dtype)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[batch, seq, head_dim]`` for the given absolute positions (float32)."""
+    inv_freq = jnp.asarray(cfg.inverse_frequencies())
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` ``[B, T, heads, D]`` in the half-split layout (HF's ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _dense(features: int, use_bias: bool, name: str, cfg: ModelConfig) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query attention that writes its new keys/values into the carried cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cache_k, cache_v, layer, window, cos, sin, positions):
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = _dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj", cfg)(x)
+        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj", cfg)(x)
+        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj", cfg)(x)
+        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        # Scatter this call's keys/values into (layer, row, position); positions past the cache are dropped.
+        rows = jnp.arange(batch)[:, None]
+        cache_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
+        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False)  # [B, S, KV, D]
+        values = jax.lax.dynamic_index_in_dim(cache_v, layer, axis=0, keepdims=False)
+
+        key_pos = jnp.arange(keys.shape[1])[None, None, :]
+        query_pos = positions[:, :, None]
+        visible = (key_pos <= query_pos) & (key_pos > query_pos - window)  # [B, T, S]
+
+        q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (cfg.head_dim**-0.5)
+        scores = jnp.where(visible[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+        out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
+        return _dense(cfg.hidden_size, cfg.o_bias, "o_proj", cfg)(out), cache_k, cache_v
+
+
+class MLP(nn.Module):
+    """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, False, "gate_proj", cfg)(x)
+        up = _dense(cfg.intermediate_size, False, "up_proj", cfg)(x)
+        act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+        return _dense(cfg.hidden_size, False, "down_proj", cfg)(act * up)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; scanned over the layer axis."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, window, cos, sin, positions):
+        x, cache_k, cache_v, layer = carry
+        cfg = self.cfg
+        norm = dict(
+            eps=cfg.rms_norm_eps,
+            weight_offset=cfg.norm_weight_offset,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+        )
+        h, cache_k, cache_v = Attention(cfg, name="attn")(
+            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, layer, window, cos, sin, positions
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_norm", **norm)(x))
+        return (x, cache_k, cache_v, layer + 1), None
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``tokens``/``positions`` are ``[batch, seq]`` int32; returns float32 logits.
+
+    ``logit_indices`` (``[batch, k]``, optional) selects which sequence positions get logits, so a
+    bucketed prefill computes the vocabulary projection for its last real token only.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        logit_indices: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=dtype)
+        cos, sin = rope_tables(cfg, positions)
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, name="layers")
+        windows = jnp.asarray(cfg.window_sizes())
+        (x, cache_k, cache_v, _), _ = layers((x, cache.k, cache.v, jnp.int32(0)), windows, cos, sin, positions)
+        x = RMSNorm(
+            cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
+        )(x)
+        if logit_indices is not None:
+            x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, False, "lm_head", cfg)(x)
+        return logits.astype(jnp.float32), KVCache(cache_k, cache_v)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+    """Randomly initialised parameters (tests and shape templates)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = init_cache(cfg, 1, 1)
+    return Transformer(cfg).init(rng, tokens, tokens, cache)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+    """The params pytree as ShapeDtypeStructs, without allocating (for loaders and orbax restore)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
