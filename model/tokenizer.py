@@ -154,6 +154,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self.processor.get_piece_size()
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Split on special tokens; only text at the very start gets sentencepiece's dummy-prefix space.
+
+        This is transformers' non-legacy Llama behaviour (``legacy=False``, Metaspace ``prepend_scheme="first"``):
+        text that follows a special token (``<|im_start|>user``) is not given a leading space.
+        """
         ids: list[int] = []
         parts: Sequence[str] = self._special_pattern.split(text) if self._special_pattern else [text]
         for i, part in enumerate(parts):
@@ -161,11 +166,19 @@ class SentencePieceTokenizer(Tokenizer):
                 continue
             if i % 2 == 1:
                 ids.append(self.processor.piece_to_id(part))
-            else:
+            elif i == 0:
                 ids.extend(self.processor.encode(part))
+            else:
+                ids.extend(self._encode_without_prefix(part))
         if add_bos and self.special.bos_id is not None:
             ids = [self.special.bos_id] + ids
         return ids
+
+    def _encode_without_prefix(self, text: str) -> list[int]:
+        # sentencepiece cannot switch off the dummy prefix per call; encode behind the unk piece's text and
+        # drop its tokens (the same trick transformers' sentencepiece tokenizer uses).
+        anchor = self.processor.id_to_piece(self.processor.unk_id())
+        return self.processor.encode(anchor + text)[len(self.processor.encode(anchor)):]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)

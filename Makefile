@@ -1,0 +1,37 @@
+# Everything installs into ./.venv; each target sets up what it needs on a machine that has only Python.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+
+.PHONY: install install-dev chat pull test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Runtime only (no torch/transformers).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Runtime + test/reference tools (torch 2.13.0 CPU, transformers, pytest, hypothesis).
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+pull: install
+	$(BIN)/flaxchat pull
+
+# Until the HTTP server lands (issue 4) this answers one prompt with the default model.
+chat: pull
+	$(BIN)/flaxchat generate --prompt "$(PROMPT)"
+
+test: install-dev
+	$(BIN)/python -m pytest -q -rs --durations=10
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

