@@ -1,0 +1,158 @@
+"""Chat-template rendering equals transformers' apply_chat_template."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from serve.chat_template import ChatTemplateError, render_chat
+from tests.gguf_writer import CHAT_TEMPLATE as CHATML
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen2.5-Instruct's template (tools, tool calls and tool responses).
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# A Llama-2 style template: bos/eos tokens, raise_exception and a namespace.
+LLAMA2_TEMPLATE = (
+    "{% set ns = namespace(turns=0) %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{% set ns.turns = ns.turns + 1 %}"
+    "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city, in °C",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                         "unit": {"type": "string", "enum": ["c", "f"]}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "description": "Current time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? 中文 😀"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp": 21})},
+    {"role": "tool", "tool_call_id": "call_2", "content": "second result"},
+]
+
+
+def _reference(template: str) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, QWEN25_TEMPLATE, CHATML], ids=["smollm2", "qwen2.5", "chatml"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_plain_conversations(template, conversation, generation_prompt):
+    expected = _reference(template).apply_chat_template(conversation, tokenize=False,
+                                                        add_generation_prompt=generation_prompt)
+    assert render_chat(template, conversation, add_generation_prompt=generation_prompt, special_tokens=SPECIALS) == expected
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATIONS[0], CONVERSATIONS[1], TOOL_CONVERSATION])
+def test_qwen25_with_tools(conversation):
+    expected = _reference(QWEN25_TEMPLATE).apply_chat_template(conversation, tools=TOOLS, tokenize=False,
+                                                               add_generation_prompt=True)
+    ours = render_chat(QWEN25_TEMPLATE, conversation, tools=TOOLS, special_tokens=SPECIALS)
+    assert ours == expected
+    assert '"description": "Weather for a city, in °C"' in ours  # tojson keeps non-ASCII, as HF's does
+
+
+def test_llama2_bos_eos_and_raise_exception():
+    conversation = CONVERSATIONS[2]
+    expected = _reference(LLAMA2_TEMPLATE).apply_chat_template(conversation, tokenize=False)
+    assert render_chat(LLAMA2_TEMPLATE, conversation, special_tokens=SPECIALS) == expected
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        render_chat(LLAMA2_TEMPLATE, [{"role": "assistant", "content": "x"}], special_tokens=SPECIALS)
+
+
+def test_extra_kwargs_reach_the_template():
+    template = "{% if enable_thinking is defined and not enable_thinking %}no-think{% else %}think{% endif %}"
+    assert render_chat(template, [], enable_thinking=False) == "no-think"
+    assert render_chat(template, []) == "think"
+
+
+def test_sandbox_blocks_escapes():
+    with pytest.raises(ChatTemplateError):
+        render_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
+    with pytest.raises(ChatTemplateError):
+        render_chat("{% set ns = namespace() %}{% set ns._x = 1 %}", [])
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        render_chat("{% for %}", [])

@@ -1,0 +1,68 @@
+"""orbax round trip and the model store (import -> save -> restore without the original files)."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from checkpoints.hf_import import load_hf_folder
+from checkpoints.orbax_io import restore_params, save_params
+from checkpoints.store import import_path, list_models, load_model
+from model.transformer import Transformer, init_cache
+from tests.gguf_writer import write_gguf
+from tests.hf_reference import make_tiny_model
+
+
+def _identical(a, b) -> bool:
+    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: x.dtype == y.dtype and np.array_equal(x, y), a, b))
+    return bool(leaves) and all(leaves)
+
+
+def test_orbax_round_trip_is_identical(tmp_path):
+    make_tiny_model("qwen3", tmp_path / "hf")
+    cfg, params = load_hf_folder(tmp_path / "hf")
+    save_params(tmp_path / "ckpt", params)
+    restored = restore_params(tmp_path / "ckpt", cfg)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    assert _identical(params, restored)
+
+
+def test_store_import_restores_without_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCHAT_HOME", str(tmp_path / "home"))
+    torch_model = make_tiny_model("qwen2", tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(_tiny_tokenizer_json())
+    cfg, params = load_hf_folder(tmp_path / "hf")
+    import_path(tmp_path / "hf", "tiny-qwen2")
+    shutil.rmtree(tmp_path / "hf")  # restore must not need the original files
+    stored = load_model("tiny-qwen2")
+    assert stored.cfg == cfg
+    assert _identical(params, stored.params)
+    prompt = jnp.asarray([[1, 2, 3, 4]])
+    logits, _ = Transformer(stored.cfg).apply({"params": stored.params}, prompt, jnp.arange(4)[None],
+                                              init_cache(stored.cfg, 1, 8))
+    with torch.no_grad():
+        reference = torch_model(torch.tensor([[1, 2, 3, 4]])).logits[0].numpy()
+    assert np.abs(np.asarray(logits[0]) - reference).max() <= 1e-4
+    assert list_models() == ["tiny-qwen2"]
+
+
+def test_store_import_gguf_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCHAT_HOME", str(tmp_path / "home"))
+    path = write_gguf(make_tiny_model("llama", tmp_path / "hf"), tmp_path / "tiny.gguf")
+    first = import_path(path, "tiny")
+    again = import_path(path, "tiny")
+    assert first == again and list_models() == ["tiny"]
+    stored = load_model("tiny")
+    assert stored.chat_template and stored.tokenizer.special.eos_token == "<|im_end|>"
+    assert stored.tokenizer.stop_ids == frozenset({2, 0})  # EOS <|im_end|> and <|endoftext|>
+    assert stored.manifest["source"] == "gguf" and len(stored.manifest["sha256"]) == 64
+
+
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return backend.to_str()
