@@ -6,6 +6,7 @@ module never touches the filesystem; ``checkpoints/`` decides where the files li
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,28 +49,28 @@ BYTE_TO_UNICODE = _bytes_to_unicode()
 UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface the rest of flaxchat uses."""
 
     special: SpecialTokens
 
     @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
 
+    @abc.abstractmethod
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Tokenize text; special-token strings in the text (e.g. ``<|im_start|>``) become their ids."""
-        raise NotImplementedError
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str: ...
 
+    @abc.abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The raw UTF-8 bytes a single token contributes (may be part of a multi-byte character)."""
-        raise NotImplementedError
 
-    def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None: ...
 
     @property
     def stop_ids(self) -> frozenset[int]:

@@ -56,7 +56,10 @@ class GenerationSettings:
 
 
 class SimpleGenerator:
-    """Generate one sequence at a time; jitted prefill per bucket and one jitted decode step."""
+    """Generate one sequence at a time; jitted prefill per bucket and one jitted decode step.
+
+    ``self`` is a static jit argument hashed by identity, so each generator compiles its own steps once.
+    """
 
     def __init__(self, cfg: ModelConfig, params: Any):
         self.cfg = cfg
@@ -74,9 +77,6 @@ class SimpleGenerator:
     def _decode(self, params, token, position, cache: KVCache, key, temperature):
         logits, cache = self.model.apply({"params": params}, token[:, None], position.reshape(1, 1), cache)
         return sample_tokens(logits[:, 0], key[None], temperature[None]), cache
-
-    def __hash__(self) -> int:  # static self for jit: identity semantics
-        return id(self)
 
     def generate(self, prompt: list[int], settings: GenerationSettings) -> Iterator[int]:
         """Yield generated token ids until a stop id, ``max_tokens`` or the context limit."""
