@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    model = load_model(name)
+    model = load_model(name, dtype=args.dtype)
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -46,3 +46,18 @@ def test_cached_token_by_token_logits_match(tiny):
         got.append(np.asarray(logits[0]))
     diff = np.abs(np.concatenate(got) - reference).max()
     assert diff <= TOLERANCE, f"max abs logits difference {diff}"
+
+
+def test_bfloat16_compute_and_params(tmp_path):
+    """bfloat16 storage + compute runs through prefill and cache and stays close to the float32 reference."""
+    torch_model = make_tiny_model("qwen3", tmp_path)
+    cfg, params = load_hf_folder(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+    cache = init_cache(cfg, 1, 32)
+    assert cache.k.dtype == jnp.bfloat16
+    logits, cache = Transformer(cfg).apply({"params": params}, jnp.asarray([PROMPT]),
+                                           jnp.arange(len(PROMPT))[None], cache)
+    with torch.no_grad():
+        reference = torch_model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert logits.dtype == jnp.float32
+    assert np.abs(np.asarray(logits[0]) - reference).max() <= 0.05 * np.abs(reference).max()

@@ -111,3 +111,30 @@ def test_sentencepiece_add_bos_and_specials(spm_pair):
     assert ids == reference.encode("<s>hi", add_special_tokens=False)
     assert ours.encode("hi", add_bos=True)[0] == 1
     assert ours.decode(ours.encode("<|im_start|>user")) == "<|im_start|>user"
+
+
+def test_spm_style_gguf_vocab_rebuilds_the_sentencepiece_model(spm_pair):
+    """A GGUF 'llama' tokenizer (tokens, scores, types) becomes a sentencepiece model that tokenizes alike."""
+    from pathlib import Path
+
+    from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+    from checkpoints.gguf_import import tokenizer_from_metadata
+
+    ours, _, processor = spm_pair
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
+        "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+        "tokenizer.ggml.token_type": [int(p.type) for p in proto.pieces],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_space_prefix": True,
+    }
+    files, config = tokenizer_from_metadata(meta, Path("vocab.gguf"))
+    rebuilt = SentencePieceTokenizer(files["tokenizer.model"], SpecialTokens())
+    assert config["bos_token"] == "<s>" and config["eos_token"] == "</s>" and config["add_bos_token"] is True
+    for text in CORPUS:
+        assert rebuilt.encode(text) == ours.encode(text)
+        assert rebuilt.decode(rebuilt.encode(text)) == text
