@@ -55,15 +55,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def expected_hf_names(cfg: ModelConfig) -> list[str]:
-    """Every HF tensor name the model needs (used to report what a checkpoint lacks)."""
-    shapes = param_shapes(cfg)
-    names = [name for path, name, _ in _TOP_TENSORS if _get(shapes, path) is not None]
-    for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.{n}" for path, n, _ in _LAYER_TENSORS if _get(shapes["layers"], path) is not None]
-    return names
-
-
 def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source: object) -> dict:
     """Build the params pytree by pulling each HF-named tensor through ``fetch``.
 

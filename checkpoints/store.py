@@ -126,7 +126,7 @@ def store_model(
     return final
 
 
-def _hf_tokenizer_config(folder: Path, files: dict[str, bytes]) -> dict[str, Any]:
+def _hf_tokenizer_config(files: dict[str, bytes]) -> dict[str, Any]:
     """Merge tokenizer_config.json, special_tokens_map.json, chat_template.jinja and generation_config.json."""
     config: dict[str, Any] = {}
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -147,7 +147,7 @@ def import_path(path: str | Path, name: str, **overrides: Any) -> Path:
     if path.is_dir():
         cfg, params = load_hf_folder(path, **overrides)
         files = read_hf_tokenizer_files(path)
-        tokenizer_config = _hf_tokenizer_config(path, files)
+        tokenizer_config = _hf_tokenizer_config(files)
         keep = {k: v for k, v in files.items() if k in ("tokenizer.json", "tokenizer.model")}
         source = {"source": "huggingface", "path": str(path.absolute())}
     elif path.suffix == ".gguf" or path.is_file():

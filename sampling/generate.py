@@ -105,8 +105,3 @@ class SimpleGenerator:
                 token_key(settings.seed, 0, t + 1), temperature,
             )
 
-
-def generate_ids(cfg: ModelConfig, params: Any, prompt: list[int], settings: GenerationSettings) -> list[int]:
-    return list(SimpleGenerator(cfg, params).generate(prompt, settings))
-
-
