@@ -1,0 +1,113 @@
+"""Logit processors against transformers' processors/warpers on random logits (hypothesis)."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from sampling import processors as P
+
+VOCAB = 37
+logit_rows = arrays(np.float32, (3, VOCAB), elements=st.floats(-20, 20, width=32))
+# Sorting-based filters break ties in an implementation-defined order; compare them on distinct logits.
+distinct_logit_rows = arrays(np.float32, (3, VOCAB), elements=st.floats(-20, 20, width=32), unique=True)
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def _per_row(reference_for, logits, values, input_ids=None):
+    rows = []
+    for i, value in enumerate(values):
+        ids = torch.tensor([input_ids[i]]) if input_ids is not None else torch.zeros((1, 1), dtype=torch.long)
+        rows.append(reference_for(value)(ids, torch.tensor(logits[i : i + 1])).numpy()[0])
+    return np.stack(rows)
+
+
+def _assert_same(ours, theirs):
+    ours = np.asarray(ours)
+    assert np.array_equal(np.isneginf(ours), np.isneginf(theirs))
+    finite = ~np.isneginf(theirs)
+    np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
+
+
+@SETTINGS
+@given(logit_rows, st.lists(st.floats(0.05, 3.0), min_size=3, max_size=3))
+def test_temperature(logits, temperatures):
+    theirs = _per_row(TemperatureLogitsWarper, logits, temperatures)
+    _assert_same(P.apply_temperature(jnp.asarray(logits), jnp.asarray(temperatures, jnp.float32)), theirs)
+
+
+@SETTINGS
+@given(logit_rows, st.lists(st.integers(1, VOCAB), min_size=3, max_size=3))
+def test_top_k(logits, ks):
+    theirs = _per_row(TopKLogitsWarper, logits, ks)
+    _assert_same(P.top_k_mask(jnp.asarray(logits), jnp.asarray(ks)), theirs)
+
+
+@SETTINGS
+@given(distinct_logit_rows, st.lists(st.floats(0.01, 0.99), min_size=3, max_size=3))
+def test_top_p(logits, ps):
+    theirs = _per_row(TopPLogitsWarper, logits, ps)
+    _assert_same(P.top_p_mask(jnp.asarray(logits), jnp.asarray(ps, jnp.float32)), theirs)
+
+
+@SETTINGS
+@given(logit_rows, st.lists(st.floats(0.01, 0.99), min_size=3, max_size=3))
+def test_min_p(logits, ps):
+    theirs = _per_row(MinPLogitsWarper, logits, ps)
+    _assert_same(P.min_p_mask(jnp.asarray(logits), jnp.asarray(ps, jnp.float32)), theirs)
+
+
+@SETTINGS
+@given(logit_rows, st.lists(st.floats(1.0, 2.5), min_size=3, max_size=3),
+       st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12), min_size=3, max_size=3))
+def test_repetition_penalty(logits, penalties, histories):
+    width = max(map(len, histories))
+    padded = [h + [h[0]] * (width - len(h)) for h in histories]  # repeats do not change the seen set
+    theirs = _per_row(RepetitionPenaltyLogitsProcessor, logits, penalties, padded)
+    seen = np.zeros((3, VOCAB), bool)
+    for i, history in enumerate(histories):
+        seen[i, history] = True
+    ours = P.apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), jnp.asarray(penalties, jnp.float32))
+    _assert_same(ours, theirs)
+
+
+@SETTINGS
+@given(logit_rows, arrays(np.int32, (3, VOCAB), elements=st.integers(0, 5)),
+       st.lists(st.floats(-2, 2), min_size=3, max_size=3), st.lists(st.floats(-2, 2), min_size=3, max_size=3))
+def test_presence_frequency_openai_formula(logits, counts, presence, frequency):
+    ours = P.apply_presence_frequency(jnp.asarray(logits), jnp.asarray(counts),
+                                      jnp.asarray(presence, jnp.float32), jnp.asarray(frequency, jnp.float32))
+    expected = logits - counts * np.float32(frequency)[:, None] - (counts > 0) * np.float32(presence)[:, None]
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(logit_rows, arrays(bool, (3, VOCAB)))
+def test_allowed_bitmask(logits, allowed):
+    words = np.zeros((3, (VOCAB + 31) // 32), np.uint32)
+    for row, token in zip(*np.nonzero(allowed)):
+        words[row, token // 32] |= np.uint32(1) << np.uint32(token % 32)
+    ours = np.asarray(P.apply_allowed_bitmask(jnp.asarray(logits), jnp.asarray(words)))
+    assert np.array_equal(~np.isneginf(ours), allowed)
+    assert np.array_equal(ours[allowed], logits[allowed])
+
+
+def test_neutral_values_change_nothing():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, VOCAB)).astype(np.float32))
+    ones, zeros = jnp.ones(2), jnp.zeros(2)
+    out = P.top_k_mask(logits, jnp.zeros(2, jnp.int32))
+    out = P.top_p_mask(out, ones)
+    out = P.min_p_mask(out, zeros)
+    out = P.apply_repetition_penalty(out, jnp.ones((2, VOCAB), bool), ones)
+    out = P.apply_presence_frequency(out, jnp.ones((2, VOCAB), jnp.int32), zeros, zeros)
+    out = P.apply_temperature(out, zeros)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(logits))
