@@ -38,32 +38,33 @@ def _assert_same(ours, theirs):
     np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
 
 
+def _check_warper(ours, reference, logits, values, dtype=jnp.float32):
+    """One transformers warper per row (scalar settings) vs ours on the whole batch (per-row arrays)."""
+    _assert_same(ours(jnp.asarray(logits), jnp.asarray(values, dtype)), _per_row(reference, logits, values))
+
+
 @SETTINGS
 @given(logit_rows, st.lists(st.floats(0.05, 3.0), min_size=3, max_size=3))
 def test_temperature(logits, temperatures):
-    theirs = _per_row(TemperatureLogitsWarper, logits, temperatures)
-    _assert_same(P.apply_temperature(jnp.asarray(logits), jnp.asarray(temperatures, jnp.float32)), theirs)
+    _check_warper(P.apply_temperature, TemperatureLogitsWarper, logits, temperatures)
 
 
 @SETTINGS
 @given(logit_rows, st.lists(st.integers(1, VOCAB), min_size=3, max_size=3))
 def test_top_k(logits, ks):
-    theirs = _per_row(TopKLogitsWarper, logits, ks)
-    _assert_same(P.top_k_mask(jnp.asarray(logits), jnp.asarray(ks)), theirs)
+    _check_warper(P.top_k_mask, TopKLogitsWarper, logits, ks, jnp.int32)
 
 
 @SETTINGS
 @given(distinct_logit_rows, st.lists(st.floats(0.01, 0.99), min_size=3, max_size=3))
 def test_top_p(logits, ps):
-    theirs = _per_row(TopPLogitsWarper, logits, ps)
-    _assert_same(P.top_p_mask(jnp.asarray(logits), jnp.asarray(ps, jnp.float32)), theirs)
+    _check_warper(P.top_p_mask, TopPLogitsWarper, logits, ps)
 
 
 @SETTINGS
 @given(logit_rows, st.lists(st.floats(0.01, 0.99), min_size=3, max_size=3))
 def test_min_p(logits, ps):
-    theirs = _per_row(MinPLogitsWarper, logits, ps)
-    _assert_same(P.min_p_mask(jnp.asarray(logits), jnp.asarray(ps, jnp.float32)), theirs)
+    _check_warper(P.min_p_mask, MinPLogitsWarper, logits, ps)
 
 
 @SETTINGS
