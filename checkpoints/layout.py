@@ -62,7 +62,6 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
     against the model so a mismatched checkpoint fails loudly instead of loading half a model.
     """
     shapes = param_shapes(cfg)
-    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else None
     params: dict = {}
 
     def load(name: str, transpose: bool, want: jax.ShapeDtypeStruct) -> np.ndarray:
@@ -78,7 +77,7 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
             )
         if not np.all(np.isfinite(array)):
             raise CheckpointError(source, f"tensor {name!r} contains NaN or infinite values")
-        return array.astype(dtype or np.float32)
+        return array.astype(np.float32)  # cast to the param dtype once, on the way to the device
 
     for path, name, transpose in _TOP_TENSORS:
         want = _get(shapes, path)

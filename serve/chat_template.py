@@ -86,8 +86,6 @@ def plain(value: Any) -> Any:
     """Rebuild a value from plain JSON types so the sandbox only ever sees dict/list/str/number/bool/None."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
