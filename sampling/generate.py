@@ -20,6 +20,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.transformer import KVCache, Transformer, init_cache
+from sampling.sampler import choice_key
 
 
 def bucket_length(n: int, smallest: int = 16) -> int:
@@ -32,7 +33,7 @@ def bucket_length(n: int, smallest: int = 16) -> int:
 
 def token_key(seed: int, choice: int, t: int) -> jax.Array:
     """The PRNG key of the ``t``-th generated token of choice ``choice`` of a request seeded ``seed``."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), t)
+    return jax.random.fold_in(choice_key(seed, choice), t)
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array) -> jax.Array:

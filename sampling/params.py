@@ -1,0 +1,89 @@
+"""What a caller asks the engine for, and what the engine answers with (plain host-side data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; neutral defaults switch each processor off.
+
+    ``temperature`` 0 means greedy. ``seed`` None means the engine draws one and reports it on every event,
+    so the request can be replayed.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    choice_offset: int = 0  # choices are choice_offset .. choice_offset + n - 1 (replay one choice alone)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (1 <= self.n <= 128, "n must be between 1 and 128"),
+            (self.choice_offset >= 0, "choice_offset must be >= 0"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be an unsigned 64-bit integer"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for token, bias in self.logit_bias.items():
+            if not 0 <= int(token) < vocab_size:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+            if not -100.0 <= float(bias) <= 100.0:
+                raise ValueError(f"logit_bias value for token {token} must be between -100 and 100")
+        for token in self.stop_token_ids:
+            if not 0 <= int(token) < vocab_size:
+                raise ValueError(f"stop token id {token} is outside the vocabulary")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one choice: a token (or none, on the final flush), its text delta and, at the end, why it ended.
+
+    ``finish_reason``: None while running, then ``stop`` (EOS/stop token/stop string), ``length``
+    (max_tokens or context full), ``cancelled`` or ``error`` (``error`` holds the message).
+    """
+
+    choice: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+    seed: int | None = None

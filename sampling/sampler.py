@@ -1,0 +1,87 @@
+"""Turn one step's logits into tokens for every row: processors, then sampling with explicit keys.
+
+Order: repetition penalty -> presence/frequency -> logit_bias -> allowed-token mask -> (logprobs are read
+here) -> temperature -> top-k -> top-p -> min-p -> sample. Reported logprobs therefore come from the
+distribution after penalties, bias and the constraint mask but before temperature and truncation, so they
+describe the model's preference, not the sampler's settings.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sampling import processors as P
+from sampling.params import MAX_TOP_LOGPROBS
+
+
+@flax.struct.dataclass
+class RowSettings:
+    """Per-row sampling settings and history, ``[B]`` or ``[B, V]`` arrays."""
+
+    temperature: jax.Array  # f32 [B]
+    top_p: jax.Array  # f32 [B]
+    top_k: jax.Array  # i32 [B]
+    min_p: jax.Array  # f32 [B]
+    presence: jax.Array  # f32 [B]
+    frequency: jax.Array  # f32 [B]
+    repetition: jax.Array  # f32 [B]
+    bias: jax.Array  # f32 [B, V]
+    allowed: jax.Array  # u32 [B, ceil(V/32)]
+    counts: jax.Array  # i32 [B, V] tokens generated so far
+    seen: jax.Array  # bool [B, V] prompt + generated tokens
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # i32 [B]
+    logprobs: jax.Array  # f32 [B] of the chosen tokens
+    top_ids: jax.Array  # i32 [B, MAX_TOP_LOGPROBS]
+    top_logprobs: jax.Array  # f32 [B, MAX_TOP_LOGPROBS]
+
+
+def sample(logits: jax.Array, rows: RowSettings, keys: jax.Array) -> SampleOutput:
+    """Process and sample ``logits`` ``[B, V]`` (float32) with one typed PRNG key per row."""
+    logits = P.apply_repetition_penalty(logits, rows.seen, rows.repetition)
+    logits = P.apply_presence_frequency(logits, rows.counts, rows.presence, rows.frequency)
+    logits = logits + rows.bias
+    logits = P.apply_allowed_bitmask(logits, rows.allowed)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+
+    warped = P.apply_temperature(logits, rows.temperature)
+    warped = P.top_k_mask(warped, rows.top_k)
+    warped = P.top_p_mask(warped, rows.top_p)
+    warped = P.min_p_mask(warped, rows.min_p)
+    sampled = jax.vmap(jax.random.categorical)(keys, warped)
+    tokens = jnp.where(rows.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def record_tokens(rows: RowSettings, tokens: jax.Array, active: jax.Array) -> RowSettings:
+    """Add each active row's new token to its counts and seen set."""
+    batch = jnp.arange(tokens.shape[0])
+    counts = rows.counts.at[batch, tokens].add(active.astype(jnp.int32))
+    seen = rows.seen.at[batch, tokens].set(rows.seen[batch, tokens] | active)
+    return rows.replace(counts=counts, seen=seen)
+
+
+def request_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` for the full unsigned 64-bit range.
+
+    With 32-bit JAX, ``jax.random.key`` keeps only the low 32 bits of a seed; packing both halves as
+    threefry's seeding does with x64 on keeps distinct 64-bit seeds distinct, and equals ``key(seed)``
+    for seeds below 2**32.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError("seed must be in [0, 2**64)")
+    return jax.random.wrap_key_data(jnp.array([seed >> 32, seed & 0xFFFFFFFF], dtype=jnp.uint32))
+
+
+def choice_key(seed: int, choice: int) -> jax.Array:
+    """Key of choice ``choice`` of a request; token ``t`` then uses ``fold_in(choice_key, t)``."""
+    return jax.random.fold_in(request_key(seed), choice)
