@@ -115,12 +115,16 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        # Scatter this call's keys/values into (layer, row, position); positions past the cache are dropped.
+        # Scatter this call's keys/values into this layer's slice (row, position), then write the slice back
+        # with a dynamic-update-slice, which XLA does in place on the carried cache (a scatter into the full
+        # cache made it copy the whole cache every layer). Positions past the cache are dropped.
         rows = jnp.arange(batch)[:, None]
-        cache_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
         keys = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False)  # [B, S, KV, D]
         values = jax.lax.dynamic_index_in_dim(cache_v, layer, axis=0, keepdims=False)
+        keys = keys.at[rows, positions].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[rows, positions].set(v.astype(values.dtype), mode="drop")
+        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, keys, layer, axis=0)
+        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, values, layer, axis=0)
 
         key_pos = jnp.arange(keys.shape[1])[None, None, :]
         query_pos = positions[:, :, None]

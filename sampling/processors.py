@@ -45,26 +45,73 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
     return logits / safe[:, None]
 
 
+# Filters that need each row's logits in order use lax.top_k over this many candidates instead of a full
+# vocabulary sort (a full sort costs ~8 ms per row on a 2-core CPU for a 49k vocabulary); they fall back to
+# the full sort when a row needs more than the candidates.
+CANDIDATES = 1024
+
+
 def top_k_mask(logits: jax.Array, top_k: jax.Array) -> jax.Array:
     """Keep each row's ``top_k`` largest logits (ties with the k-th kept, as transformers does); 0 = off."""
     vocab = logits.shape[-1]
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    descending = -jnp.sort(-logits, axis=-1)
-    threshold = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
-    return jnp.where(logits < threshold, NEG_INF, logits)
+    used = (top_k > 0) & (top_k < vocab)
+    candidates = min(CANDIDATES, vocab)
+
+    def kth_largest(values: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(values, (jnp.minimum(k, values.shape[-1]) - 1)[:, None], axis=-1)
+
+    def filtered(logits: jax.Array) -> jax.Array:
+        threshold = jax.lax.cond(
+            jnp.all(jnp.where(used, k, 0) <= candidates),
+            lambda x: kth_largest(jax.lax.top_k(x, candidates)[0]),
+            lambda x: kth_largest(-jnp.sort(-x, axis=-1)),
+            logits,
+        )
+        return jnp.where(used[:, None] & (logits < threshold), NEG_INF, logits)
+
+    return jax.lax.cond(jnp.any(used), filtered, lambda x: x, logits)
+
+
+def _top_p_remove_sorted(ascending_logits: jax.Array, top_p: jax.Array, tail_mass: jax.Array) -> jax.Array:
+    """transformers' rule on ascending logits: remove where the cumulative probability <= 1 - top_p
+    (``tail_mass``: probability of tokens below the candidates), always keeping the most likely token."""
+    probs = jnp.exp(ascending_logits - jax.nn.logsumexp(ascending_logits, axis=-1, keepdims=True))
+    remove = tail_mass[:, None] + jnp.cumsum(probs * (1 - tail_mass[:, None]), axis=-1) <= (1 - top_p)[:, None]
+    return remove.at[:, -1].set(False)
 
 
 def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     """Nucleus filtering as transformers' ``TopPLogitsWarper``: drop the low tail whose cumulative
-    probability is <= 1 - top_p, always keeping the most likely token; top_p 1 = off."""
-    order = jnp.argsort(logits, axis=-1)  # ascending
-    ascending = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    remove_sorted = cumulative <= (1 - top_p)[:, None]
-    remove_sorted = remove_sorted.at[:, -1].set(False)
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-    remove = remove & (top_p < 1.0)[:, None]
-    return jnp.where(remove, NEG_INF, logits)
+    probability is <= 1 - top_p, always keeping the most likely token; top_p 1 = off.
+
+    With a vocabulary larger than ``CANDIDATES`` the nucleus is found among the top candidates (the mass
+    below them is added first) whenever it fits there, else by a full sort.
+    """
+    batch, vocab = logits.shape
+    used = top_p < 1.0
+    rows = jnp.arange(batch)[:, None]
+
+    def full_sort(logits: jax.Array) -> jax.Array:
+        order = jnp.argsort(logits, axis=-1)
+        remove_sorted = _top_p_remove_sorted(jnp.take_along_axis(logits, order, axis=-1), top_p, jnp.zeros(batch))
+        return jnp.zeros((batch, vocab), bool).at[rows, order].set(remove_sorted)
+
+    def candidates(logits: jax.Array) -> jax.Array:
+        values, ids = jax.lax.top_k(logits, CANDIDATES)
+        values, ids = values[:, ::-1], ids[:, ::-1]  # ascending
+        total = jax.nn.logsumexp(logits, axis=-1)
+        tail = 1 - jnp.exp(jax.nn.logsumexp(values, axis=-1) - total)
+        remove_sorted = _top_p_remove_sorted(values, top_p, tail)
+        fits = jnp.all(remove_sorted[:, 0] | ~used)  # the least likely candidate is already outside the nucleus
+        remove = jnp.ones((batch, vocab), bool).at[rows, ids].set(remove_sorted)
+        return jax.lax.cond(fits, lambda: remove, lambda: full_sort(logits))
+
+    def filtered(logits: jax.Array) -> jax.Array:
+        remove = full_sort(logits) if vocab <= CANDIDATES else candidates(logits)
+        return jnp.where(remove & used[:, None], NEG_INF, logits)
+
+    return jax.lax.cond(jnp.any(used), filtered, lambda x: x, logits)
 
 
 def min_p_mask(logits: jax.Array, min_p: jax.Array) -> jax.Array:

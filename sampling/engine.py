@@ -1,0 +1,379 @@
+"""The engine: a thread that owns the device state and runs continuous batching over fixed slots.
+
+``submit(prompt_ids, params) -> RequestHandle`` from any thread or asyncio loop. Requests wait in a
+bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free, prefilled once and
+copied into each choice's slot. Every loop iteration runs one jitted decode call over all slots, copies
+its outputs to the host once, and turns them into ``TokenEvent``s (text deltas, logprobs, finish reasons).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
+from sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from sampling.sampler import choice_key
+from sampling.steps import DecodeState, EngineSteps, make_row_request
+
+log = logging.getLogger("flaxchat.engine")
+
+
+class EngineError(RuntimeError):
+    """Base class for errors the engine reports to callers."""
+
+
+class QueueFullError(EngineError):
+    """All slots are busy and the waiting queue is full; the server answers 503 with Retry-After."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """The prompt leaves no room for a single generated token in the context."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is not running."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 8
+    max_len: int | None = None  # cache length; default min(model context, 2048)
+    queue_size: int = 64
+    steps_per_call: int = 1
+
+
+_END = object()
+
+
+class RequestHandle:
+    """Events of one request, in order; iterate synchronously or with ``async for``. ``cancel()`` frees its slots."""
+
+    def __init__(self, request_id: int, n: int, seed: int, prompt_tokens: int):
+        self.id, self.n, self.seed, self.prompt_tokens = request_id, n, seed, prompt_tokens
+        self.cancelled = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._aqueue = asyncio.Queue()
+        except RuntimeError:
+            pass
+        self._open = n
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _push(self, event: TokenEvent) -> None:
+        items = [event]
+        if event.finish_reason is not None:
+            self._open -= 1
+            if self._open == 0:
+                items.append(_END)
+        for item in items:
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+                except RuntimeError:  # the caller's loop is gone; nobody is listening
+                    pass
+            else:
+                self._queue.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._loop is not None:
+            raise RuntimeError("this handle was created in an event loop: use `async for`")
+        while (item := self._queue.get()) is not _END:
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        if self._aqueue is None:
+            raise RuntimeError("this handle was not created in an event loop: iterate it synchronously")
+        while (item := await self._aqueue.get()) is not _END:
+            yield item
+
+    def result(self) -> dict[int, list[TokenEvent]]:
+        """Block until done; the events grouped by choice (synchronous handles only)."""
+        grouped: dict[int, list[TokenEvent]] = collections.defaultdict(list)
+        for event in self:
+            grouped[event.choice].append(event)
+        return dict(grouped)
+
+
+@dataclass
+class _Pending:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+
+
+@dataclass
+class _Choice:
+    """Host bookkeeping for one choice occupying one slot."""
+
+    handle: RequestHandle
+    index: int
+    budget: int  # tokens this choice may still generate (max_tokens and context)
+    stop_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    stops: StopStringFilter
+    want_logprobs: bool
+    top_logprobs: int
+    generated: int = 0
+    finished: bool = field(default=False)
+
+
+class Engine:
+    """Continuous batching over ``slots`` fixed slots; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
+        max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
+        self.max_len = min(max_len, cfg.max_position_embeddings)
+        self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call)
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._slots: list[_Choice | None] = [None] * config.slots
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._state: DecodeState | None = None
+        self.warmup_seconds: float | None = None
+        self.fault_hook: Callable[[str], None] | None = None  # tests inject step failures here
+        self.stats = collections.Counter()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        started = time.perf_counter()
+        self._state = self.steps.warmup()
+        self.warmup_seconds = time.perf_counter() - started
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, cancel_pending: bool = True) -> None:
+        """Stop the loop; in-flight and waiting requests end with ``finish_reason='cancelled'``."""
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for pending in list(self._waiting):
+            self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
+        self._waiting.clear()
+        for slot, choice in enumerate(self._slots):
+            if choice is not None:
+                self._emit(choice, None, "", None, (), "cancelled")
+                self._slots[slot] = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def compile_count(self) -> int:
+        return self.steps.compiles
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(c is not None for c in self._slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # ---- submission ------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
+        """Queue a request. Raises ``ValueError`` for bad settings, ``PromptTooLongError`` when the prompt
+        leaves no room in the context, ``QueueFullError`` when the queue is full."""
+        if not self._running:
+            raise EngineStoppedError("the engine is not running")
+        params.validate(self.cfg.vocab_size)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError("the prompt contains token ids outside the vocabulary")
+        if len(prompt) >= self.max_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.max_len} "
+                f"(at least one position must be left for the reply)"
+            )
+        if params.n > self.config.slots:
+            raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        handle = RequestHandle(next(self._ids), params.n, seed, len(prompt))
+        with self._lock:
+            if len(self._waiting) >= self.config.queue_size:
+                raise QueueFullError(f"the request queue is full ({self.config.queue_size} waiting)")
+            self._waiting.append(_Pending(handle, list(prompt), params, seed))
+            self._lock.notify_all()
+        return handle
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._waiting and self.busy_slots == 0:
+                    self._lock.wait(timeout=0.1)
+                if not self._running:
+                    return
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.busy_slots:
+                    self._decode()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine loop error")
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for pending in [p for p in self._waiting if p.handle.cancelled.is_set()]:
+                self._waiting.remove(pending)
+                self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
+        for slot, choice in enumerate(self._slots):
+            if choice is not None and choice.handle.cancelled.is_set():
+                self._emit(choice, None, "", None, (), "cancelled")
+                self._free(slot)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                free = [i for i, c in enumerate(self._slots) if c is None]
+                if not self._waiting or len(free) < self._waiting[0].params.n:
+                    return
+                pending = self._waiting.popleft()
+            self._start(pending, free[: pending.params.n])
+
+    def _start(self, pending: _Pending, slots: list[int]) -> None:
+        params, vocab = pending.params, self.cfg.vocab_size
+        try:
+            if self.fault_hook:
+                self.fault_hook("prefill")
+            logits, self._state = self.steps.prefill(self._state, slots[0], pending.prompt)
+            row = make_row_request(
+                vocab, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+                presence=params.presence_penalty, frequency=params.frequency_penalty,
+                repetition=params.repetition_penalty, logit_bias=dict(params.logit_bias), prompt=pending.prompt,
+            )
+            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.stop_ids)
+            budget = min(params.max_tokens, self.max_len - len(pending.prompt))
+            firsts = []
+            for i, slot in enumerate(slots):
+                index = params.choice_offset + i
+                out, self._state = self.steps.insert(self._state, slot, slots[0], logits, row,
+                                                     choice_key(pending.seed, index), len(pending.prompt))
+                firsts.append((slot, out))
+                self._slots[slot] = _Choice(
+                    pending.handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
+                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs,
+                )
+            host = jax.device_get([out for _, out in firsts])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill failed for request %s", pending.handle.id)
+            for slot in slots:
+                self._slots[slot] = None
+            self._recover_state()
+            self._finish_all(pending.handle, params.n, params.choice_offset, "error", f"prefill failed: {exc}")
+            return
+        self.stats["requests"] += 1
+        for (slot, _), out in zip(firsts, host):
+            self._on_token(slot, int(out.tokens[0]), out.logprobs[0], out.top_ids[0], out.top_logprobs[0])
+
+    def _decode(self) -> None:
+        try:
+            if self.fault_hook:
+                self.fault_hook("decode")
+            outs, self._state = self.steps.decode(self._state)
+            host = jax.device_get(outs)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decode step failed")
+            for slot, choice in enumerate(self._slots):
+                if choice is not None:
+                    self._emit(choice, None, "", None, (), "error", f"decode step failed: {exc}")
+                    self._free(slot)
+            self._recover_state()
+            return
+        self.stats["decode_calls"] += 1
+        for step in range(host.tokens.shape[0]):
+            for slot, choice in enumerate(self._slots):
+                if choice is not None and not choice.finished:
+                    self._on_token(slot, int(host.tokens[step, slot]), host.logprobs[step, slot],
+                                   host.top_ids[step, slot], host.top_logprobs[step, slot])
+
+    def _recover_state(self) -> None:
+        """After a failed step the donated state may be gone: rebuild it (only if it is)."""
+        leaves = jax.tree.leaves(self._state)
+        if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
+            for slot, choice in enumerate(self._slots):
+                if choice is not None:
+                    self._emit(choice, None, "", None, (), "error", "engine state was lost in a failed step")
+                    self._slots[slot] = None
+            self._state = self.steps.init_state()
+
+    # ---- per-token bookkeeping -------------------------------------------------------------------
+    def _on_token(self, slot: int, token: int, logprob: Any, top_ids: Any, top_lps: Any) -> None:
+        choice = self._slots[slot]
+        choice.generated += 1
+        self.stats["tokens"] += 1
+        finish, text = None, ""
+        if token in choice.stop_ids:
+            finish = "stop"
+        else:
+            text = choice.stops.push(choice.detok.push(token))
+            if choice.stops.stopped:
+                finish = "stop"
+            elif choice.generated >= choice.budget:
+                finish = "length"
+        if finish == "length" or (finish == "stop" and not choice.stops.stopped):
+            text += choice.stops.push(choice.detok.flush())
+            text += choice.stops.flush()
+        tops: tuple[TokenLogprob, ...] = ()
+        if choice.want_logprobs and choice.top_logprobs:
+            tops = tuple(TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[: choice.top_logprobs],
+                                                                           top_lps[: choice.top_logprobs]))
+        self._emit(choice, token, text, float(logprob) if choice.want_logprobs else None, tops, finish)
+        if finish is not None:
+            self._free(slot)
+
+    def _emit(self, choice: _Choice, token: int | None, text: str, logprob: float | None,
+              tops: tuple[TokenLogprob, ...], finish: str | None, error: str | None = None) -> None:
+        if finish is not None:
+            choice.finished = True
+        choice.handle._push(TokenEvent(choice.index, token, text, logprob, tops, finish, error, choice.handle.seed))
+
+    def _finish_all(self, handle: RequestHandle, n: int, offset: int, reason: str, error: str | None = None) -> None:
+        for i in range(n):
+            handle._push(TokenEvent(offset + i, None, "", finish_reason=reason, error=error, seed=handle.seed))
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        try:
+            self._state = self.steps.release(self._state, slot)
+        except Exception:  # noqa: BLE001
+            log.exception("release failed")
+            self._recover_state()
+
+
+def collect_text(events: list[TokenEvent]) -> str:
+    return "".join(e.text for e in events)
+
+
+__all__ = ["Engine", "EngineConfig", "RequestHandle", "QueueFullError", "PromptTooLongError", "EngineError",
+           "collect_text"]
