@@ -54,6 +54,7 @@ class EngineConfig:
     max_len: int | None = None  # cache length; default min(model context, 2048)
     queue_size: int = 64
     steps_per_call: int = 1
+    largest_prefill_bucket: int = 1024  # longer prompts are prefilled in chunks of this size
 
 
 _END = object()
@@ -144,7 +145,8 @@ class Engine:
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
         max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
         self.max_len = min(max_len, cfg.max_position_embeddings)
-        self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call)
+        self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
+                                 config.largest_prefill_bucket)
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._slots: list[_Choice | None] = [None] * config.slots
         self._lock = threading.Condition()

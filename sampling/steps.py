@@ -64,10 +64,11 @@ def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tu
 class EngineSteps:
     """Compiled steps for one (model, params, B, max_len, steps_per_call)."""
 
-    def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1):
+    def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
+                 largest_bucket: int = 1024):
         self.cfg, self.params = cfg, params
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
-        self.buckets = prefill_buckets(max_len)
+        self.buckets = prefill_buckets(max_len, largest=largest_bucket)
         self.model = Transformer(cfg)
         self.compiles = 0
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))

@@ -94,3 +94,24 @@ def test_pulled_store_generates_sensibly(default_store):
         model.tokenizer.encode(text), GenerationSettings(max_tokens=20, stop_ids=model.tokenizer.stop_ids)))
     assert "Paris" in model.tokenizer.decode(out)
     assert out[-1] in model.tokenizer.stop_ids
+
+
+def test_engine_greedy_batch_equals_transformers(ours_and_reference):
+    """Six chat prompts at once through the batching engine (4 slots): greedy tokens equal transformers'."""
+    from checkpoints.tokenizer_files import special_tokens_from_config
+    from sampling.engine import Engine, EngineConfig
+    from sampling.params import SamplingParams
+
+    imported, tokenizer, ref_model, _ = ours_and_reference
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    tokenizer = HFTokenizer(tokenizer.backend, special_tokens_from_config(imported.tokenizer_config, vocab))
+    prompts = [_chat_ids(imported, tokenizer, p) for p in PROMPTS]
+    with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=4, max_len=256)) as engine:
+        handles = [engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)) for ids in prompts]
+        results = [h.result()[0] for h in handles]
+    eos = tokenizer.special.eos_id
+    for prompt, ids, events in zip(PROMPTS, prompts, results):
+        with torch.no_grad():
+            out = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=eos)
+        assert [e.token_id for e in events] == out[0, len(ids):].tolist(), prompt

@@ -1,0 +1,266 @@
+"""The engine on a tiny random model: determinism, static shapes, scheduling, errors, stop conditions."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sampling.engine import PromptTooLongError, QueueFullError, collect_text
+from sampling.generate import GenerationSettings, SimpleGenerator
+from sampling.params import SamplingParams
+from tests.engine_fixtures import tiny_engine
+
+PROMPTS = [[5, 40, 300, 17, 17, 9], [100, 64, 7] * 9, list(range(3, 60)), [12], [250, 251, 252, 253] * 20]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    engine = tiny_engine(tmp_path_factory.mktemp("engine"))
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean(engine):
+    engine.fault_hook = None
+    yield
+    engine.fault_hook = None
+    deadline = time.time() + 10
+    while (engine.busy_slots or engine.queue_depth) and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def tokens_and_logprobs(events):
+    return [e.token_id for e in events if e.token_id is not None], [e.logprob for e in events if e.token_id is not None]
+
+
+SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True,
+                        logprobs=True, top_logprobs=5, presence_penalty=0.3, frequency_penalty=0.2)
+
+
+def run(engine, prompt, params):
+    return engine.submit(prompt, params).result()
+
+
+def test_same_seed_same_tokens(engine):
+    first, second = run(engine, PROMPTS[0], SEEDED), run(engine, PROMPTS[0], SEEDED)
+    assert tokens_and_logprobs(first[0]) == tokens_and_logprobs(second[0])
+    assert len(first[0]) == 24 and first[0][-1].finish_reason == "length"
+    other = run(engine, PROMPTS[0], SamplingParams(**{**SEEDED.__dict__, "seed": 1235}))
+    assert tokens_and_logprobs(other[0])[0] != tokens_and_logprobs(first[0])[0]
+
+
+def test_bit_identical_alone_or_with_others_in_any_slot(engine):
+    alone = tokens_and_logprobs(run(engine, PROMPTS[0], SEEDED)[0])  # lands in slot 0
+    others = [
+        (PROMPTS[1], SamplingParams(max_tokens=40, temperature=1.3, seed=1, ignore_eos=True)),
+        (PROMPTS[2], SamplingParams(max_tokens=7, temperature=0.0, repetition_penalty=1.3)),
+        (PROMPTS[4], SamplingParams(max_tokens=30, temperature=0.7, min_p=0.1, logit_bias={9: 5.0}, n=1)),
+    ]
+    for delay_steps in (0, 3, 11):
+        handles = [engine.submit(p, s) for p, s in others]
+        seen = 0
+        for _ in handles[0]:  # let the others run a few steps before the seeded request arrives
+            seen += 1
+            if seen >= delay_steps:
+                break
+        target = engine.submit(PROMPTS[0], SEEDED)
+        together = tokens_and_logprobs(target.result()[0])
+        for h in handles:
+            for _ in h:
+                pass
+        assert together == alone, f"arrival after {delay_steps} steps changed the result"
+
+
+def test_n_choices_differ_and_equal_each_choice_alone(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=99, n=3, ignore_eos=True, logprobs=True)
+    grouped = run(engine, PROMPTS[1], params)
+    sequences = [tokens_and_logprobs(grouped[i]) for i in range(3)]
+    assert len({tuple(s[0]) for s in sequences}) == 3
+    for i in range(3):
+        alone = run(engine, PROMPTS[1], SamplingParams(**{**params.__dict__, "n": 1, "choice_offset": i}))
+        assert tokens_and_logprobs(alone[i]) == sequences[i]
+
+
+def test_temperature_zero_equals_the_greedy_reference(engine):
+    reference = list(SimpleGenerator(engine.cfg, engine.steps.params).generate(
+        PROMPTS[2], GenerationSettings(max_tokens=20, temperature=0.0)))
+    events = run(engine, PROMPTS[2], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
+    assert tokens_and_logprobs(events)[0] == reference
+
+
+def test_no_compiles_while_serving(engine):
+    compiled = engine.compile_count
+    rng = np.random.default_rng(0)
+    handles = []
+    for i in range(50):
+        prompt = rng.integers(3, 320, size=int(rng.integers(1, 120))).tolist()
+        params = SamplingParams(
+            max_tokens=int(rng.integers(1, 12)), temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
+            top_p=float(rng.choice([1.0, 0.9, 0.5])), top_k=int(rng.choice([0, 5, 40])),
+            min_p=float(rng.choice([0.0, 0.05])), presence_penalty=float(rng.uniform(-2, 2)),
+            frequency_penalty=float(rng.uniform(-2, 2)), repetition_penalty=float(rng.choice([1.0, 1.2])),
+            logit_bias={int(rng.integers(0, 320)): float(rng.uniform(-100, 100))}, seed=i,
+            n=int(rng.choice([1, 1, 2])), stop=("ab",) if i % 3 == 0 else (), logprobs=bool(i % 2),
+            top_logprobs=int(rng.integers(0, 21)),
+        )
+        handles.append(engine.submit(prompt, params))
+        if len(handles) >= 8:  # stay under the queue limit
+            handles.pop(0).result()
+    for handle in handles:
+        handle.result()
+    assert engine.compile_count == compiled
+
+
+def test_chunked_prefill_matches_one_chunk(tmp_path):
+    """Prompts longer than the largest bucket are prefilled in chunks with the same greedy result."""
+    chunked = tiny_engine(tmp_path / "a", largest_prefill_bucket=32)
+    whole = tiny_engine(tmp_path / "b")
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
+        a = run(chunked, PROMPTS[4], params)[0]
+        b = run(whole, PROMPTS[4], params)[0]
+        assert tokens_and_logprobs(a)[0] == tokens_and_logprobs(b)[0]
+        np.testing.assert_allclose(tokens_and_logprobs(a)[1], tokens_and_logprobs(b)[1], atol=1e-4)
+    finally:
+        chunked.stop()
+        whole.stop()
+
+
+def test_cancel_frees_the_slot(engine):
+    handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100, ignore_eos=True))
+    events = []
+    for event in handle:
+        events.append(event)
+        if len(events) == 3:
+            handle.cancel()
+    assert events[-1].finish_reason == "cancelled" and len(events) < 100
+    deadline = time.time() + 5
+    while engine.busy_slots and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots == 0
+
+
+def test_prompt_too_long_is_refused_before_taking_a_slot(engine):
+    with pytest.raises(PromptTooLongError, match="128"):
+        engine.submit(list(range(3, 131)), SamplingParams())
+    assert engine.busy_slots == 0 and engine.queue_depth == 0
+
+
+def test_bad_settings_are_refused(engine):
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([5], SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="logit_bias token id 999"):
+        engine.submit([5], SamplingParams(logit_bias={999: 1.0}))
+    with pytest.raises(ValueError, match="n=5 exceeds"):
+        engine.submit([5], SamplingParams(n=5))
+
+
+def test_full_queue_raises(tmp_path):
+    small = tiny_engine(tmp_path, slots=1, queue_size=1)
+    try:
+        running = small.submit(PROMPTS[0], SamplingParams(max_tokens=120, ignore_eos=True))
+        next(iter(running))  # admitted: the slot is busy
+        waiting = small.submit(PROMPTS[0], SamplingParams(max_tokens=2, ignore_eos=True))
+        with pytest.raises(QueueFullError, match="queue is full"):
+            small.submit(PROMPTS[0], SamplingParams(max_tokens=2))
+        running.cancel()
+        assert waiting.result()[0][-1].finish_reason == "length"
+    finally:
+        small.stop()
+
+
+def test_a_failed_decode_step_fails_only_its_requests(engine):
+    failures = iter([RuntimeError("injected")])
+
+    def hook(step):
+        if step == "decode":
+            exc = next(failures, None)
+            if exc:
+                raise exc
+
+    engine.fault_hook = hook
+    failed = engine.submit(PROMPTS[0], SamplingParams(max_tokens=20, ignore_eos=True)).result()[0]
+    assert failed[-1].finish_reason == "error" and "injected" in failed[-1].error
+    fine = run(engine, PROMPTS[0], SEEDED)[0]
+    engine.fault_hook = None
+    assert tokens_and_logprobs(fine) == tokens_and_logprobs(run(engine, PROMPTS[0], SEEDED)[0])
+
+
+def test_a_failed_prefill_leaves_running_requests_alone(engine):
+    expected = tokens_and_logprobs(run(engine, PROMPTS[0], SEEDED)[0])
+    running = engine.submit(PROMPTS[0], SEEDED)
+    first = next(iter(running))
+    engine.fault_hook = lambda step: (_ for _ in ()).throw(RuntimeError("bad prefill")) if step == "prefill" else None
+    broken = engine.submit(PROMPTS[1], SamplingParams(max_tokens=5)).result()[0]
+    engine.fault_hook = None
+    rest = list(running)
+    assert broken[-1].finish_reason == "error" and "bad prefill" in broken[-1].error
+    assert tokens_and_logprobs([first] + rest) == expected
+
+
+def test_stop_string_cuts_the_text(engine):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    full = collect_text(run(engine, PROMPTS[3], params)[0])
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = run(engine, PROMPTS[3], SamplingParams(**{**params.__dict__, "stop": (stop,)}))[0]
+    assert collect_text(cut) == full[: full.find(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+def test_stop_token_and_context_length(engine):
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    tokens = tokens_and_logprobs(run(engine, PROMPTS[3], greedy)[0])[0]
+    stop_at = tokens[5]
+    stopped = run(engine, PROMPTS[3], SamplingParams(**{**greedy.__dict__, "stop_token_ids": (stop_at,)}))[0]
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].token_id == stop_at
+    assert tokens_and_logprobs(stopped)[0] == tokens[: tokens.index(stop_at) + 1]
+    full_context = run(engine, list(range(3, 120)), SamplingParams(max_tokens=500, ignore_eos=True))[0]
+    assert len(full_context) == 128 - 117 and full_context[-1].finish_reason == "length"
+
+
+def test_logprobs_and_logit_bias(engine):
+    events = run(engine, PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=20,
+                                                     ignore_eos=True))[0]
+    for event in events:
+        tops = [t.logprob for t in event.top_logprobs]
+        assert len(tops) == 20 and tops == sorted(tops, reverse=True)
+        assert event.top_logprobs[0].token_id == event.token_id and event.logprob == tops[0]
+        assert np.exp(tops).sum() <= 1.0 + 1e-5
+    biased = run(engine, PROMPTS[0], SamplingParams(max_tokens=5, temperature=1.0, logit_bias={77: 100.0}, seed=3))[0]
+    assert tokens_and_logprobs(biased)[0] == [77] * 5
+
+
+def test_async_handles_from_an_event_loop(engine):
+    async def main():
+        handles = [engine.submit(PROMPTS[i], SamplingParams(max_tokens=8, seed=i, ignore_eos=True)) for i in range(3)]
+        results = []
+        for handle in handles:
+            results.append([event async for event in handle])
+        return results
+
+    results = asyncio.run(main())
+    assert [len(r) for r in results] == [8, 8, 8]
+    sync = run(engine, PROMPTS[1], SamplingParams(max_tokens=8, seed=1, ignore_eos=True))[0]
+    assert tokens_and_logprobs(results[1]) == tokens_and_logprobs(sync)
+
+
+def test_submit_from_many_threads(engine):
+    outputs, errors = {}, []
+
+    def client(i):
+        try:
+            outputs[i] = tokens_and_logprobs(run(engine, PROMPTS[i % 5], SamplingParams(max_tokens=6, seed=i,
+                                                                                     ignore_eos=True))[0])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(len(o[0]) == 6 for o in outputs.values())
