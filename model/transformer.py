@@ -4,9 +4,9 @@
 input and output (no mutable collections), so the caller owns device state and can donate the buffers.
 
 The layer stack is an ``nn.scan`` (params stacked on a leading layer axis): XLA compiles one layer instead
-of ``num_layers``. The whole cache rides in the scan *carry* and each layer scatters its new keys/values
-into it, which XLA performs in place; passing per-layer caches as scan inputs/outputs would copy the cache
-on every step.
+of ``num_layers``. Each layer reads its cache slice as a scan input (read only) and returns only this call's
+new keys/values; they are scattered into the cache once after the loop. Nothing cache-sized is carried or
+returned through the loop, so XLA copies no cache (carrying it and writing per layer copied it).
 """
 
 from __future__ import annotations
@@ -95,53 +95,67 @@ def _dense(features: int, use_bias: bool, name: str, cfg: ModelConfig) -> nn.Den
     )
 
 
-def write_kv(cache_k, cache_v, layer, k, v, positions):
-    """Write this call's keys/values ``[B, T, KV, D]`` at ``positions`` into layer ``layer`` of the carried cache.
+def grouped_attention(q, k_new, v_new, cache_k, cache_v, positions, window, groups):
+    """Causal (optionally sliding-window) GQA over the cached prefix plus this call's own keys/values.
 
-    The scatter goes into this layer's slice, which is then written back with a dynamic-update-slice (done in
-    place on the scan carry; a scatter into the whole cache made XLA copy the cache at every layer).
-    Positions past the cache are dropped. Returns the cache and this layer's keys/values ``[B, KV, S, D]``.
-    """
-    batch, seq, kv_heads, _ = k.shape
-    index = (jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, None, :], positions[:, :, None])
-    keys = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False)
-    values = jax.lax.dynamic_index_in_dim(cache_v, layer, axis=0, keepdims=False)
-    keys = keys.at[index].set(k.astype(keys.dtype), mode="drop")
-    values = values.at[index].set(v.astype(values.dtype), mode="drop")
-    cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, keys, layer, axis=0)
-    cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, values, layer, axis=0)
-    return cache_k, cache_v, keys, values
-
-
-def grouped_attention(q, keys, values, positions, window, groups):
-    """Causal (optionally sliding-window) GQA over the cache. ``q`` ``[B, T, H, D]``, ``keys``/``values``
-    ``[B, KV, S, D]`` -> ``[B, T, H, D]``.
-
-    The query heads of a group and the query positions are folded into one axis so both dot products are
-    plain batched matmuls over (batch, kv_head); with a separate length-1 query axis XLA:CPU picked a
-    far slower lowering (4x slower attention at batch 16 in decode).
+    ``q`` ``[B, T, H, D]``; ``k_new``/``v_new`` ``[B, T, KV, D]``; ``cache_k``/``cache_v`` ``[B, KV, S, D]``
+    (read only). A cache entry is visible when it lies before this call's first position (later entries
+    are stale or not written yet); this call's tokens see each other causally. Keeping the cache read-only
+    inside the layer loop means XLA never copies it; the new entries are written once, after the loop.
+    The group's query heads and the query positions share one axis so every dot is a plain batched matmul
+    over (batch, kv_head).
     """
     batch, seq, heads, dim = q.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
+    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
+    scale = dim**-0.5
     q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32) * (dim**-0.5)
-    scores = scores.reshape(batch, kv_heads, groups, seq, length)
-    key_pos = jnp.arange(length)[None, None, :]
+    k_new = k_new.transpose(0, 2, 1, 3)  # [B, KV, T, D]
+    v_new = v_new.transpose(0, 2, 1, 3)
+    f32 = jnp.float32
+    cached = jnp.einsum("bkqd,bksd->bkqs", q, cache_k, preferred_element_type=f32).reshape(
+        batch, kv_heads, groups, seq, length)
+    fresh = jnp.einsum("bkqd,bktd->bkqt", q, k_new, preferred_element_type=f32).reshape(
+        batch, kv_heads, groups, seq, seq)
     query_pos = positions[:, :, None]
-    visible = (key_pos <= query_pos) & (key_pos > query_pos - window)  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(batch, kv_heads, groups * seq, length)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+    cache_pos = jnp.arange(length)[None, None, :]
+    cache_visible = (cache_pos < positions[:, :1, None]) & (cache_pos > query_pos - window)  # [B, T, S]
+    fresh_pos = positions[:, None, :]
+    fresh_visible = (fresh_pos <= query_pos) & (fresh_pos > query_pos - window)  # [B, T, T]
+    scores = jnp.concatenate(
+        [jnp.where(cache_visible[:, None, None], cached, _MASK_VALUE),
+         jnp.where(fresh_visible[:, None, None], fresh, _MASK_VALUE)], axis=-1) * scale
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(batch, kv_heads, groups * seq, length + seq)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs[..., :length], cache_v) + jnp.einsum(
+        "bkqt,bktd->bkqd", probs[..., length:], v_new)
     return out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
 
 
+def write_cache(cache: "KVCache", k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
+    """Scatter every layer's new keys/values ``[L, B, T, KV, D]`` into the cache at ``positions`` ``[B, T]``.
+
+    One scatter for the whole call, outside the layer loop, done in place when the cache is donated.
+    Positions past the cache are dropped.
+    """
+    layers, batch, seq, kv_heads, _ = k_new.shape
+    index = (
+        jnp.arange(layers)[:, None, None, None],
+        jnp.arange(batch)[None, :, None, None],
+        jnp.arange(kv_heads)[None, None, None, :],
+        positions[None, :, :, None],
+    )
+    return KVCache(
+        cache.k.at[index].set(k_new.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[index].set(v_new.astype(cache.v.dtype), mode="drop"),
+    )
+
+
 class Attention(nn.Module):
-    """Grouped-query attention that writes its new keys/values into the carried cache."""
+    """Grouped-query attention over this layer's (read-only) cache; returns the new keys/values too."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache_k, cache_v, layer, window, cos, sin, positions):
+    def __call__(self, x, cache_k, cache_v, window, cos, sin, positions):
         cfg = self.cfg
         batch, seq, _ = x.shape
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -158,10 +172,9 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        cache_k, cache_v, keys, values = write_kv(cache_k, cache_v, layer, k, v, positions)
-        out = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions, window, groups)
+        out = grouped_attention(q, k, v, cache_k.astype(q.dtype), cache_v.astype(q.dtype), positions, window, groups)
         out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
-        return _dense(cfg.hidden_size, cfg.o_bias, "o_proj", cfg)(out), cache_k, cache_v
+        return _dense(cfg.hidden_size, cfg.o_bias, "o_proj", cfg)(out), k, v
 
 
 class MLP(nn.Module):
@@ -184,8 +197,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, window, cos, sin, positions):
-        x, cache_k, cache_v, layer = carry
+    def __call__(self, x, window, cache_k, cache_v, cos, sin, positions):
         cfg = self.cfg
         norm = dict(
             eps=cfg.rms_norm_eps,
@@ -193,12 +205,12 @@ class Block(nn.Module):
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
         )
-        h, cache_k, cache_v = Attention(cfg, name="attn")(
-            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, layer, window, cos, sin, positions
+        h, k_new, v_new = Attention(cfg, name="attn")(
+            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, window, cos, sin, positions
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_norm", **norm)(x))
-        return (x, cache_k, cache_v, layer + 1), None
+        return x, (k_new, v_new)
 
 
 class Transformer(nn.Module):
@@ -236,11 +248,11 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, name="layers")
         windows = jnp.asarray(cfg.window_sizes())
-        (x, cache_k, cache_v, _), _ = layers((x, cache.k, cache.v, jnp.int32(0)), windows, cos, sin, positions)
+        x, (k_new, v_new) = layers(x, windows, cache.k, cache.v, cos, sin, positions)
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
@@ -250,7 +262,7 @@ class Transformer(nn.Module):
             logits = embed.attend(x)
         else:
             logits = _dense(cfg.vocab_size, False, "lm_head", cfg)(x)
-        return logits.astype(jnp.float32), KVCache(cache_k, cache_v)
+        return logits.astype(jnp.float32), write_cache(cache, k_new, v_new, positions)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
