@@ -4,9 +4,10 @@
 input and output (no mutable collections), so the caller owns device state and can donate the buffers.
 
 The layer stack is an ``nn.scan`` (params stacked on a leading layer axis): XLA compiles one layer instead
-of ``num_layers``. Each layer reads its cache slice as a scan input (read only) and returns only this call's
-new keys/values; they are scattered into the cache once after the loop. Nothing cache-sized is carried or
-returned through the loop, so XLA copies no cache (carrying it and writing per layer copied it).
+of ``num_layers``. Each layer reads the blocks of the cache it needs from the whole cache (a loop-invariant
+input, read only) and returns only this call's new keys/values; they are scattered into the cache once after
+the loop. Nothing cache-sized is carried, sliced per layer or returned through the loop, so XLA copies no
+cache (carrying it and writing per layer, or scanning over it, copied it every step).
 """
 
 from __future__ import annotations
@@ -95,38 +96,73 @@ def _dense(features: int, use_bias: bool, name: str, cfg: ModelConfig) -> nn.Den
     )
 
 
-def grouped_attention(q, k_new, v_new, cache_k, cache_v, positions, window, groups):
+CACHE_CHUNK = 128  # cache positions per attention block
+
+
+def _chunk_size(length: int) -> int:
+    """The largest power of two <= CACHE_CHUNK that divides the cache length (blocks must tile it)."""
+    size = CACHE_CHUNK
+    while length % size:
+        size //= 2
+    return size
+
+
+def grouped_attention(q, k_new, v_new, cache_k, cache_v, layer, positions, window, groups):
     """Causal (optionally sliding-window) GQA over the cached prefix plus this call's own keys/values.
 
-    ``q`` ``[B, T, H, D]``; ``k_new``/``v_new`` ``[B, T, KV, D]``; ``cache_k``/``cache_v`` ``[B, KV, S, D]``
-    (read only). A cache entry is visible when it lies before this call's first position (later entries
-    are stale or not written yet); this call's tokens see each other causally. Keeping the cache read-only
-    inside the layer loop means XLA never copies it; the new entries are written once, after the loop.
-    The group's query heads and the query positions share one axis so every dot is a plain batched matmul
-    over (batch, kv_head).
+    ``q`` ``[B, T, H, D]``; ``k_new``/``v_new`` ``[B, T, KV, D]``; ``cache_k``/``cache_v`` the whole
+    ``[L, B, KV, S, D]`` cache, of which only layer ``layer``'s needed blocks are read (read only: the new
+    entries are written once after the layer loop, so XLA never copies the cache).
+    A cache entry is visible when it lies before this call's first position; this call's tokens see each
+    other causally.
+
+    The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
+    are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
+    fully masked for a row leaves that row's running max, sum and output exactly unchanged (factor 1.0,
+    zero weights), so a row's result does not depend on how many blocks other rows made the loop visit.
+    The group's query heads and positions share one axis so every dot is a batched matmul over
+    (batch, kv_head).
     """
     batch, seq, heads, dim = q.shape
-    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
-    scale = dim**-0.5
-    q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
-    k_new = k_new.transpose(0, 2, 1, 3)  # [B, KV, T, D]
-    v_new = v_new.transpose(0, 2, 1, 3)
+    kv_heads, length = cache_k.shape[2], cache_k.shape[3]
     f32 = jnp.float32
-    cached = jnp.einsum("bkqd,bksd->bkqs", q, cache_k, preferred_element_type=f32).reshape(
-        batch, kv_heads, groups, seq, length)
-    fresh = jnp.einsum("bkqd,bktd->bkqt", q, k_new, preferred_element_type=f32).reshape(
-        batch, kv_heads, groups, seq, seq)
-    query_pos = positions[:, :, None]
-    cache_pos = jnp.arange(length)[None, None, :]
-    cache_visible = (cache_pos < positions[:, :1, None]) & (cache_pos > query_pos - window)  # [B, T, S]
-    fresh_pos = positions[:, None, :]
-    fresh_visible = (fresh_pos <= query_pos) & (fresh_pos > query_pos - window)  # [B, T, T]
-    scores = jnp.concatenate(
-        [jnp.where(cache_visible[:, None, None], cached, _MASK_VALUE),
-         jnp.where(fresh_visible[:, None, None], fresh, _MASK_VALUE)], axis=-1) * scale
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(batch, kv_heads, groups * seq, length + seq)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs[..., :length], cache_v) + jnp.einsum(
-        "bkqt,bktd->bkqd", probs[..., length:], v_new)
+    q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
+    q = q * jnp.asarray(dim**-0.5, q.dtype)
+    query_pos = jnp.tile(positions, (1, groups))[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as q
+    first = positions[:, :1][:, None, :, None]  # [B, 1, 1, 1]: cache entries before this are valid
+
+    def block(carry, keys, values, visible):
+        top, total, acc = carry
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=f32)
+        scores = jnp.where(visible, scores, _MASK_VALUE)
+        new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
+        weights = jnp.where(visible, jnp.exp(scores - new_top), 0.0)
+        scale = jnp.exp(top - new_top)
+        total = total * scale + weights.sum(axis=-1, keepdims=True)
+        acc = acc * scale + jnp.einsum("bkqs,bksd->bkqd", weights.astype(values.dtype), values,
+                                       preferred_element_type=f32)
+        return new_top, total, acc
+
+    chunk = _chunk_size(length)
+    needed = (jnp.max(positions[:, 0]) + chunk - 1) // chunk  # blocks holding any visible cache entry
+
+    def cache_block(i, carry):
+        start = i * chunk
+        corner, size = (layer, 0, 0, start, 0), (1, batch, kv_heads, chunk, dim)
+        keys = jax.lax.dynamic_slice(cache_k, corner, size)[0].astype(q.dtype)
+        values = jax.lax.dynamic_slice(cache_v, corner, size)[0].astype(q.dtype)
+        key_pos = start + jnp.arange(chunk)[None, None, None, :]
+        visible = (key_pos < first) & (key_pos > query_pos - window)
+        return block(carry, keys, values, visible)
+
+    rows = q.shape[2]
+    carry = (jnp.full((batch, kv_heads, rows, 1), _MASK_VALUE, f32), jnp.zeros((batch, kv_heads, rows, 1), f32),
+             jnp.zeros((batch, kv_heads, rows, dim), f32))
+    carry = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block, carry)
+    fresh_pos = positions[:, None, None, :]  # [B, 1, 1, T]
+    visible = (fresh_pos <= query_pos) & (fresh_pos > query_pos - window)
+    _, total, acc = block(carry, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), visible)
+    out = (acc / total).astype(q.dtype)
     return out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
 
 
@@ -155,7 +191,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache_k, cache_v, window, cos, sin, positions):
+    def __call__(self, x, cache_k, cache_v, layer, window, cos, sin, positions):
         cfg = self.cfg
         batch, seq, _ = x.shape
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -172,7 +208,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        out = grouped_attention(q, k, v, cache_k.astype(q.dtype), cache_v.astype(q.dtype), positions, window, groups)
+        out = grouped_attention(q, k, v, cache_k, cache_v, layer, positions, window, groups)
         out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
         return _dense(cfg.hidden_size, cfg.o_bias, "o_proj", cfg)(out), k, v
 
@@ -197,7 +233,8 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, window, cache_k, cache_v, cos, sin, positions):
+    def __call__(self, carry, window, cache_k, cache_v, cos, sin, positions):
+        x, layer = carry
         cfg = self.cfg
         norm = dict(
             eps=cfg.rms_norm_eps,
@@ -206,11 +243,11 @@ class Block(nn.Module):
             param_dtype=jnp.dtype(cfg.param_dtype),
         )
         h, k_new, v_new = Attention(cfg, name="attn")(
-            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, window, cos, sin, positions
+            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, layer, window, cos, sin, positions
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_norm", **norm)(x))
-        return x, (k_new, v_new)
+        return (x, layer + 1), (k_new, v_new)
 
 
 class Transformer(nn.Module):
@@ -248,11 +285,11 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, name="layers")
         windows = jnp.asarray(cfg.window_sizes())
-        x, (k_new, v_new) = layers(x, windows, cache.k, cache.v, cos, sin, positions)
+        (x, _), (k_new, v_new) = layers((x, jnp.int32(0)), windows, cache.k, cache.v, cos, sin, positions)
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
