@@ -264,3 +264,19 @@ def test_submit_from_many_threads(engine):
     for t in threads:
         t.join()
     assert not errors and all(len(o[0]) == 6 for o in outputs.values())
+
+
+def test_several_decode_steps_per_call_give_the_same_tokens(engine, tmp_path):
+    multi = tiny_engine(tmp_path, steps_per_call=3)
+    try:
+        for params in (SEEDED, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)):
+            assert tokens_and_logprobs(run(multi, PROMPTS[0], params)[0]) == \
+                tokens_and_logprobs(run(engine, PROMPTS[0], params)[0])
+        greedy = tokens_and_logprobs(run(engine, PROMPTS[3], SamplingParams(max_tokens=20, temperature=0.0,
+                                                                             ignore_eos=True))[0])[0]
+        stop_at = greedy[4]
+        stopped = run(multi, PROMPTS[3], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                                                        stop_token_ids=(stop_at,)))[0]
+        assert tokens_and_logprobs(stopped)[0] == greedy[: greedy.index(stop_at) + 1]  # extra tokens discarded
+    finally:
+        multi.stop()
