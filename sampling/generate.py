@@ -3,8 +3,8 @@
 Randomness follows the reproducibility contract in DESIGN.md: the request key is
 ``jax.random.key(seed)``, choice ``i`` uses ``fold_in(key, i)`` and the ``t``-th generated token
 (``t`` counted from 0 within the completion) uses ``fold_in(choice_key, t)``. Temperature travels as
-an array, never a static argument, so changing it never recompiles. (The batching engine replaces
-this loop; the math here is what it will reuse.)
+an array, never a static argument, so changing it never recompiles. This is the plain single-sequence
+path (CLI ``generate`` and the greedy reference in tests); serving goes through ``sampling.engine``.
 """
 
 from __future__ import annotations

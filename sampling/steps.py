@@ -16,7 +16,6 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.transformer import KVCache, Transformer, init_cache
-from sampling.params import MAX_TOP_LOGPROBS
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 
 
@@ -224,5 +223,3 @@ def make_row_request(vocab_size: int, *, temperature: float = 1.0, top_p: float 
         allowed=jnp.asarray(allowed),
     )
 
-
-__all__ = ["DecodeState", "EngineSteps", "RowRequest", "make_row_request", "MAX_TOP_LOGPROBS"]

@@ -1,7 +1,7 @@
 """Incremental detokenizer and stop strings: property tests."""
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
@@ -47,13 +47,13 @@ def test_corpus_streams_without_broken_characters(smollm2, text):
     assert all("\ufffd" not in p for p in pieces)
 
 
-def test_sentencepiece_leading_spaces(tmp_path):
-    from tests.test_tokenizer import SPM_TRAINING  # noqa: F401 - same training corpus
+def test_sentencepiece_leading_spaces():
     import io
 
     import sentencepiece as spm
 
     from model.tokenizer import SentencePieceTokenizer, SpecialTokens
+    from tests.test_tokenizer import SPM_TRAINING
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_TRAINING), model_writer=model, vocab_size=500,
