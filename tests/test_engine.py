@@ -280,3 +280,19 @@ def test_several_decode_steps_per_call_give_the_same_tokens(engine, tmp_path):
         assert tokens_and_logprobs(stopped)[0] == greedy[: greedy.index(stop_at) + 1]  # extra tokens discarded
     finally:
         multi.stop()
+
+
+def test_bit_identical_when_others_make_attention_visit_more_cache_blocks(tmp_path):
+    """With a 256-position cache (two 128-position blocks) a long neighbour makes every decode step visit
+    both blocks; the short seeded request, which needs one, must not change by a bit."""
+    wide = tiny_engine(tmp_path, max_len=256)
+    try:
+        alone = tokens_and_logprobs(run(wide, PROMPTS[0], SEEDED)[0])
+        long_prompt = (list(range(3, 300)) * 2)[:200]
+        neighbour = wide.submit(long_prompt, SamplingParams(max_tokens=50, temperature=1.0, seed=5, ignore_eos=True))
+        next(iter(neighbour))
+        together = tokens_and_logprobs(wide.submit(PROMPTS[0], SEEDED).result()[0])
+        neighbour.result()
+        assert together == alone
+    finally:
+        wide.stop()
