@@ -1,0 +1,127 @@
+"""The Quart app: routes, auth, error mapping. ``create_app(model, settings) -> Quart``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from serve.chat import Completion, ServedModel
+from serve.errors import APIError, from_validation_error
+from serve.protocol import ChatCompletionRequest
+
+log = logging.getLogger("flaxchat.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_keys: frozenset[str] = field(default_factory=frozenset)  # empty: no auth
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+def _error_response(error: APIError) -> Response:
+    response = Response(json.dumps(error.body()), status=error.status, content_type="application/json")
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) -> Quart:
+    app = Quart("flaxchat")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+
+    @app.errorhandler(APIError)
+    async def _api_error(error: APIError):
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException):
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = {413: f"Request body exceeds {settings.max_body_bytes} bytes"}.get(error.code, error.description)
+        return _error_response(APIError(error.code or 500, message, code=kinds.get(error.code)))
+
+    @app.errorhandler(Exception)
+    async def _unexpected(error: Exception):
+        request_id = "req_" + secrets.token_hex(8)
+        log.exception("unhandled error in request %s", request_id)
+        return _error_response(APIError(500, f"Internal server error (request id {request_id})",
+                                        type="server_error", code="internal_error"))
+
+    def check_auth() -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                           code="invalid_api_key")
+        if not any(secrets.compare_digest(key.strip(), k) for k in settings.api_keys):
+            raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": model.created, "owned_by": "flaxchat"}
+
+    @app.get("/health")
+    async def health():
+        engine = model.engine
+        return {"status": "ok", "model": model.id, "busy_slots": engine.busy_slots, "queue_depth": engine.queue_depth}
+
+    @app.get("/v1/models")
+    async def list_models():
+        check_auth()
+        return {"object": "list", "data": [model_card(n) for n in (model.id, *model.aliases)]}
+
+    @app.get("/v1/models/<path:name>")
+    async def get_model(name: str):
+        check_auth()
+        if not model.answers_to(name):
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return model_card(name)
+
+    async def chat_completions():
+        check_auth()
+        if request.mimetype != "application/json":
+            raise APIError(400, "Content-Type must be application/json", code="invalid_content_type")
+        raw = await request.get_data(as_text=False)
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+        try:
+            body = ChatCompletionRequest.model_validate(payload)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        if not model.answers_to(body.model):
+            raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
+        completion = Completion(model, body)
+        if not body.stream:
+            try:
+                return await completion.response()
+            finally:
+                completion.cancel()  # a no-op once finished; frees the slots if the client went away
+
+        async def events():
+            try:
+                async for chunk in completion.chunks():
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            except APIError as error:  # headers are gone: report in the stream, as OpenAI does
+                yield f"data: {json.dumps(error.body())}\n\n".encode()
+            finally:
+                completion.cancel()
+
+        response = Response(events(), content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.timeout = None
+        return response
+
+    app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
+    app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
+    return app

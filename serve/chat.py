@@ -1,0 +1,210 @@
+"""One chat request end to end, minus HTTP: request -> template -> tokens -> engine -> OpenAI objects."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from model.tokenizer import Tokenizer
+from sampling.engine import Engine, PromptTooLongError, QueueFullError
+from sampling.params import SamplingParams, TokenEvent
+from serve.chat_template import ChatTemplateError, render_chat
+from serve.errors import APIError
+from serve.protocol import ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server exposes: the engine, its tokenizer and template, and the names it answers to."""
+
+    id: str
+    engine: Engine
+    tokenizer: Tokenizer
+    chat_template: str
+    fingerprint: str
+    aliases: tuple[str, ...] = ()
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.id or name in self.aliases
+
+
+def _unsupported(request: ChatCompletionRequest) -> None:
+    for name in ("tools", "tool_choice", "reasoning_effort", "parallel_tool_calls"):
+        if getattr(request, name) is not None:
+            raise APIError(400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter")
+    if request.response_format is not None and request.response_format != {"type": "text"}:
+        raise APIError(400, "only response_format {'type': 'text'} is supported by this server yet",
+                       param="response_format", code="unsupported_parameter")
+    if request.top_logprobs and not request.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def prompt_ids(model: ServedModel, request: ChatCompletionRequest) -> list[int]:
+    messages = []
+    for message in request.messages:
+        item: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name:
+            item["name"] = message.name
+        messages.append(item)
+    special = model.tokenizer.special
+    try:
+        text = render_chat(model.chat_template, messages,
+                           special_tokens={"bos_token": special.bos_token, "eos_token": special.eos_token})
+    except ChatTemplateError as exc:
+        raise APIError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
+    return model.tokenizer.encode(text)
+
+
+def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+    context = model.engine.max_len
+    room = context - prompt_len
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {context} tokens, but the messages take "
+                            f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+    limit_name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    if max_tokens is not None and prompt_len + max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
+                            f"{limit_name}). Please reduce the length of the messages or {limit_name}.",
+                       param=limit_name, code="context_length_exceeded")
+    vocab = model.tokenizer.vocab_size
+    bias = {}
+    for token, value in (request.logit_bias or {}).items():
+        token_id = int(token)
+        if not 0 <= token_id < vocab:
+            raise APIError(422, f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias", code="invalid_parameter")
+        bias[token_id] = value
+    top_p = 1.0 if request.top_p is None else max(request.top_p, 1e-6)  # top_p 0 keeps only the top token
+    return SamplingParams(
+        max_tokens=max_tokens or room,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=top_p,
+        top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias=MappingProxyType(bias),
+        stop=request.stop_list(),
+        seed=None if request.seed is None else request.seed % 2**64,
+        n=request.n or 1,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
+    )
+
+
+class Completion:
+    """A submitted request and the OpenAI objects built from its events."""
+
+    def __init__(self, model: ServedModel, request: ChatCompletionRequest):
+        _unsupported(request)
+        self.model, self.request = model, request
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        ids = prompt_ids(model, request)
+        self.params = sampling_params(model, request, len(ids))
+        self.stop_ids = model.tokenizer.stop_ids | frozenset(self.params.stop_token_ids)
+        try:
+            self.handle = model.engine.submit(ids, self.params)
+        except QueueFullError as exc:
+            raise APIError(503, f"The server is overloaded: {exc}. Retry shortly.", type="server_error",
+                           code="server_overloaded", retry_after=1) from None
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise APIError(422, str(exc), code="invalid_parameter") from None
+        self.prompt_tokens = len(ids)
+        self.completion_tokens = 0
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _token_entry(self, token_id: int, logprob: float) -> dict:
+        raw = self.model.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def logprob_entries(self, event: TokenEvent) -> list[dict]:
+        if event.token_id is None or event.logprob is None or self._is_stop_token(event):
+            return []
+        entry = self._token_entry(event.token_id, event.logprob)
+        entry["top_logprobs"] = [self._token_entry(t.token_id, t.logprob) for t in event.top_logprobs]
+        return [entry]
+
+    def _is_stop_token(self, event: TokenEvent) -> bool:
+        return event.finish_reason == "stop" and event.token_id in self.stop_ids
+
+    @staticmethod
+    def check_error(event: TokenEvent) -> None:
+        if event.finish_reason == "error":
+            raise APIError(500, f"generation failed: {event.error}", type="server_error", code="internal_error")
+        if event.finish_reason == "cancelled":  # only the server stopping cancels a request whose client is there
+            raise APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down",
+                           retry_after=1)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model,
+                "system_fingerprint": self.model.fingerprint}
+
+    # ---- whole reply ------------------------------------------------------------------------------
+    async def response(self) -> dict:
+        n = self.params.n
+        texts = [""] * n
+        logprobs: list[list[dict]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        async for event in self.handle:
+            self.check_error(event)
+            i = event.choice - self.params.choice_offset
+            texts[i] += event.text
+            if event.token_id is not None:
+                self.completion_tokens += 1
+            if self.params.logprobs:
+                logprobs[i] += self.logprob_entries(event)
+            if event.finish_reason:
+                finish[i] = event.finish_reason
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": texts[i]},
+             "logprobs": {"content": logprobs[i]} if self.params.logprobs else None,
+             "finish_reason": finish[i]}
+            for i in range(n)
+        ]
+        return {**self._base("chat.completion"), "choices": choices, "usage": self.usage()}
+
+    # ---- stream -----------------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        chunk = {**self._base("chat.completion.chunk"), "choices": choices}
+        if self.request.stream_options and self.request.stream_options.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        for i in range(self.params.n):
+            yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}])
+        async for event in self.handle:
+            self.check_error(event)
+            i = event.choice - self.params.choice_offset
+            if event.token_id is not None:
+                self.completion_tokens += 1
+            entries = self.logprob_entries(event) if self.params.logprobs else []
+            if event.text or entries:
+                yield self._chunk([{"index": i, "delta": {"content": event.text},
+                                    "logprobs": {"content": entries} if self.params.logprobs else None,
+                                    "finish_reason": None}])
+            if event.finish_reason:
+                yield self._chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+        if self.request.stream_options and self.request.stream_options.include_usage:
+            yield {**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()}

@@ -1,0 +1,43 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+
+Rule for validation failures: a missing field, a wrong type, an unknown field or malformed JSON is a 400
+(``invalid_request_error``); a well-typed value outside its allowed range is a 422 (``invalid_parameter``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+_RANGE_ERRORS = {
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
+    "value_error", "literal_error", "enum",
+}
+
+
+@dataclass
+class APIError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    retry_after: int | None = None
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first problem of a pydantic error, named by its dotted location."""
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if first["type"] == "missing":
+        return APIError(400, f"Missing required parameter: {param}", param=param, code="missing_required_parameter")
+    if first["type"] in _RANGE_ERRORS:
+        return APIError(422, message, type="invalid_request_error", param=param, code="invalid_parameter")
+    return APIError(400, message, param=param, code="invalid_type")

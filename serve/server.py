@@ -1,0 +1,95 @@
+"""Run the app under hypercorn (programmatically), with graceful shutdown on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart
+
+log = logging.getLogger("flaxchat.server")
+ENGINE_BUILD = "flaxchat-0.1.0/engine-1"
+
+
+def fingerprint(manifest: dict, cfg_dict: dict) -> str:
+    """Identifies weights (source hash), config/tokenizer source and engine build, so seeded replies replay."""
+    blob = json.dumps({"manifest": manifest, "config": cfg_dict, "engine": ENGINE_BUILD}, sort_keys=True)
+    return "fp_" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def hypercorn_config(host: str, port: int) -> Config:
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.graceful_timeout = 10.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def run_app(app: Quart, host: str, port: int, shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
+    await serve(app, hypercorn_config(host, port), shutdown_trigger=shutdown_trigger)
+
+
+def serve_until_signalled(app: Quart, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM; hypercorn then stops accepting and lets in-flight requests finish."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_app(app, host, port, stop.wait)
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """The real server on a loopback port in a thread (tests, notebooks)."""
+
+    def __init__(self, app: Quart, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        if port == 0:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+        self.app, self.host, self.port = app, host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            @self.app.before_serving
+            async def _ready() -> None:
+                self._started.set()
+
+            await run_app(self.app, self.host, self.port, self._stop.wait)
+
+        asyncio.run(main())
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
