@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: install install-dev chat pull test bench clean
+.PHONY: install install-dev serve chat pull test bench clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +28,11 @@ install-dev: $(VENV)/.installed-dev
 pull: install
 	$(BIN)/flaxchat pull
 
-# Until the HTTP server lands (issue 4) this answers one prompt with the default model.
+# The OpenAI-compatible server with the default model (pulled on first use).
+serve: install
+	$(BIN)/flaxchat serve --host $(HOST) --port $(PORT)
+
+# One answer from the default model on the command line.
 chat: pull
 	$(BIN)/flaxchat generate --prompt "$(PROMPT)"
 

@@ -90,6 +90,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_keys(args: argparse.Namespace) -> frozenset[str]:
+    keys = set(args.api_key or [])
+    keys |= {k.strip() for k in os.environ.get("FLAXCHAT_API_KEYS", "").split(",") if k.strip()}
+    if args.api_keys_file:
+        with open(args.api_keys_file) as f:
+            keys |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    return frozenset(keys)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
+    from sampling.engine import Engine, EngineConfig
+    from serve.app import ServerSettings, create_app
+    from serve.chat import ServedModel
+    from serve.server import fingerprint, serve_until_signalled
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("flaxchat")
+    _setup_jax()
+    name = canonical_name(args.model)
+    if not is_stored(name) and name == DEFAULT_MODEL:
+        pull(name)
+    model = load_model(name, dtype=args.dtype)
+    if not model.chat_template:
+        raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
+    engine = Engine(model.cfg, model.params, model.tokenizer,
+                    EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size))
+    log.info("warming up %s (%d slots, %d-token context)...", name, args.slots, engine.max_len)
+    engine.start()
+    log.info("warm-up took %.1fs (%d compiled steps)", engine.warmup_seconds, engine.compile_count)
+    aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
+    served = ServedModel(name, engine, model.tokenizer, model.chat_template,
+                         fingerprint(model.manifest, model.cfg.to_dict()), aliases=aliases)
+    keys = _api_keys(args)
+    app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes))
+    log.info("serving %s at http://%s:%d/v1 (API keys: %s)", name, args.host, args.port,
+             f"{len(keys)} configured" if keys else "none, open access")
+    try:
+        serve_until_signalled(app, args.host, args.port)
+    finally:
+        engine.stop()
+        log.info("stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flaxchat", description="JAX/Flax LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list stored models")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API (pulls the default model if needed)")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="concurrent sequences per decode step")
+    p.add_argument("--max-len", type=int, default=2048, help="context (KV cache) length per slot")
+    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (then 503)")
+    p.add_argument("--api-key", action="append", help="require this bearer key (repeatable); also FLAXCHAT_API_KEYS")
+    p.add_argument("--api-keys-file", default=None, help="file with one API key per line")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied)")
     p.add_argument("--model", default="smollm2-135m-instruct")
