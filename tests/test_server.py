@@ -13,6 +13,7 @@ from tests.server_fixtures import TINY_ID, start_tiny_server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     server, engine = start_tiny_server(tmp_path_factory.mktemp("server"))
+    server.engine = engine
     yield server
     server.stop()
     engine.stop()
@@ -173,3 +174,88 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
         engine.fault_hook = None
         server.stop()
         engine.stop()
+
+
+def _sse(server, body):
+    """Raw SSE: the parsed chunks and whether the stream ended with [DONE]."""
+    chunks, done = [], False
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+            else:
+                chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+def test_shapes_validate_against_openai_schemas(server):
+    import jsonschema
+
+    from tests.openai_schemas import CHAT_COMPLETION, CHAT_COMPLETION_CHUNK, ERROR
+
+    body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 6, "n": 2, "logprobs": True, "top_logprobs": 3,
+            "seed": 9, "stop": "zz"}
+    reply = _post(server, body).json()
+    jsonschema.validate(reply, CHAT_COMPLETION)
+    chunks, done = _sse(server, {**body, "stream_options": {"include_usage": True}})
+    assert done
+    for chunk in chunks:
+        jsonschema.validate(chunk, CHAT_COMPLETION_CHUNK)
+    for i in range(2):  # per choice: the concatenated stream equals the whole reply, logprobs too
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                       if c["choices"] and c["choices"][0]["index"] == i)
+        assert text == reply["choices"][i]["message"]["content"]
+        tokens = [e["token"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i
+                  and c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]]
+        assert tokens == [e["token"] for e in reply["choices"][i]["logprobs"]["content"]]
+    assert chunks[-1]["usage"] == reply["usage"] and chunks[-1]["choices"] == []
+    jsonschema.validate(_post(server, {"model": TINY_ID}).json(), ERROR)
+
+
+def test_client_disconnect_cancels_its_request(server):
+    import time
+
+    engine_busy = lambda: httpx.get(server.url + "/health").json()["busy_slots"]  # noqa: E731
+    server.engine.fault_hook = lambda step: time.sleep(0.05) if step == "decode" else None  # 100 tokens: >= 5 s
+    body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 100, "stream": True,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(lines)
+        next(lines)
+    disconnected = time.time()
+    while engine_busy() and time.time() < disconnected + 10:
+        time.sleep(0.02)
+    server.engine.fault_hook = None
+    assert engine_busy() == 0
+    assert time.time() - disconnected < 2.5  # freed long before the 100 tokens could have been generated
+
+
+def test_32_concurrent_clients_and_the_seeded_one_matches_its_solo_run(server, client):
+    import concurrent.futures
+
+    seeded = dict(model=TINY_ID, messages=[{"role": "user", "content": "the hero"}], max_tokens=12, seed=2024,
+                  temperature=0.8, logprobs=True)
+    solo = client.chat.completions.create(**seeded)
+
+    def call(i):
+        if i == 16:
+            return client.chat.completions.create(**seeded)
+        kwargs = dict(model=TINY_ID, messages=[{"role": "user", "content": "the " * (i % 7 + 1)}],
+                      max_tokens=4 + i % 9, seed=i, temperature=1.0 if i % 2 else 0.0)
+        if i % 3 == 0:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**kwargs, stream=True) if c.choices)
+        return client.chat.completions.create(**kwargs)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(32)))
+    assert len(results) == 32 and all(r is not None for r in results)
+    together = results[16]
+    assert together.choices[0].message.content == solo.choices[0].message.content
+    assert [(e.token, e.logprob) for e in together.choices[0].logprobs.content] == \
+        [(e.token, e.logprob) for e in solo.choices[0].logprobs.content]
