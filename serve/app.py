@@ -101,6 +101,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         if not model.answers_to(body.model):
             raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
         completion = Completion(model, body)
+        log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", completion.id, body.model,
+                 body.user, completion.prompt_tokens, completion.params.n, bool(body.stream), completion.handle.seed)
         if not body.stream:
             try:
                 return await completion.response()

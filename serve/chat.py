@@ -52,6 +52,10 @@ def prompt_ids(model: ServedModel, request: ChatCompletionRequest) -> list[int]:
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name:
             item["name"] = message.name
+        if message.tool_calls:  # passed to templates that render them, as transformers does
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
         messages.append(item)
     special = model.tokenizer.special
     try:

@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("warm-up took %.1fs (%d compiled steps)", engine.warmup_seconds, engine.compile_count)
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
-                         fingerprint(model.manifest, model.cfg.to_dict()), aliases=aliases)
+                         fingerprint(model.path, model.manifest), aliases=aliases)
     keys = _api_keys(args)
     app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes))
     log.info("serving %s at http://%s:%d/v1 (API keys: %s)", name, args.host, args.port,

@@ -9,6 +9,7 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -18,10 +19,15 @@ log = logging.getLogger("flaxchat.server")
 ENGINE_BUILD = "flaxchat-0.1.0/engine-1"
 
 
-def fingerprint(manifest: dict, cfg_dict: dict) -> str:
-    """Identifies weights (source hash), config/tokenizer source and engine build, so seeded replies replay."""
-    blob = json.dumps({"manifest": manifest, "config": cfg_dict, "engine": ENGINE_BUILD}, sort_keys=True)
-    return "fp_" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+def fingerprint(model_dir: Path, manifest: dict) -> str:
+    """Identifies the weights' source (hash of the imported file, or its path), the config, the tokenizer
+    files and chat template, and the engine build, so a seeded reply can be replayed on the same setup."""
+    digest = hashlib.sha256(json.dumps({"manifest": manifest, "engine": ENGINE_BUILD}, sort_keys=True).encode())
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        path = model_dir / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    return "fp_" + digest.hexdigest()[:12]
 
 
 def hypercorn_config(host: str, port: int) -> Config:

@@ -259,3 +259,42 @@ def test_32_concurrent_clients_and_the_seeded_one_matches_its_solo_run(server, c
     assert together.choices[0].message.content == solo.choices[0].message.content
     assert [(e.token, e.logprob) for e in together.choices[0].logprobs.content] == \
         [(e.token, e.logprob) for e in solo.choices[0].logprobs.content]
+
+
+def test_generation_failure_is_500_then_healthy(server, client):
+    def broken(step):
+        if step == "prefill":
+            raise RuntimeError("injected device failure")
+
+    server.engine.fault_hook = broken
+    try:
+        error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO, "max_tokens": 3}), 500,
+                              "internal_error")
+    finally:
+        server.engine.fault_hook = None
+    assert error["type"] == "server_error" and "Traceback" not in error["message"]
+    assert client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
+
+
+def test_unexpected_exception_is_500_with_request_id_and_no_traceback(server, client, monkeypatch):
+    import serve.chat
+
+    def explode(*args, **kwargs):
+        raise KeyError("secret internal detail")
+
+    monkeypatch.setattr(serve.chat, "prompt_ids", explode)
+    error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO}), 500, "internal_error")
+    assert "request id req_" in error["message"] and "secret" not in error["message"]
+    monkeypatch.undo()
+    assert client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
+
+
+def test_assistant_tool_calls_and_tool_messages_are_accepted(client):
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+        {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "tomorrow?"}]},
+    ]
+    assert client.chat.completions.create(model=TINY_ID, messages=messages, max_tokens=2).choices
