@@ -298,3 +298,33 @@ def test_assistant_tool_calls_and_tool_messages_are_accepted(client):
         {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "tomorrow?"}]},
     ]
     assert client.chat.completions.create(model=TINY_ID, messages=messages, max_tokens=2).choices
+
+
+def test_every_sampling_parameter_is_honoured(client, server):
+    no_eos = {"0": -100, "1": -100, "2": -100}
+    base = dict(model=TINY_ID, messages=HELLO, logit_bias=no_eos)
+
+    def text(**kwargs):
+        reply = client.chat.completions.create(**{**base, **kwargs})
+        return reply.choices[0].message.content, reply
+
+    greedy, _ = text(max_tokens=16, temperature=0)
+    # top_k=1, min_p=1 and top_p=0 each leave only the most likely token, whatever the temperature
+    assert text(max_tokens=16, temperature=1.5, seed=1, extra_body={"top_k": 1})[0] == greedy
+    assert text(max_tokens=16, temperature=1.5, seed=1, extra_body={"min_p": 1.0})[0] == greedy
+    assert text(max_tokens=16, temperature=1.5, seed=1, top_p=0.0)[0] == greedy
+    # penalties change the greedy path of a model that repeats itself
+    assert text(max_tokens=16, temperature=0, frequency_penalty=2.0)[0] != greedy
+    assert text(max_tokens=16, temperature=0, presence_penalty=2.0)[0] != greedy
+    assert text(max_tokens=16, temperature=0, extra_body={"repetition_penalty": 5.0})[0] != greedy
+    # logit_bias can force a token; max_completion_tokens caps the reply
+    forced, reply = text(max_completion_tokens=3, temperature=1.0, seed=2, logit_bias={**no_eos, "77": 100})
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    assert forced == server.engine.tokenizer.decode([77, 77, 77])
+    # stop strings cut the text and end with finish_reason stop
+    stop = greedy[2:4]
+    cut, reply = text(max_tokens=16, temperature=0, stop=[stop, "never-appears"])
+    assert cut == greedy[: greedy.find(stop)] and reply.choices[0].finish_reason == "stop"
+    # different seeds differ; user is accepted
+    assert text(max_tokens=16, temperature=1.0, seed=1)[0] != text(max_tokens=16, temperature=1.0, seed=2)[0]
+    assert text(max_tokens=2, user="alice")[0] is not None
