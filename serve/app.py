@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from serve.chat import Completion, ServedModel
 from serve.errors import APIError, from_validation_error
+from serve.limits import RateLimiter, TokenBudgets
 from serve.protocol import ChatCompletionRequest
 
 log = logging.getLogger("flaxchat.server")
@@ -22,6 +24,8 @@ log = logging.getLogger("flaxchat.server")
 class ServerSettings:
     api_keys: frozenset[str] = field(default_factory=frozenset)  # empty: no auth
     max_body_bytes: int = 4 * 1024 * 1024
+    rate_limit_per_minute: int | None = None  # per API key (per client address without keys)
+    token_budgets: Mapping[str, int] = field(default_factory=dict)  # API key -> total tokens allowed
 
 
 def _error_response(error: APIError) -> Response:
@@ -34,6 +38,8 @@ def _error_response(error: APIError) -> Response:
 def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) -> Quart:
     app = Quart("flaxchat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    budgets = TokenBudgets(settings.token_budgets)
 
     @app.errorhandler(APIError)
     async def _api_error(error: APIError):
@@ -52,16 +58,19 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         return _error_response(APIError(500, f"Internal server error (request id {request_id})",
                                         type="server_error", code="internal_error"))
 
-    def check_auth() -> None:
+    def check_auth() -> str:
+        """The caller's identity for limits: its API key, or its address when no keys are configured."""
         if not settings.api_keys:
-            return
+            return "addr:" + (request.remote_addr or "?")
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
                            code="invalid_api_key")
-        if not any(secrets.compare_digest(key.strip(), k) for k in settings.api_keys):
-            raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+        for known in settings.api_keys:
+            if secrets.compare_digest(key.strip(), known):
+                return known
+        raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": model.created, "owned_by": "flaxchat"}
@@ -84,7 +93,9 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         return model_card(name)
 
     async def chat_completions():
-        check_auth()
+        caller = check_auth()
+        budgets.check(caller)
+        rate_limiter.check(caller)
         if request.mimetype != "application/json":
             raise APIError(400, "Content-Type must be application/json", code="invalid_content_type")
         raw = await request.get_data(as_text=False)
@@ -108,6 +119,7 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
                 return await completion.response()
             finally:
                 completion.cancel()  # a no-op once finished; frees the slots if the client went away
+                budgets.charge(caller, completion.prompt_tokens + completion.completion_tokens)
 
         async def events():
             try:
@@ -118,6 +130,7 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
                 yield f"data: {json.dumps(error.body())}\n\n".encode()
             finally:
                 completion.cancel()
+                budgets.charge(caller, completion.prompt_tokens + completion.completion_tokens)
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"

@@ -90,13 +90,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api_keys(args: argparse.Namespace) -> frozenset[str]:
+def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]:
+    """Keys from --api-key, FLAXCHAT_API_KEYS (comma-separated) and --api-keys-file (lines "KEY [TOKEN_BUDGET]")."""
     keys = set(args.api_key or [])
     keys |= {k.strip() for k in os.environ.get("FLAXCHAT_API_KEYS", "").split(",") if k.strip()}
+    budgets: dict[str, int] = {}
     if args.api_keys_file:
         with open(args.api_keys_file) as f:
-            keys |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
-    return frozenset(keys)
+            for line in f:
+                fields = line.split()
+                if not fields or fields[0].startswith("#"):
+                    continue
+                keys.add(fields[0])
+                if len(fields) > 1:
+                    budgets[fields[0]] = int(fields[1])
+    return frozenset(keys), budgets
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -127,8 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
                          fingerprint(model.path, model.manifest), aliases=aliases)
-    keys = _api_keys(args)
-    app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes))
+    keys, budgets = _api_keys(args)
+    app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes,
+                                            rate_limit_per_minute=args.rate_limit, token_budgets=budgets))
     log.info("serving %s at http://%s:%d/v1 (API keys: %s)", name, args.host, args.port,
              f"{len(keys)} configured" if keys else "none, open access")
     try:
@@ -163,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=2048, help="context (KV cache) length per slot")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (then 503)")
     p.add_argument("--api-key", action="append", help="require this bearer key (repeatable); also FLAXCHAT_API_KEYS")
-    p.add_argument("--api-keys-file", default=None, help="file with one API key per line")
+    p.add_argument("--api-keys-file", default=None, help='file with lines "KEY [TOKEN_BUDGET]"')
+    p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.set_defaults(func=cmd_serve)

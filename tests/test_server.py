@@ -328,3 +328,29 @@ def test_every_sampling_parameter_is_honoured(client, server):
     # different seeds differ; user is accepted
     assert text(max_tokens=16, temperature=1.0, seed=1)[0] != text(max_tokens=16, temperature=1.0, seed=2)[0]
     assert text(max_tokens=2, user="alice")[0] is not None
+
+
+def test_rate_limit_429_and_token_budget_402(tmp_path):
+    settings = ServerSettings(api_keys=frozenset({"sk-a", "sk-b", "sk-small"}), rate_limit_per_minute=2,
+                              token_budgets={"sk-small": 30})
+    server, engine = start_tiny_server(tmp_path, settings)
+    try:
+        def as_key(key):
+            return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+        a = as_key("sk-a")
+        for _ in range(2):
+            assert a.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
+        response = _post(server, {"model": TINY_ID, "messages": HELLO}, headers={"Authorization": "Bearer sk-a"})
+        _assert_error(response, 429, "rate_limit_exceeded")
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+        assert as_key("sk-b").chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
+        small = as_key("sk-small")
+        small.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=12)  # ~20 prompt + 12 > 30
+        with pytest.raises(openai.APIStatusError) as info:
+            small.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2)
+        assert info.value.status_code == 402 and info.value.body["code"] == "insufficient_quota"
+        assert as_key("sk-b").chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
+    finally:
+        server.stop()
+        engine.stop()
