@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 from serve.chat import Completion, ServedModel
 from serve.errors import APIError, from_validation_error
 from serve.limits import RateLimiter, TokenBudgets
+from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest
 
 log = logging.getLogger("flaxchat.server")
@@ -40,6 +41,17 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     budgets = TokenBudgets(settings.token_budgets)
+    metrics = Metrics(model.engine)
+
+    @app.after_request
+    async def _count(response):
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(rule, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.errorhandler(APIError)
     async def _api_error(error: APIError):
@@ -116,7 +128,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
                  body.user, completion.prompt_tokens, completion.params.n, bool(body.stream), completion.handle.seed)
         if not body.stream:
             try:
-                return await completion.response()
+                with metrics.latency.time():
+                    return await completion.response()
             finally:
                 completion.cancel()  # a no-op once finished; frees the slots if the client went away
                 budgets.charge(caller, completion.prompt_tokens + completion.completion_tokens)

@@ -354,3 +354,15 @@ def test_rate_limit_429_and_token_budget_402(tmp_path):
     finally:
         server.stop()
         engine.stop()
+
+
+def test_metrics(server, client):
+    client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=3)
+    _post(server, {"model": "nope", "messages": HELLO})
+    text = httpx.get(server.url + "/metrics").text
+    assert 'flaxchat_http_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'flaxchat_http_requests_total{route="/v1/chat/completions",status="404"}' in text
+    assert "flaxchat_request_seconds_count" in text and "flaxchat_busy_slots" in text
+    generated = float(next(line for line in text.splitlines() if line.startswith("flaxchat_generated_tokens_total"))
+                      .split()[-1])
+    assert generated >= 3

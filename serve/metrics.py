@@ -1,0 +1,39 @@
+"""Prometheus metrics for one app: HTTP outcomes, latency, and the engine's live state read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sampling.engine import Engine
+
+
+class EngineCollector:
+    """Reads the engine's counters and gauges when Prometheus scrapes (nothing to keep in sync)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats
+        yield CounterMetricFamily("flaxchat_generated_tokens", "Tokens generated", value=stats["tokens"])
+        yield CounterMetricFamily("flaxchat_engine_requests", "Requests admitted to slots", value=stats["requests"])
+        yield CounterMetricFamily("flaxchat_decode_calls", "Jitted decode calls", value=stats["decode_calls"])
+        yield GaugeMetricFamily("flaxchat_busy_slots", "Slots holding a sequence", value=self.engine.busy_slots)
+        yield GaugeMetricFamily("flaxchat_slots", "Slots in the engine", value=self.engine.config.slots)
+        yield GaugeMetricFamily("flaxchat_queue_depth", "Requests waiting for a slot", value=self.engine.queue_depth)
+        yield GaugeMetricFamily("flaxchat_compiles", "Jitted steps compiled (constant after warm-up)",
+                                value=self.engine.compile_count)
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("flaxchat_http_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("flaxchat_request_seconds", "Time to the full non-streamed reply",
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
+        self.registry.register(EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
