@@ -378,4 +378,4 @@ def collect_text(events: list[TokenEvent]) -> str:
 
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "QueueFullError", "PromptTooLongError", "EngineError",
-           "collect_text"]
+           "EngineStoppedError", "collect_text"]

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from model.tokenizer import Tokenizer
-from sampling.engine import Engine, PromptTooLongError, QueueFullError
+from sampling.engine import Engine, EngineStoppedError, PromptTooLongError, QueueFullError
 from sampling.params import SamplingParams, TokenEvent
 from serve.chat_template import ChatTemplateError, render_chat
 from serve.errors import APIError
@@ -122,6 +122,9 @@ class Completion:
         except QueueFullError as exc:
             raise APIError(503, f"The server is overloaded: {exc}. Retry shortly.", type="server_error",
                            code="server_overloaded", retry_after=1) from None
+        except EngineStoppedError:
+            raise APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down",
+                           retry_after=1) from None
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:

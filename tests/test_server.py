@@ -366,3 +366,14 @@ def test_metrics(server, client):
     generated = float(next(line for line in text.splitlines() if line.startswith("flaxchat_generated_tokens_total"))
                       .split()[-1])
     assert generated >= 3
+
+
+def test_requests_after_the_engine_stopped_get_503(tmp_path):
+    server, engine = start_tiny_server(tmp_path)
+    try:
+        engine.stop()
+        response = _post(server, {"model": TINY_ID, "messages": HELLO, "max_tokens": 2})
+        _assert_error(response, 503, "server_shutting_down")
+        assert response.headers["Retry-After"] == "1"
+    finally:
+        server.stop()
