@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
+from sampling.constraints import TokenConstraint, ll_tokenizer
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
 from sampling.sampler import choice_key
-from sampling.steps import DecodeState, EngineSteps, make_row_request
+from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
 
 log = logging.getLogger("flaxchat.engine")
 
@@ -134,6 +136,7 @@ class _Choice:
     stops: StopStringFilter
     want_logprobs: bool
     top_logprobs: int
+    constraint: TokenConstraint | None = None
     generated: int = 0
     finished: bool = field(default=False)
 
@@ -219,6 +222,10 @@ class Engine:
             )
         if params.n > self.config.slots:
             raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
+        if params.grammar is not None:
+            if self.config.steps_per_call != 1:
+                raise ValueError("constrained decoding needs an engine with steps_per_call=1")
+            self._new_constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed, len(prompt))
         with self._lock:
@@ -227,6 +234,10 @@ class Engine:
             self._waiting.append(_Pending(handle, list(prompt), params, seed))
             self._lock.notify_all()
         return handle
+
+    def _new_constraint(self, grammar: str) -> TokenConstraint:
+        return TokenConstraint(ll_tokenizer(self.tokenizer, self.cfg.vocab_size), grammar,
+                               bitmask_words(self.cfg.vocab_size))
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -279,12 +290,14 @@ class Engine:
             firsts = []
             for i, slot in enumerate(slots):
                 index = params.choice_offset + i
-                out, self._state = self.steps.insert(self._state, slot, slots[0], logits, row,
+                constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
+                choice_row = row if constraint is None else row.replace(allowed=jnp.asarray(constraint.allowed()))
+                out, self._state = self.steps.insert(self._state, slot, slots[0], logits, choice_row,
                                                      choice_key(pending.seed, index), len(pending.prompt))
                 firsts.append((slot, out))
                 self._slots[slot] = _Choice(
                     pending.handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
-                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs,
+                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs, constraint,
                 )
             host = jax.device_get([out for _, out in firsts])
         except Exception as exc:  # noqa: BLE001
@@ -302,6 +315,10 @@ class Engine:
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
+            masks = {slot: c.constraint.allowed() for slot, c in enumerate(self._slots)
+                     if c is not None and c.constraint is not None}
+            if masks:
+                self._state = self.steps.set_allowed(self._state, masks)
             outs, self._state = self.steps.decode(self._state)
             host = jax.device_get(outs)
         except Exception as exc:  # noqa: BLE001
@@ -335,11 +352,18 @@ class Engine:
         choice.generated += 1
         self.stats["tokens"] += 1
         finish, text = None, ""
+        if choice.constraint is not None:
+            try:
+                choice.constraint.advance(token)
+            except ValueError as exc:  # cannot happen with a correct mask; never return ungrammatical text
+                self._emit(choice, token, "", None, (), "error", str(exc))
+                self._free(slot)
+                return
         if token in choice.stop_ids:
             finish = "stop"
         else:
             text = choice.stops.push(choice.detok.push(token))
-            if choice.stops.stopped:
+            if choice.stops.stopped or (choice.constraint is not None and choice.constraint.done):
                 finish = "stop"
             elif choice.generated >= choice.budget:
                 finish = "length"

@@ -34,6 +34,7 @@ class SamplingParams:
     choice_offset: int = 0  # choices are choice_offset .. choice_offset + n - 1 (replay one choice alone)
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None  # llguidance grammar (e.g. from constraints.json_schema_grammar); None = free text
 
     def validate(self, vocab_size: int) -> None:
         """Raise ``ValueError`` naming the first bad setting."""

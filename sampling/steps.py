@@ -74,6 +74,7 @@ class EngineSteps:
         self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
         self._release = jax.jit(self._release_impl, donate_argnums=(0,))
+        self._set_allowed = jax.jit(self._set_allowed_impl, donate_argnums=(0,))
 
     # ---- state -----------------------------------------------------------------------------------
     def init_state(self) -> DecodeState:
@@ -163,6 +164,12 @@ class EngineSteps:
         return state.replace(active=state.active.at[slot].set(False), positions=state.positions.at[slot].set(0),
                              steps=state.steps.at[slot].set(0))
 
+    def _set_allowed_impl(self, state: DecodeState, allowed, update):
+        """Replace the allowed-token bitmask of the rows flagged in ``update`` (constrained rows, each step)."""
+        self.compiles += 1
+        rows = state.rows
+        return state.replace(rows=rows.replace(allowed=jnp.where(update[:, None], allowed, rows.allowed)))
+
     # ---- host-facing wrappers --------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
@@ -189,6 +196,14 @@ class EngineSteps:
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._release(state, jnp.int32(slot))
 
+    def set_allowed(self, state: DecodeState, masks: dict[int, np.ndarray]) -> DecodeState:
+        """Upload next-token bitmasks for some slots (one host->device copy for all of them)."""
+        allowed = np.full((self.slots, bitmask_words(self.cfg.vocab_size)), 0xFFFFFFFF, np.uint32)
+        update = np.zeros(self.slots, bool)
+        for slot, mask in masks.items():
+            allowed[slot], update[slot] = mask, True
+        return self._set_allowed(state, jnp.asarray(allowed), jnp.asarray(update))
+
     def warmup(self) -> DecodeState:
         """Compile every bucket, insert, decode and release now, so serving never compiles."""
         state = self.init_state()
@@ -199,6 +214,7 @@ class EngineSteps:
                                           jnp.int32(0), jnp.int32(bucket))
         _, state = self.insert(state, 0, 0, logits, row, jax.random.key(0), 1)
         outs, state = self.decode(state)
+        state = self.set_allowed(state, {})
         state = self.release(state, 0)
         jax.block_until_ready(outs)
         return state
