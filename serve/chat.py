@@ -14,6 +14,7 @@ from sampling.engine import Engine, EngineStoppedError, PromptTooLongError, Queu
 from sampling.params import SamplingParams, TokenEvent
 from serve.chat_template import ChatTemplateError, render_chat
 from serve.errors import APIError
+from sampling.constraints import ConstraintError, json_schema_grammar
 from serve.protocol import ChatCompletionRequest
 
 
@@ -37,9 +38,6 @@ def _unsupported(request: ChatCompletionRequest) -> None:
     for name in ("tools", "tool_choice", "reasoning_effort", "parallel_tool_calls"):
         if getattr(request, name) is not None:
             raise APIError(400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter")
-    if request.response_format is not None and request.response_format != {"type": "text"}:
-        raise APIError(400, "only response_format {'type': 'text'} is supported by this server yet",
-                       param="response_format", code="unsupported_parameter")
     if request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if request.stream_options is not None and not request.stream:
@@ -88,6 +86,7 @@ def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_l
                            param="logit_bias", code="invalid_parameter")
         bias[token_id] = value
     top_p = 1.0 if request.top_p is None else max(request.top_p, 1e-6)  # top_p 0 keeps only the top token
+    grammar = response_grammar(request)
     return SamplingParams(
         max_tokens=max_tokens or room,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -103,7 +102,22 @@ def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_l
         n=request.n or 1,
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
+        grammar=grammar,
     )
+
+
+def response_grammar(request: ChatCompletionRequest) -> str | None:
+    """The llguidance grammar ``response_format`` asks for: any JSON object, or JSON matching a schema."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_schema_grammar({"type": "object"})
+    schema = fmt.json_schema.schema_
+    if not isinstance(schema, dict) or not schema:
+        raise APIError(400, "response_format.json_schema.schema must be a non-empty JSON schema object",
+                       param="response_format.json_schema.schema", code="invalid_json_schema")
+    return json_schema_grammar(schema)
 
 
 class Completion:
@@ -125,6 +139,9 @@ class Completion:
         except EngineStoppedError:
             raise APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down",
                            retry_after=1) from None
+        except ConstraintError as exc:
+            raise APIError(400, f"response_format: {exc}", param="response_format",
+                           code="invalid_json_schema") from None
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:

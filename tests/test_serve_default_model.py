@@ -58,7 +58,31 @@ def test_answers_and_streams_the_same_text(served):
     assert streamed == whole and len(whole) > 20
 
 
-def test_sigterm_lets_in_flight_requests_finish(served):
+def test_json_modes_with_the_default_model(served):
+    import json
+
+    import jsonschema
+
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                               "country": {"type": "string", "maxLength": 40},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "country"], "additionalProperties": False}
+    question = [{"role": "user", "content": "Return the city and country of Brussels as JSON."}]
+    for seed in range(5):
+        reply = client.chat.completions.create(
+            model="smollm2", messages=question, seed=seed, max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+        reply = client.chat.completions.create(model="smollm2", messages=question, seed=seed, max_tokens=200,
+                                               response_format={"type": "json_object"})
+        if reply.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_sigterm_lets_in_flight_requests_finish(served):  # keep last: it stops the server
     url, process = served
     result = {}
 

@@ -98,8 +98,13 @@ def _assert_error(response, status, code=None):
     ({"model": TINY_ID, "messages": [{"role": "tool", "content": "x"}]}, 422, "invalid_parameter", "messages.0"),
     ({"model": TINY_ID, "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "unsupported_parameter", "tools"),
-    ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
+    ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400,
+     "invalid_json_schema", "response_format"),
+    ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "json_schema"}}, 422, "invalid_parameter",
      "response_format"),
+    ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "yaml"}}, 422, "invalid_parameter",
+     "response_format.type"),
     ({"model": TINY_ID, "messages": HELLO, "reasoning_effort": "low"}, 400, "unsupported_parameter", "reasoning_effort"),
     ({"model": TINY_ID, "messages": HELLO, "logit_bias": {"99999": 5}}, 422, "invalid_parameter", "logit_bias"),
     ({"model": "nope", "messages": HELLO}, 404, "model_not_found", "model"),
@@ -377,3 +382,28 @@ def test_requests_after_the_engine_stopped_get_503(tmp_path):
         assert response.headers["Retry-After"] == "1"
     finally:
         server.stop()
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import jsonschema
+
+    from tests.test_constraints import SCHEMA
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    for seed in range(20):
+        reply = client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=90, seed=seed,
+                                               response_format=fmt)
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    args = dict(model=TINY_ID, messages=HELLO, max_tokens=90, seed=3, response_format=fmt)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**args, stream=True)
+                       if c.choices)
+    assert streamed == client.chat.completions.create(**args).choices[0].message.content
+    for seed in range(10):
+        reply = client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=90, seed=seed,
+                                               response_format={"type": "json_object"})
+        text = reply.choices[0].message.content
+        if reply.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert reply.choices[0].finish_reason == "length" and text.startswith("{")
