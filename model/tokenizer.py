@@ -106,14 +106,14 @@ class HFTokenizer(Tokenizer):
         return '"ByteLevel"' in self.backend.to_str()
 
     @cached_property
-    def _special_ids(self) -> frozenset[int]:
+    def special_ids(self) -> frozenset[int]:
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self.backend.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self._special_ids:
+        if token_id in self.special_ids:
             return piece.encode()
         if self._byte_level:
             return bytes(UNICODE_TO_BYTE.get(ch, 0) for ch in piece)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import llguidance
 import numpy as np
 
 from model.tokenizer import HFTokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from sampling.params import ThinkingPlan
 
 
 class ConstraintError(ValueError):
@@ -72,6 +75,67 @@ class TokenConstraint:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more."""
         return self.matcher.is_stopped()
+
+
+def token_mask(token: int, words: int) -> np.ndarray:
+    """Bitmask allowing exactly one token (forced tokens)."""
+    mask = np.zeros(words, np.uint32)
+    mask[token // 32] = np.uint32(1) << np.uint32(token % 32)
+    return mask
+
+
+class ChoiceGuide:
+    """What one choice may sample next: an optional thinking phase, then an optional grammar.
+
+    Thinking (``ThinkingPlan``): the opening tokens are forced, the model thinks freely until it writes the
+    closing tag or spends ``budget`` tokens, in which case the closing tokens are forced. Only then does the
+    grammar (JSON schema, tool calls) start: reasoning is free text, the answer is constrained.
+    ``mask()`` is None when every token is allowed (no upload needed).
+    """
+
+    def __init__(self, constraint: TokenConstraint | None, thinking: "ThinkingPlan | None",
+                 token_bytes: "Callable[[int], bytes]", words: int):
+        self.constraint, self.thinking, self.token_bytes, self.words = constraint, thinking, token_bytes, words
+        self._forced: list[int] = list(thinking.open_ids) if thinking else []
+        self.phase = "thinking" if thinking is not None else "answer"  # thinking -> closing -> answer
+        self._spent = 0
+        self._tail = b""
+        self.masked = False  # the device holds a restrictive mask for this row (reset it when free again)
+        self._check_budget()
+
+    def mask(self) -> np.ndarray | None:
+        if self._forced:
+            return token_mask(self._forced[0], self.words)
+        if self.phase == "answer" and self.constraint is not None:
+            return self.constraint.allowed()
+        return None
+
+    def advance(self, token: int) -> None:
+        if self._forced:
+            self._forced.pop(0)
+            if not self._forced and self.phase == "closing":
+                self.phase = "answer"
+            return
+        if self.phase == "thinking":
+            self._spent += 1
+            self._tail = (self._tail + self.token_bytes(token))[-64:]
+            if self.thinking.close_text.encode() in self._tail:
+                self.phase = "answer"
+            else:
+                self._check_budget()
+            return
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
+    def _check_budget(self) -> None:
+        if self.phase == "thinking" and self.thinking.budget is not None and self._spent >= self.thinking.budget:
+            self.phase = "closing"
+            self._forced += list(self.thinking.close_ids)
+
+    @property
+    def done(self) -> bool:
+        """The answer's grammar is complete and allows nothing more."""
+        return self.phase == "answer" and self.constraint is not None and self.constraint.done
 
 
 def describe(grammar: str) -> str:

@@ -22,10 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
-from sampling.constraints import TokenConstraint, ll_tokenizer
+from sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
 from sampling.sampler import choice_key
@@ -136,7 +137,7 @@ class _Choice:
     stops: StopStringFilter
     want_logprobs: bool
     top_logprobs: int
-    constraint: TokenConstraint | None = None
+    guide: ChoiceGuide | None = None
     generated: int = 0
     finished: bool = field(default=False)
 
@@ -222,9 +223,10 @@ class Engine:
             )
         if params.n > self.config.slots:
             raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
-        if params.grammar is not None:
+        if params.grammar is not None or params.thinking is not None:
             if self.config.steps_per_call != 1:
-                raise ValueError("constrained decoding needs an engine with steps_per_call=1")
+                raise ValueError("constrained decoding and thinking budgets need an engine with steps_per_call=1")
+        if params.grammar is not None:
             self._new_constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed, len(prompt))
@@ -235,9 +237,19 @@ class Engine:
             self._lock.notify_all()
         return handle
 
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ``ConstraintError`` naming the problem if ``grammar`` cannot be used (before any queueing)."""
+        self._new_constraint(grammar)
+
     def _new_constraint(self, grammar: str) -> TokenConstraint:
         return TokenConstraint(ll_tokenizer(self.tokenizer, self.cfg.vocab_size), grammar,
                                bitmask_words(self.cfg.vocab_size))
+
+    def _new_guide(self, params: SamplingParams) -> ChoiceGuide | None:
+        if params.grammar is None and params.thinking is None:
+            return None
+        constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
+        return ChoiceGuide(constraint, params.thinking, self.tokenizer.token_bytes, bitmask_words(self.cfg.vocab_size))
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -290,14 +302,17 @@ class Engine:
             firsts = []
             for i, slot in enumerate(slots):
                 index = params.choice_offset + i
-                constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
-                choice_row = row if constraint is None else row.replace(allowed=jnp.asarray(constraint.allowed()))
+                guide = self._new_guide(params)
+                mask = guide.mask() if guide is not None else None
+                choice_row = row if mask is None else row.replace(allowed=jnp.asarray(mask))
+                if guide is not None:
+                    guide.masked = mask is not None
                 out, self._state = self.steps.insert(self._state, slot, slots[0], logits, choice_row,
                                                      choice_key(pending.seed, index), len(pending.prompt))
                 firsts.append((slot, out))
                 self._slots[slot] = _Choice(
                     pending.handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
-                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs, constraint,
+                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs, guide,
                 )
             host = jax.device_get([out for _, out in firsts])
         except Exception as exc:  # noqa: BLE001
@@ -315,8 +330,7 @@ class Engine:
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
-            masks = {slot: c.constraint.allowed() for slot, c in enumerate(self._slots)
-                     if c is not None and c.constraint is not None}
+            masks = self._next_masks()
             if masks:
                 self._state = self.steps.set_allowed(self._state, masks)
             outs, self._state = self.steps.decode(self._state)
@@ -336,6 +350,20 @@ class Engine:
                     self._on_token(slot, int(host.tokens[step, slot]), host.logprobs[step, slot],
                                    host.top_ids[step, slot], host.top_logprobs[step, slot])
 
+    def _next_masks(self) -> dict[int, np.ndarray]:
+        """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""
+        masks = {}
+        for slot, choice in enumerate(self._slots):
+            if choice is None or choice.guide is None:
+                continue
+            mask = choice.guide.mask()
+            if mask is not None:
+                masks[slot] = mask
+            elif choice.guide.masked:
+                masks[slot] = np.full(bitmask_words(self.cfg.vocab_size), 0xFFFFFFFF, np.uint32)
+            choice.guide.masked = mask is not None
+        return masks
+
     def _recover_state(self) -> None:
         """After a failed step the donated state may be gone: rebuild it (only if it is)."""
         leaves = jax.tree.leaves(self._state)
@@ -352,9 +380,9 @@ class Engine:
         choice.generated += 1
         self.stats["tokens"] += 1
         finish, text = None, ""
-        if choice.constraint is not None:
+        if choice.guide is not None:
             try:
-                choice.constraint.advance(token)
+                choice.guide.advance(token)
             except ValueError as exc:  # cannot happen with a correct mask; never return ungrammatical text
                 self._emit(choice, token, "", None, (), "error", str(exc))
                 self._free(slot)
@@ -363,7 +391,7 @@ class Engine:
             finish = "stop"
         else:
             text = choice.stops.push(choice.detok.push(token))
-            if choice.stops.stopped or (choice.constraint is not None and choice.constraint.done):
+            if choice.stops.stopped or (choice.guide is not None and choice.guide.done):
                 finish = "stop"
             elif choice.generated >= choice.budget:
                 finish = "length"

@@ -10,6 +10,18 @@ MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
+class ThinkingPlan:
+    """A reply that starts with a think block: ``open_ids`` are forced first (empty when the prompt already
+    opened it), and after ``budget`` thinking tokens (None: no limit) ``close_ids`` are forced; the block ends
+    when ``close_text`` appears. A grammar, if any, applies only after the block."""
+
+    open_ids: tuple[int, ...] = ()
+    close_ids: tuple[int, ...] = ()
+    close_text: str = "</think>"
+    budget: int | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings; neutral defaults switch each processor off.
 
@@ -35,6 +47,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: str | None = None  # llguidance grammar (e.g. from constraints.json_schema_grammar); None = free text
+    thinking: ThinkingPlan | None = None  # a think block first (reasoning models), with an optional budget
 
     def validate(self, vocab_size: int) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -52,6 +65,10 @@ class SamplingParams:
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (self.seed is None or 0 <= self.seed < 2**64, "seed must be an unsigned 64-bit integer"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.thinking is None or self.thinking.budget is None or self.thinking.budget >= 0,
+             "the thinking budget must be >= 0"),
+            (self.thinking is None or self.thinking.budget is None or bool(self.thinking.close_ids),
+             "a thinking budget needs the closing tokens to force"),
         ]
         for ok, message in checks:
             if not ok:
@@ -61,9 +78,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
             if not -100.0 <= float(bias) <= 100.0:
                 raise ValueError(f"logit_bias value for token {token} must be between -100 and 100")
-        for token in self.stop_token_ids:
+        forced = self.thinking.open_ids + self.thinking.close_ids if self.thinking else ()
+        for token in tuple(self.stop_token_ids) + forced:
             if not 0 <= int(token) < vocab_size:
-                raise ValueError(f"stop token id {token} is outside the vocabulary")
+                raise ValueError(f"token id {token} (stop or forced token) is outside the vocabulary")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,12 @@ from sampling.params import SamplingParams, TokenEvent
 from serve.chat_template import ChatTemplateError, render_chat
 from serve.errors import APIError
 from sampling.constraints import ConstraintError, json_schema_grammar
+from sampling.params import ThinkingPlan
 from serve.protocol import ChatCompletionRequest
+from serve.reasoning import EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch
+from serve.tool_parsers import ToolCallStream, scan
+from serve.tools import (ToolChoice, ToolSpec, check_conversation, detect_syntax, parse_tool_choice, parse_tools,
+                         template_messages, tool_grammar, with_generic_tools)
 
 
 @dataclass(frozen=True)
@@ -34,37 +39,72 @@ class ServedModel:
         return name == self.id or name in self.aliases
 
 
-def _unsupported(request: ChatCompletionRequest) -> None:
-    for name in ("tools", "tool_choice", "reasoning_effort", "parallel_tool_calls"):
-        if getattr(request, name) is not None:
-            raise APIError(400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter")
+def _check_request(request: ChatCompletionRequest) -> None:
     if request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if request.reasoning_effort is not None and request.reasoning_effort not in EFFORTS:
+        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {request.reasoning_effort!r}",
+                       param="reasoning_effort", code="invalid_value")
+    if request.parallel_tool_calls is not None and not isinstance(request.parallel_tool_calls, bool):
+        raise APIError(400, "parallel_tool_calls must be a boolean", param="parallel_tool_calls")
 
 
-def prompt_ids(model: ServedModel, request: ChatCompletionRequest) -> list[int]:
+@dataclass(frozen=True)
+class ToolSetup:
+    """The request's tools as this model sees them."""
+
+    specs: tuple[ToolSpec, ...]
+    choice: ToolChoice
+    syntax: str  # see serve.tools
+    parallel: bool
+
+    @property
+    def active(self) -> bool:
+        return self.choice.mode != "none"
+
+
+def tool_setup(model: ServedModel, request: ChatCompletionRequest) -> ToolSetup:
+    specs = parse_tools(request.tools)
+    choice = parse_tool_choice(request.tool_choice, specs)
+    if choice.mode != "none" and request.response_format is not None and request.response_format.type != "text":
+        raise APIError(400, "response_format json_object/json_schema cannot be combined with tools unless "
+                            "tool_choice is 'none'", param="response_format", code="unsupported_parameter")
+    return ToolSetup(specs, choice, detect_syntax(model.chat_template),
+                     True if request.parallel_tool_calls is None else request.parallel_tool_calls)
+
+
+def render_prompt(model: ServedModel, request: ChatCompletionRequest, tools: ToolSetup) -> str:
+    """The prompt text: messages (and tools, when the request may call them) through the chat template."""
     messages = []
     for message in request.messages:
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name:
             item["name"] = message.name
-        if message.tool_calls:  # passed to templates that render them, as transformers does
+        if message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if message.tool_call_id:
             item["tool_call_id"] = message.tool_call_id
         messages.append(item)
+    check_conversation(messages)
+    messages = template_messages(messages, tools.syntax)
+    shown = None
+    if tools.active and tools.syntax == "generic":
+        messages = with_generic_tools(messages, tools.specs)
+    elif tools.active:
+        shown = [spec.as_openai() for spec in tools.specs]
     special = model.tokenizer.special
     try:
-        text = render_chat(model.chat_template, messages,
-                           special_tokens={"bos_token": special.bos_token, "eos_token": special.eos_token})
+        return render_chat(model.chat_template, messages, tools=shown,
+                           special_tokens={"bos_token": special.bos_token, "eos_token": special.eos_token},
+                           **template_switch(model.chat_template, request.reasoning_effort))
     except ChatTemplateError as exc:
         raise APIError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
-    return model.tokenizer.encode(text)
 
 
-def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_len: int, grammar: str | None,
+                    thinking: ThinkingPlan | None) -> SamplingParams:
     context = model.engine.max_len
     room = context - prompt_len
     if room < 1:
@@ -86,7 +126,6 @@ def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_l
                            param="logit_bias", code="invalid_parameter")
         bias[token_id] = value
     top_p = 1.0 if request.top_p is None else max(request.top_p, 1e-6)  # top_p 0 keeps only the top token
-    grammar = response_grammar(request)
     return SamplingParams(
         max_tokens=max_tokens or room,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -103,7 +142,12 @@ def sampling_params(model: ServedModel, request: ChatCompletionRequest, prompt_l
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
         grammar=grammar,
+        thinking=thinking,
     )
+
+
+def reply_budget(model: ServedModel, request: ChatCompletionRequest, prompt_len: int) -> int:
+    return request.max_completion_tokens or request.max_tokens or max(model.engine.max_len - prompt_len, 1)
 
 
 def response_grammar(request: ChatCompletionRequest) -> str | None:
@@ -124,12 +168,28 @@ class Completion:
     """A submitted request and the OpenAI objects built from its events."""
 
     def __init__(self, model: ServedModel, request: ChatCompletionRequest):
-        _unsupported(request)
+        _check_request(request)
         self.model, self.request = model, request
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        ids = prompt_ids(model, request)
-        self.params = sampling_params(model, request, len(ids))
+        self.tools = tool_setup(model, request)
+        prompt_text = render_prompt(model, request, self.tools)
+        ids = model.tokenizer.encode(prompt_text)
+        grammar = response_grammar(request)
+        if self.tools.active:
+            grammar = tool_grammar(self.tools.syntax, self.tools.specs, self.tools.choice, self.tools.parallel,
+                                   model.tokenizer)
+        if grammar is not None:
+            try:
+                model.engine.check_grammar(grammar)
+            except ConstraintError as exc:
+                param = "tools" if self.tools.active else "response_format"
+                raise APIError(400, f"{param}: {exc}", param=param, code="invalid_json_schema") from None
+        self.reasoning: ReasoningSetup | None = reasoning_setup(
+            model.chat_template, prompt_text, model.tokenizer, request.reasoning_effort,
+            reply_budget(model, request, len(ids)), constrained=grammar is not None)
+        self.params = sampling_params(model, request, len(ids), grammar,
+                                      self.reasoning.plan if self.reasoning else None)
         self.stop_ids = model.tokenizer.stop_ids | frozenset(self.params.stop_token_ids)
         try:
             self.handle = model.engine.submit(ids, self.params)
@@ -140,8 +200,8 @@ class Completion:
             raise APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down",
                            retry_after=1) from None
         except ConstraintError as exc:
-            raise APIError(400, f"response_format: {exc}", param="response_format",
-                           code="invalid_json_schema") from None
+            param = "tools" if self.tools.active else "response_format"
+            raise APIError(400, f"{param}: {exc}", param=param, code="invalid_json_schema") from None
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:
@@ -183,29 +243,57 @@ class Completion:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model,
                 "system_fingerprint": self.model.fingerprint}
 
+    # ---- reply text -> message parts -----------------------------------------------------------------
+    def _splitter(self) -> "ChoiceText":
+        return ChoiceText(ReasoningSplitter(self.reasoning.open_at_start) if self.reasoning else None,
+                          ToolCallStream(self.tools.syntax, _call_id) if self.tools.active else None)
+
+    def _finish_reason(self, finish: str | None, parts: "ChoiceText") -> str | None:
+        return "tool_calls" if finish == "stop" and parts.has_calls else finish
+
     # ---- whole reply ------------------------------------------------------------------------------
     async def response(self) -> dict:
         n = self.params.n
-        texts = [""] * n
+        parts = [self._splitter() for _ in range(n)]
+        deltas: list[list[dict]] = [[] for _ in range(n)]
         logprobs: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         async for event in self.handle:
             self.check_error(event)
             i = event.choice - self.params.choice_offset
-            texts[i] += event.text
+            deltas[i] += parts[i].push(event.text)
             if event.token_id is not None:
                 self.completion_tokens += 1
             if self.params.logprobs:
                 logprobs[i] += self.logprob_entries(event)
             if event.finish_reason:
                 finish[i] = event.finish_reason
+                deltas[i] += parts[i].finish()
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]},
+            {"index": i, "message": self._message(deltas[i]),
              "logprobs": {"content": logprobs[i]} if self.params.logprobs else None,
-             "finish_reason": finish[i]}
+             "finish_reason": self._finish_reason(finish[i], parts[i])}
             for i in range(n)
         ]
         return {**self._base("chat.completion"), "choices": choices, "usage": self.usage()}
+
+    def _message(self, deltas: list[dict]) -> dict:
+        """Assemble deltas the way a streaming client does."""
+        content = "".join(d.get("content", "") for d in deltas)
+        calls: list[dict] = []
+        for delta in deltas:
+            for piece in delta.get("tool_calls", ()):
+                if piece["index"] == len(calls):
+                    calls.append({"id": piece["id"], "type": "function",
+                                  "function": {"name": piece["function"]["name"], "arguments": ""}})
+                calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+        if self.reasoning is not None:
+            reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+            message["reasoning_content"] = reasoning or None
+        if calls:
+            message["tool_calls"] = calls
+        return message
 
     # ---- stream -----------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
@@ -215,6 +303,7 @@ class Completion:
         return chunk
 
     async def chunks(self) -> AsyncIterator[dict]:
+        parts = [self._splitter() for _ in range(self.params.n)]
         for i in range(self.params.n):
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
@@ -224,11 +313,47 @@ class Completion:
             if event.token_id is not None:
                 self.completion_tokens += 1
             entries = self.logprob_entries(event) if self.params.logprobs else []
-            if event.text or entries:
-                yield self._chunk([{"index": i, "delta": {"content": event.text},
-                                    "logprobs": {"content": entries} if self.params.logprobs else None,
-                                    "finish_reason": None}])
+            deltas = parts[i].push(event.text)
             if event.finish_reason:
-                yield self._chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+                deltas += parts[i].finish()
+            if entries and not deltas:
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):
+                yield self._chunk([{"index": i, "delta": delta,
+                                    "logprobs": {"content": entries if k == 0 else []} if self.params.logprobs
+                                    else None, "finish_reason": None}])
+            if event.finish_reason:
+                yield self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                    "finish_reason": self._finish_reason(event.finish_reason, parts[i])}])
         if self.request.stream_options and self.request.stream_options.include_usage:
             yield {**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()}
+
+
+def _call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+class ChoiceText:
+    """One choice's text -> deltas: reasoning split off first, then tool calls read from the content."""
+
+    def __init__(self, reasoning: ReasoningSplitter | None, calls: ToolCallStream | None):
+        self.reasoning, self.calls = reasoning, calls
+
+    def push(self, text: str) -> list[dict]:
+        thought, content = self.reasoning.push(text) if self.reasoning else ("", text)
+        return self._deltas(thought, content, final=False)
+
+    def finish(self) -> list[dict]:
+        thought, content = self.reasoning.flush() if self.reasoning else ("", "")
+        return self._deltas(thought, content, final=True)
+
+    def _deltas(self, thought: str, content: str, final: bool) -> list[dict]:
+        deltas: list[dict] = [{"reasoning_content": thought}] if thought else []
+        if self.calls is None:
+            return deltas + ([{"content": content}] if content else [])
+        deltas += self.calls.push(content) if content else []
+        return deltas + (self.calls.finish() if final else [])
+
+    @property
+    def has_calls(self) -> bool:
+        return self.calls is not None and self.calls.call_count > 0

@@ -38,6 +38,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     if first["type"] == "missing":
         return APIError(400, f"Missing required parameter: {param}", param=param, code="missing_required_parameter")
+    if first["type"] == "invalid_message":  # a message that breaks the conversation rules (e.g. tool without id)
+        return APIError(400, message, param=param, code="invalid_value")
     if first["type"] in _RANGE_ERRORS:
         return APIError(422, message, type="invalid_request_error", param=param, code="invalid_parameter")
     return APIError(400, message, param=param, code="invalid_type")

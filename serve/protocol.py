@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 
@@ -42,14 +43,19 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _role_rules(self) -> "Message":
+        problem = None
         if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
-        if self.role != "assistant" and self.content is None:
-            raise ValueError(f"a {self.role} message needs content")
-        if self.role == "assistant" and self.content is None and not self.tool_calls:
-            raise ValueError("an assistant message needs content or tool_calls")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
+            problem = "a tool message needs tool_call_id (the id of the call it answers)"
+        elif self.role != "assistant" and self.content is None:
+            problem = f"a {self.role} message needs content"
+        elif self.role == "assistant" and self.content is None and not self.tool_calls:
+            problem = "an assistant message needs content or tool_calls"
+        elif self.tool_calls and self.role != "assistant":
+            problem = "only assistant messages carry tool_calls"
+        elif self.tool_call_id and self.role != "tool":
+            problem = "only tool messages carry tool_call_id"
+        if problem:
+            raise PydanticCustomError("invalid_message", problem)
         return self
 
     def text(self) -> str:

@@ -12,9 +12,13 @@ from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 
 
-def tiny_model(folder: Path):
-    """(cfg, params, tokenizer) of a tiny random Llama imported through the GGUF path."""
-    imported = load_gguf(write_gguf(make_tiny_model("llama", folder / "hf"), folder / "tiny.gguf"))
+def tiny_model(folder: Path, kind: str = "llama", context: int | None = None, **gguf_options):
+    """(cfg, params, tokenizer) of a tiny random model imported through the GGUF path (``kind`` as in
+    tests.hf_reference; ``context`` overrides max_position_embeddings; ``gguf_options`` reach write_gguf)."""
+    overrides = {} if context is None else {"max_position_embeddings": context}
+    hf = make_tiny_model(kind, folder / "hf", **overrides)
+    imported = load_gguf(write_gguf(hf, folder / "tiny.gguf", arch="qwen3" if kind == "qwen3" else "llama",
+                                    **gguf_options))
     json_text = imported.tokenizer_files["tokenizer.json"].decode()
     tokenizer = HFTokenizer.from_json(json_text, special_tokens_from_config(imported.tokenizer_config, {}))
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
@@ -22,6 +26,6 @@ def tiny_model(folder: Path):
     return imported.cfg, imported.params, tokenizer
 
 
-def tiny_engine(folder: Path, **config) -> Engine:
-    cfg, params, tokenizer = tiny_model(folder)
+def tiny_engine(folder: Path, model: dict | None = None, **config) -> Engine:
+    cfg, params, tokenizer = tiny_model(folder, **(model or {}))
     return Engine(cfg, params, tokenizer, EngineConfig(**{"slots": 4, "max_len": 128, **config})).start()

@@ -17,10 +17,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def toy_byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
-    """Specials, the 256 byte symbols, then merged pairs of common letters up to ``size`` tokens."""
-    tokens = SPECIALS + [BYTE_TO_UNICODE[b] for b in range(256)]
-    types = [3] * len(SPECIALS) + [1] * 256
+def toy_byte_level_vocab(size: int, extra: tuple[str, ...] = ()) -> tuple[list[str], list[int], list[str]]:
+    """Specials, ``extra`` added tokens (matched whole, not special, like Qwen's ``<think>``), the 256 byte
+    symbols, then merged pairs of common letters up to ``size`` tokens."""
+    tokens = SPECIALS + list(extra) + [BYTE_TO_UNICODE[b] for b in range(256)]
+    types = [3] * len(SPECIALS) + [4] * len(extra) + [1] * 256
     merges = []
     for a in "Ġetaoinshr":
         for b in "etaoinshrd":
@@ -49,6 +50,8 @@ _NAMES = {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -62,6 +65,8 @@ def write_gguf(
     quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     architecture_name: str | None = None,
     drop: tuple[str, ...] = (),
+    extra_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write an HF torch model as GGUF; 2-D weights are stored as ``quant`` (norms stay F32)."""
     cfg = model.config
@@ -74,7 +79,7 @@ def write_gguf(
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    tokens, types, merges = toy_byte_level_vocab(cfg.vocab_size)
+    tokens, types, merges = toy_byte_level_vocab(cfg.vocab_size, extra_tokens)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -82,7 +87,7 @@ def write_gguf(
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def add(name: str, tensor: torch.Tensor) -> None:
         if name in drop:

@@ -48,11 +48,11 @@ TINY_MODELS = {
 }
 
 
-def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     """Create, randomise (incl. biases and norms, so they matter) and save a tiny model."""
     config_cls, model_cls, extra = TINY_MODELS[kind]
     torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **extra})
+    config = config_cls(**{**TINY, **extra, **overrides})
     model = model_cls(config).eval().to(torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():

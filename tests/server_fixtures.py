@@ -13,8 +13,11 @@ from tests.gguf_writer import CHAT_TEMPLATE
 TINY_ID = "tiny-llama"
 
 
-def start_tiny_server(folder: Path, settings: ServerSettings = ServerSettings(), **engine_config):
-    engine = tiny_engine(folder, **engine_config)
-    model = ServedModel(TINY_ID, engine, engine.tokenizer, CHAT_TEMPLATE, "fp_test", aliases=("tiny",))
+def start_tiny_server(folder: Path, settings: ServerSettings = ServerSettings(), model: dict | None = None,
+                      **engine_config):
+    """``model``: options of tests.engine_fixtures.tiny_model (kind, context, chat_template, extra_tokens)."""
+    engine = tiny_engine(folder, model, **engine_config)
+    template = (model or {}).get("chat_template", CHAT_TEMPLATE)
+    model = ServedModel(TINY_ID, engine, engine.tokenizer, template, "fp_test", aliases=("tiny",))
     server = BackgroundServer(create_app(model, settings)).start()
     return server, engine

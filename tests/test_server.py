@@ -12,7 +12,7 @@ from tests.server_fixtures import TINY_ID, start_tiny_server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server, engine = start_tiny_server(tmp_path_factory.mktemp("server"))
+    server, engine = start_tiny_server(tmp_path_factory.mktemp("server"), max_len=256)
     server.engine = engine
     yield server
     server.stop()
@@ -25,6 +25,8 @@ def client(server):
 
 
 HELLO = [{"role": "user", "content": "the heat"}]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}
 
 
 def test_non_streaming_shape(client):
@@ -95,9 +97,23 @@ def _assert_error(response, status, code=None):
     ({"model": TINY_ID, "messages": HELLO, "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ({"model": TINY_ID, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 422, "invalid_parameter", "stop"),
     ({"model": TINY_ID, "messages": HELLO, "frobnicate": 1}, 400, "unknown_parameter", "frobnicate"),
-    ({"model": TINY_ID, "messages": [{"role": "tool", "content": "x"}]}, 422, "invalid_parameter", "messages.0"),
-    ({"model": TINY_ID, "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "unsupported_parameter", "tools"),
+    ({"model": TINY_ID, "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value", "messages.0"),
+    ({"model": TINY_ID, "messages": HELLO + [{"role": "tool", "content": "x", "tool_call_id": "call_1"}]}, 400,
+     "invalid_value", "messages[1].tool_call_id"),
+    ({"model": TINY_ID, "messages": HELLO + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+      "function": {"name": "f", "arguments": "{not json"}}]}]}, 400, "invalid_value",
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"model": TINY_ID, "messages": HELLO, "tool_choice": "required"}, 400, "invalid_value", "tool_choice"),
+    ({"model": TINY_ID, "messages": HELLO, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function",
+      "function": {"name": "get_time"}}}, 400, "invalid_value", "tool_choice.function.name"),
+    ({"model": TINY_ID, "messages": HELLO, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, 400,
+     "invalid_value", "tools[0].function.name"),
+    ({"model": TINY_ID, "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+      "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"}, 400,
+     "invalid_json_schema", "tools"),
+    ({"model": TINY_ID, "messages": HELLO, "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, 400,
+     "unsupported_parameter", "response_format"),
+    ({"model": TINY_ID, "messages": HELLO, "reasoning_effort": "extreme"}, 400, "invalid_value", "reasoning_effort"),
     ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400,
      "invalid_json_schema", "response_format"),
@@ -105,7 +121,6 @@ def _assert_error(response, status, code=None):
      "response_format"),
     ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "yaml"}}, 422, "invalid_parameter",
      "response_format.type"),
-    ({"model": TINY_ID, "messages": HELLO, "reasoning_effort": "low"}, 400, "unsupported_parameter", "reasoning_effort"),
     ({"model": TINY_ID, "messages": HELLO, "logit_bias": {"99999": 5}}, 422, "invalid_parameter", "logit_bias"),
     ({"model": "nope", "messages": HELLO}, 404, "model_not_found", "model"),
     ({"model": TINY_ID, "messages": HELLO, "max_tokens": 500}, 400, "context_length_exceeded", "max_tokens"),
@@ -129,7 +144,7 @@ def test_malformed_requests(server, client):
     _assert_error(_post(server, {"model": TINY_ID, "messages": [{"role": "user", "content": long}]}), 413)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=TINY_ID, messages=[{"role": "user", "content": "y " * 400}])
-    assert "maximum context length is 128" in str(info.value)
+    assert "maximum context length is 256" in str(info.value)
     assert client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
 
 
@@ -287,7 +302,7 @@ def test_unexpected_exception_is_500_with_request_id_and_no_traceback(server, cl
     def explode(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(serve.chat, "prompt_ids", explode)
+    monkeypatch.setattr(serve.chat, "render_prompt", explode)
     error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO}), 500, "internal_error")
     assert "request id req_" in error["message"] and "secret" not in error["message"]
     monkeypatch.undo()

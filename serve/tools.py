@@ -1,0 +1,241 @@
+"""Tool calling on the request side: validate ``tools``/``tool_choice``, render them into the prompt, and
+build the grammar that makes a call valid by construction.
+
+Syntaxes (chosen from the model's chat template by ``detect_syntax``):
+
+- ``hermes``: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (Qwen 2/2.5/3, Hermes);
+  the template renders the tools itself.
+- ``llama3``: a bare JSON object ``{"name": ..., "parameters": {...}}`` (Llama 3.1+ templates), one call.
+- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``.
+- ``generic``: for templates without tool support (SmolLM2): the hermes syntax in plain text, with the tool
+  list and instructions added to the system message (``GENERIC_TOOL_PROMPT``), earlier calls written back as
+  ``<tool_call>`` blocks and tool results as user messages wrapped in ``<tool_response>``.
+
+``tool_choice``: ``none`` (tools are not shown and nothing is parsed), ``auto`` (free text, but once the model
+opens a call the call is constrained), ``required`` (one or more calls, nothing else) and a named function
+(exactly one call to it). ``parallel_tool_calls: false`` allows at most one call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from model.tokenizer import Tokenizer
+from serve.errors import APIError
+
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+SYNTAXES = ("hermes", "llama3", "mistral", "generic")
+
+GENERIC_TOOL_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str | None
+    parameters: dict[str, Any]
+
+    def as_openai(self) -> dict[str, Any]:
+        function: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.description is not None:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: str  # none | auto | required | named
+    name: str | None = None
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """Validate ``tools`` (OpenAI function tools); 400 naming the first problem."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise _bad("'tools' must be a non-empty array of function tools", "tools")
+    specs, seen = [], set()
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        function = tool["function"]
+        unknown = set(tool) - {"type", "function"} | set(function) - {"name", "description", "parameters", "strict"}
+        if unknown:
+            raise _bad(f"{where} has unknown fields: {', '.join(sorted(unknown))}", where, "unknown_parameter")
+        name = function.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise _bad(f"{where}.function.name must match ^[a-zA-Z0-9_-]{{1,64}}$, got {name!r}", f"{where}.function.name")
+        if name in seen:
+            raise _bad(f"{where}.function.name {name!r} is defined twice", f"{where}.function.name")
+        seen.add(name)
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad(f"{where}.function.description must be a string", f"{where}.function.description")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise _bad(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters",
+                       "invalid_json_schema")
+        if parameters.get("type", "object") != "object":
+            raise _bad(f"{where}.function.parameters must describe an object (type 'object')",
+                       f"{where}.function.parameters", "invalid_json_schema")
+        specs.append(ToolSpec(name, description, parameters))
+    return tuple(specs)
+
+
+def parse_tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> ToolChoice:
+    if raw is None:
+        return ToolChoice("auto" if tools else "none")
+    if not tools:
+        raise _bad("'tool_choice' is only allowed when 'tools' are specified", "tool_choice")
+    if raw in ("none", "auto", "required"):
+        return ToolChoice(raw)
+    if isinstance(raw, dict) and raw.get("type") == "function" and isinstance(raw.get("function"), dict):
+        name = raw["function"].get("name")
+        if not isinstance(name, str):
+            raise _bad("tool_choice.function.name must be a string", "tool_choice.function.name")
+        if name not in {t.name for t in tools}:
+            raise _bad(f"tool_choice names function {name!r}, which is not in 'tools' "
+                       f"(defined: {', '.join(t.name for t in tools)})", "tool_choice.function.name")
+        return ToolChoice("named", name)
+    raise _bad("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+               "{\"name\": ...}}", "tool_choice")
+
+
+def detect_syntax(template: str) -> str:
+    """The tool-call syntax a chat template teaches its model (``generic`` when it has none)."""
+    if "tools" not in template:
+        return "generic"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3"
+    return "generic"
+
+
+# ---- the conversation -------------------------------------------------------------------------------
+def check_conversation(messages: list[dict[str, Any]]) -> None:
+    """Tool messages must answer a call made earlier; call arguments must be JSON objects (400 otherwise)."""
+    open_ids: set[str] = set()
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            try:
+                arguments = json.loads(call["function"]["arguments"])
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise _bad(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object encoded as a "
+                           f"string", f"messages[{i}].tool_calls[{j}].function.arguments")
+            open_ids.add(call["id"])
+        if message["role"] == "tool" and message.get("tool_call_id") not in open_ids:
+            raise _bad(f"messages[{i}] is a tool message for tool_call_id {message.get('tool_call_id')!r}, which no "
+                       f"earlier assistant message called", f"messages[{i}].tool_call_id")
+
+
+def template_messages(messages: list[dict[str, Any]], syntax: str) -> list[dict[str, Any]]:
+    """Messages as the template expects them: HF templates want call arguments as dicts; the generic
+    syntax writes calls and results as text."""
+    out = []
+    for message in messages:
+        message = dict(message)
+        calls = message.get("tool_calls")
+        if calls and syntax != "generic":
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+                for call in calls
+            ]
+        elif calls:
+            blocks = [f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function']['arguments'])})}\n</tool_call>"
+                      for c in message.pop("tool_calls")]
+            message["content"] = "\n".join(filter(None, [message.get("content") or "", *blocks]))
+        if syntax == "generic" and message["role"] == "tool":
+            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+            message.pop("tool_call_id", None)
+        out.append(message)
+    return out
+
+
+def with_generic_tools(messages: list[dict[str, Any]], tools: tuple[ToolSpec, ...]) -> list[dict[str, Any]]:
+    """Add the generic tool prompt to the system message (creating one if needed)."""
+    block = GENERIC_TOOL_PROMPT.format(tools="\n".join(json.dumps(t.as_openai()) for t in tools))
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = {**messages[0], "role": "system", "content": f"{messages[0]['content']}\n\n{block}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+# ---- grammars --------------------------------------------------------------------------------------
+def _lark_literal(text: str) -> str:
+    return json.dumps(text)
+
+
+def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
+    options = [{"type": "object", "properties": {"name": {"const": t.name}, args_key: t.parameters},
+                "required": ["name", args_key], "additionalProperties": False} for t in tools]
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}
+
+
+def _trigger(tokenizer: Tokenizer, text: str) -> str:
+    """A grammar element for ``text``: the special token when the vocabulary has one, else the literal."""
+    token = tokenizer.token_to_id(text)
+    if token is not None and token in getattr(tokenizer, "special_ids", frozenset()):
+        return f"<[{token}]>"
+    return _lark_literal(text)
+
+
+def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool,
+                 tokenizer: Tokenizer) -> str | None:
+    """llguidance (lark) grammar for the reply; None when the reply is free (``none``)."""
+    if choice.mode == "none":
+        return None
+    chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
+    many = parallel and choice.mode != "named"
+    if syntax in ("hermes", "generic"):
+        body = f'%json {json.dumps(_call_schema(chosen, "arguments"))}'
+        call = f'"<tool_call>\\n" {body} "\\n</tool_call>"'
+        calls = f'call ("\\n" call)*' if many else "call"
+        if choice.mode == "auto":
+            return (f'%llguidance {{}}\nstart: TEXT | prose calls_rest\n'
+                    f'prose[lazy]: /(.|\\n)*<tool_call>/\n'
+                    f'calls_rest: "\\n" {body} "\\n</tool_call>"' + (' ("\\n" call)*' if many else "") + "\n"
+                    f"call: {call}\nTEXT: /(.|\\n)*/\n")
+        return f"%llguidance {{}}\nstart: {calls}\ncall: {call}\n"
+    if syntax == "llama3":
+        body = f'%json {json.dumps(_call_schema(chosen, "parameters"))}'
+        if choice.mode == "auto":
+            return f"%llguidance {{}}\nstart: TEXT | call\ncall: {body}\nTEXT: /[^{{](.|\\n)*/\n"
+        return f"%llguidance {{}}\nstart: call\ncall: {body}\n"
+    if syntax == "mistral":
+        item = json.dumps(_call_schema(chosen, "arguments"))
+        array = {"type": "array", "items": json.loads(item), "minItems": 1,
+                 "x-guidance": {"whitespace_flexible": False}}
+        if not many:
+            array["maxItems"] = 1
+        start = _trigger(tokenizer, "[TOOL_CALLS]")
+        rule = f"call: {start} %json {json.dumps(array)}"
+        if choice.mode == "auto":
+            return f"%llguidance {{}}\nstart: TEXT | call\n{rule}\nTEXT: /(.|\\n)*/\n"
+        return f"%llguidance {{}}\nstart: call\n{rule}\n"
+    raise ValueError(f"unknown tool syntax {syntax!r}")
