@@ -73,6 +73,11 @@ class Tokenizer(abc.ABC):
     def token_to_id(self, token: str) -> int | None: ...
 
     @property
+    @abc.abstractmethod
+    def special_ids(self) -> frozenset[int]:
+        """Ids of control tokens (never produced by tokenizing plain text)."""
+
+    @property
     def stop_ids(self) -> frozenset[int]:
         return self.special.stop_ids
 
@@ -107,6 +112,8 @@ class HFTokenizer(Tokenizer):
 
     @cached_property
     def special_ids(self) -> frozenset[int]:
+        """Added tokens marked special (control tokens such as <|im_end|>); added tokens that are not special
+        (Qwen's <think>) are text."""
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -196,6 +203,11 @@ class SentencePieceTokenizer(Tokenizer):
             out.append(self.processor.decode(run))
             return "".join(out)
         return self.processor.decode([i for i in ids if not self.processor.is_control(i)])
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Control pieces (<s>, </s>, ...)."""
+        return frozenset(i for i in range(self.vocab_size) if self.processor.is_control(i))
 
     def token_bytes(self, token_id: int) -> bytes:
         if self.processor.is_control(token_id):

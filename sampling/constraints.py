@@ -13,9 +13,10 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import llguidance
+from llguidance import TokenizerWrapper
 import numpy as np
 
-from model.tokenizer import HFTokenizer, Tokenizer
+from model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from sampling.params import ThinkingPlan
@@ -29,15 +30,28 @@ _TOKENIZERS: dict[int, llguidance.LLTokenizer] = {}
 _LOCK = threading.Lock()
 
 
+class _TokenSource:
+    """What llguidance needs to know about a tokenizer: each token's bytes, which ids are special (control)
+    tokens, and how text tokenizes. Built from our own Tokenizer, so byte-level BPE and sentencepiece work
+    alike, and added tokens that are not special (Qwen's ``<think>``, ``<tool_call>``) are ordinary text."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.special.eos_id
+        self.bos_token_id = tokenizer.special.bos_id
+        self.tokens = [tokenizer.token_bytes(i) for i in range(vocab_size)]
+        self.special_token_ids = sorted(tokenizer.special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
     """llguidance's view of our tokenizer (built once per tokenizer: it costs about a second)."""
     with _LOCK:
         cached = _TOKENIZERS.get(id(tokenizer))
         if cached is None:
-            if not isinstance(tokenizer, HFTokenizer):
-                raise ConstraintError("constrained decoding needs a tokenizer.json tokenizer (sentencepiece is not wired yet)")
-            cached = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                            eos_token=tokenizer.special.eos_id)
+            cached = llguidance.LLTokenizer(TokenizerWrapper(_TokenSource(tokenizer, vocab_size)))
             _TOKENIZERS[id(tokenizer)] = cached
         return cached
 

@@ -200,7 +200,7 @@ def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
 def _trigger(tokenizer: Tokenizer, text: str) -> str:
     """A grammar element for ``text``: the special token when the vocabulary has one, else the literal."""
     token = tokenizer.token_to_id(text)
-    if token is not None and token in getattr(tokenizer, "special_ids", frozenset()):
+    if token is not None and token in tokenizer.special_ids:
         return f"<[{token}]>"
     return _lark_literal(text)
 
