@@ -108,8 +108,14 @@ class ChoiceGuide:
     """
 
     def __init__(self, constraint: TokenConstraint | None, thinking: "ThinkingPlan | None",
-                 token_bytes: "Callable[[int], bytes]", words: int):
+                 token_bytes: "Callable[[int], bytes]", words: int, stop_ids: frozenset[int] = frozenset()):
         self.constraint, self.thinking, self.token_bytes, self.words = constraint, thinking, token_bytes, words
+        # A grammar still to come means the reply may not end inside the think block.
+        self._thinking_mask = None
+        if constraint is not None and thinking is not None and stop_ids:
+            self._thinking_mask = np.full(words, 0xFFFFFFFF, np.uint32)
+            for token in stop_ids:
+                self._thinking_mask[token // 32] &= ~(np.uint32(1) << np.uint32(token % 32))
         self._forced: list[int] = list(thinking.open_ids) if thinking else []
         self.phase = "thinking" if thinking is not None else "answer"  # thinking -> closing -> answer
         self._spent = 0
@@ -122,7 +128,7 @@ class ChoiceGuide:
             return token_mask(self._forced[0], self.words)
         if self.phase == "answer" and self.constraint is not None:
             return self.constraint.allowed()
-        return None
+        return self._thinking_mask if self.phase != "answer" else None
 
     def advance(self, token: int) -> None:
         if self._forced:

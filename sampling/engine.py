@@ -245,11 +245,12 @@ class Engine:
         return TokenConstraint(ll_tokenizer(self.tokenizer, self.cfg.vocab_size), grammar,
                                bitmask_words(self.cfg.vocab_size))
 
-    def _new_guide(self, params: SamplingParams) -> ChoiceGuide | None:
+    def _new_guide(self, params: SamplingParams, stop_ids: frozenset[int]) -> ChoiceGuide | None:
         if params.grammar is None and params.thinking is None:
             return None
         constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
-        return ChoiceGuide(constraint, params.thinking, self.tokenizer.token_bytes, bitmask_words(self.cfg.vocab_size))
+        return ChoiceGuide(constraint, params.thinking, self.tokenizer.token_bytes, bitmask_words(self.cfg.vocab_size),
+                           stop_ids)
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -302,7 +303,7 @@ class Engine:
             firsts = []
             for i, slot in enumerate(slots):
                 index = params.choice_offset + i
-                guide = self._new_guide(params)
+                guide = self._new_guide(params, stop_ids)
                 mask = guide.mask() if guide is not None else None
                 choice_row = row if mask is None else row.replace(allowed=jnp.asarray(mask))
                 if guide is not None:

@@ -17,7 +17,8 @@ from serve.errors import APIError
 from sampling.constraints import ConstraintError, json_schema_grammar
 from sampling.params import ThinkingPlan
 from serve.protocol import ChatCompletionRequest
-from serve.reasoning import EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch
+from serve.reasoning import (EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch,
+                             template_thinks)
 from serve.tool_parsers import ToolCallStream, scan
 from serve.tools import (ToolChoice, ToolSpec, check_conversation, detect_syntax, parse_tool_choice, parse_tools,
                          template_messages, tool_grammar, with_generic_tools)
@@ -288,7 +289,7 @@ class Completion:
                                   "function": {"name": piece["function"]["name"], "arguments": ""}})
                 calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
         message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-        if self.reasoning is not None:
+        if template_thinks(self.model.chat_template):  # null when thinking was off or never started
             reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
             message["reasoning_content"] = reasoning or None
         if calls:

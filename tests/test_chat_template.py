@@ -1,6 +1,7 @@
 """Chat-template rendering equals transformers' apply_chat_template."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models
@@ -156,3 +157,21 @@ def test_sandbox_blocks_escapes():
         render_chat("{% set ns = namespace() %}{% set ns._x = 1 %}", [])
     with pytest.raises(ChatTemplateError, match="does not compile"):
         render_chat("{% for %}", [])
+
+
+QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text()
+THINKING_CONVERSATION = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+    {"role": "user", "content": "Weather in Paris?"},
+]
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATIONS[0], THINKING_CONVERSATION, TOOL_CONVERSATION])
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_tools_and_thinking_switch(conversation, thinking):
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    expected = _reference(QWEN3_TEMPLATE).apply_chat_template(conversation, tools=TOOLS, tokenize=False,
+                                                               add_generation_prompt=True, **extra)
+    assert render_chat(QWEN3_TEMPLATE, conversation, tools=TOOLS, special_tokens=SPECIALS, **extra) == expected
+    assert expected.endswith("<think>\n\n</think>\n\n") == (thinking is False)
