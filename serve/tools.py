@@ -197,12 +197,26 @@ def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
     return {**schema, "x-guidance": {"whitespace_flexible": False}}
 
 
-def _trigger(tokenizer: Tokenizer, text: str) -> str:
-    """A grammar element for ``text``: the special token when the vocabulary has one, else the literal."""
+def _special_token(tokenizer: Tokenizer, text: str) -> int | None:
     token = tokenizer.token_to_id(text)
-    if token is not None and token in tokenizer.special_ids:
-        return f"<[{token}]>"
-    return _lark_literal(text)
+    return token if token is not None and token in tokenizer.special_ids else None
+
+
+def _regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\/.^$|?*+()[]{}-" else c for c in text)
+
+
+def _opened_by(trigger: str, rest: str, choice: ToolChoice, tokenizer: Tokenizer) -> str:
+    """Grammar for replies made of calls that start with ``trigger`` then ``rest``. With ``auto`` the reply may
+    instead be free text, and free text that writes the trigger commits to a valid call (a lazy match)."""
+    special = _special_token(tokenizer, trigger)
+    opener = f"<[{special}]>" if special is not None else _lark_literal(trigger)
+    if choice.mode != "auto":
+        return f"%llguidance {{}}\nstart: {opener} {rest}\n"
+    if special is not None:  # free text can never produce a control token
+        return f"%llguidance {{}}\nstart: TEXT | TEXT? {opener} {rest}\nTEXT: /(.|\\n)+/\n"
+    return (f"%llguidance {{}}\nstart: TEXT | prose {rest}\nprose[lazy]: /(.|\\n)*{_regex_escape(trigger)}/\n"
+            f"TEXT: /(.|\\n)*/\n")
 
 
 def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool,
@@ -213,29 +227,18 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
     chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):
-        body = f'%json {json.dumps(_call_schema(chosen, "arguments"))}'
-        call = f'"<tool_call>\\n" {body} "\\n</tool_call>"'
-        calls = f'call ("\\n" call)*' if many else "call"
-        if choice.mode == "auto":
-            return (f'%llguidance {{}}\nstart: TEXT | prose calls_rest\n'
-                    f'prose[lazy]: /(.|\\n)*<tool_call>/\n'
-                    f'calls_rest: "\\n" {body} "\\n</tool_call>"' + (' ("\\n" call)*' if many else "") + "\n"
-                    f"call: {call}\nTEXT: /(.|\\n)*/\n")
-        return f"%llguidance {{}}\nstart: {calls}\ncall: {call}\n"
+        body = f'"\\n" %json {json.dumps(_call_schema(chosen, "arguments"))} "\\n</tool_call>"'
+        more = ' ("\\n<tool_call>" ' + body + ")*" if many else ""
+        return _opened_by("<tool_call>", body + more, choice, tokenizer)
     if syntax == "llama3":
         body = f'%json {json.dumps(_call_schema(chosen, "parameters"))}'
         if choice.mode == "auto":
             return f"%llguidance {{}}\nstart: TEXT | call\ncall: {body}\nTEXT: /[^{{](.|\\n)*/\n"
-        return f"%llguidance {{}}\nstart: call\ncall: {body}\n"
+        return f"%llguidance {{}}\nstart: {body}\n"
     if syntax == "mistral":
-        item = json.dumps(_call_schema(chosen, "arguments"))
-        array = {"type": "array", "items": json.loads(item), "minItems": 1,
+        array = {"type": "array", "items": _call_schema(chosen, "arguments"), "minItems": 1,
                  "x-guidance": {"whitespace_flexible": False}}
         if not many:
             array["maxItems"] = 1
-        start = _trigger(tokenizer, "[TOOL_CALLS]")
-        rule = f"call: {start} %json {json.dumps(array)}"
-        if choice.mode == "auto":
-            return f"%llguidance {{}}\nstart: TEXT | call\n{rule}\nTEXT: /(.|\\n)*/\n"
-        return f"%llguidance {{}}\nstart: call\n{rule}\n"
+        return _opened_by("[TOOL_CALLS]", f"%json {json.dumps(array)}", choice, tokenizer)
     raise ValueError(f"unknown tool syntax {syntax!r}")
