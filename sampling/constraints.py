@@ -17,6 +17,7 @@ from llguidance import TokenizerWrapper
 import numpy as np
 
 from model.tokenizer import Tokenizer
+from sampling.closing import WINDOW, StringTracker, VocabFacts, must_close_now
 
 if TYPE_CHECKING:
     from sampling.params import ThinkingPlan
@@ -108,8 +109,12 @@ class ChoiceGuide:
     """
 
     def __init__(self, constraint: TokenConstraint | None, thinking: "ThinkingPlan | None",
-                 token_bytes: "Callable[[int], bytes]", words: int, stop_ids: frozenset[int] = frozenset()):
+                 token_bytes: "Callable[[int], bytes]", words: int, stop_ids: frozenset[int] = frozenset(),
+                 facts: "VocabFacts | None" = None):
         self.constraint, self.thinking, self.token_bytes, self.words = constraint, thinking, token_bytes, words
+        self.facts = facts  # set: close the grammar before the budget runs out (sampling.closing)
+        self.strings = StringTracker()
+        self.closed_by_budget = False  # the end of the reply was forced to fit the budget
         # A grammar still to come means the reply may not end inside the think block.
         self._thinking_mask = None
         if constraint is not None and thinking is not None and stop_ids:
@@ -123,17 +128,32 @@ class ChoiceGuide:
         self.masked = False  # the device holds a restrictive mask for this row (reset it when free again)
         self._check_budget()
 
-    def mask(self) -> np.ndarray | None:
+    def mask(self, remaining: int | None = None) -> np.ndarray | None:
+        """Allowed next tokens; ``remaining`` is how many tokens the reply may still take."""
         if self._forced:
             return token_mask(self._forced[0], self.words)
         if self.phase == "answer" and self.constraint is not None:
+            if remaining is not None and self._plan_closing(remaining):
+                return token_mask(self._forced[0], self.words)
             return self.constraint.allowed()
         return self._thinking_mask if self.phase != "answer" else None
+
+    def _plan_closing(self, remaining: int) -> bool:
+        if self.facts is None or remaining > WINDOW or self.constraint.matcher.is_accepting():
+            return False
+        path = must_close_now(self.constraint.matcher, self.strings, self.facts, remaining)
+        if path is None:
+            return False
+        self._forced, self.closed_by_budget = path, True
+        return True
 
     def advance(self, token: int) -> None:
         if self._forced:
             self._forced.pop(0)
-            if not self._forced and self.phase == "closing":
+            if self.phase == "answer" and self.constraint is not None:
+                self.constraint.advance(token)
+                self.strings.push(self.token_bytes(token))
+            elif not self._forced and self.phase == "closing":
                 self.phase = "answer"
             return
         if self.phase == "thinking":
@@ -146,6 +166,7 @@ class ChoiceGuide:
             return
         if self.constraint is not None:
             self.constraint.advance(token)
+            self.strings.push(self.token_bytes(token))
 
     def _check_budget(self) -> None:
         if self.phase == "thinking" and self.thinking.budget is not None and self._spent >= self.thinking.budget:

@@ -26,6 +26,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
+from sampling.closing import vocab_facts
 from sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
@@ -249,8 +250,9 @@ class Engine:
         if params.grammar is None and params.thinking is None:
             return None
         constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
+        facts = vocab_facts(self.tokenizer, self.cfg.vocab_size) if constraint is not None else None
         return ChoiceGuide(constraint, params.thinking, self.tokenizer.token_bytes, bitmask_words(self.cfg.vocab_size),
-                           stop_ids)
+                           stop_ids, facts)
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -304,7 +306,7 @@ class Engine:
             for i, slot in enumerate(slots):
                 index = params.choice_offset + i
                 guide = self._new_guide(params, stop_ids)
-                mask = guide.mask() if guide is not None else None
+                mask = guide.mask(budget) if guide is not None else None
                 choice_row = row if mask is None else row.replace(allowed=jnp.asarray(mask))
                 if guide is not None:
                     guide.masked = mask is not None
@@ -357,7 +359,7 @@ class Engine:
         for slot, choice in enumerate(self._slots):
             if choice is None or choice.guide is None:
                 continue
-            mask = choice.guide.mask()
+            mask = choice.guide.mask(choice.budget - choice.generated)
             if mask is not None:
                 masks[slot] = mask
             elif choice.guide.masked:
@@ -396,6 +398,8 @@ class Engine:
                 finish = "stop"
             elif choice.generated >= choice.budget:
                 finish = "length"
+        if finish == "stop" and choice.guide is not None and choice.guide.closed_by_budget:
+            finish = "length"  # complete, but only because its end was forced to fit max_tokens
         if finish == "length" or (finish == "stop" and not choice.stops.stopped):
             text += choice.stops.push(choice.detok.flush())
             text += choice.stops.flush()

@@ -1,0 +1,139 @@
+"""Closing a constrained reply before its token budget runs out, so JSON still parses at ``max_tokens``.
+
+Near the end of the budget the engine asks, each step, for a short way to finish the grammar from where the
+reply is: the forced tokens llguidance reports, else a closing token (``"`` inside a string; ``}``, ``]``,
+``0``, ``null``, ``false``, ``"`` outside one), else the shortest allowed token. When that path (plus EOS)
+no longer fits in the remaining budget with a small margin, the engine forces it. The reply then ends with
+``finish_reason: length`` (the model was cut short) but its JSON is complete and valid.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import llguidance
+import numpy as np
+
+from model.tokenizer import Tokenizer
+
+WINDOW = 64  # start looking for a way out this many tokens before the end of the budget
+MARGIN = 4  # one sampled token can open a few levels at once (e.g. `[{"`)
+_OUTSIDE = ("}", "]", "0", "null", "false", '"')
+
+
+class VocabFacts:
+    """Per-tokenizer facts the closer needs (computed once)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        raw = [tokenizer.token_bytes(i) for i in range(vocab_size)]
+        special = tokenizer.special_ids
+        self.token_bytes = raw
+        length = np.array([len(b) if b and i not in special else 10**6 for i, b in enumerate(raw)], np.int64)
+        length[[i for i, b in enumerate(raw) if b"\\" in b or b.strip() != b]] = 10**6  # no escapes or blanks
+        self.length = length
+        self.quote = self._single(tokenizer, '"')
+        self.outside = [t for t in (self._single(tokenizer, s) for s in _OUTSIDE) if t is not None]
+        self.eos = tokenizer.special.eos_id
+        # Single tokens after which the way out can suddenly get longer (a comma forces the next key).
+        self.openers = [t for t in (self._single(tokenizer, s) for s in (",", "{", "[", '"', ":")) if t is not None]
+
+    @staticmethod
+    def _single(tokenizer: Tokenizer, text: str) -> int | None:
+        ids = tokenizer.encode(text)
+        return ids[0] if len(ids) == 1 else None
+
+
+_FACTS: dict[int, VocabFacts] = {}
+_LOCK = threading.Lock()
+
+
+def vocab_facts(tokenizer: Tokenizer, vocab_size: int) -> VocabFacts:
+    with _LOCK:
+        if id(tokenizer) not in _FACTS:
+            _FACTS[id(tokenizer)] = VocabFacts(tokenizer, vocab_size)
+        return _FACTS[id(tokenizer)]
+
+
+class StringTracker:
+    """Whether the text so far ends inside a JSON string (quotes and backslash escapes)."""
+
+    def __init__(self) -> None:
+        self.inside = False
+        self._escape = False
+
+    def push(self, data: bytes) -> None:
+        for byte in data:
+            if self._escape:
+                self._escape = False
+            elif self.inside and byte == 0x5C:
+                self._escape = True
+            elif byte == 0x22:
+                self.inside = not self.inside
+
+    def copy(self) -> "StringTracker":
+        other = StringTracker()
+        other.inside, other._escape = self.inside, self._escape
+        return other
+
+
+def must_close_now(matcher: llguidance.LLMatcher, strings: StringTracker, facts: VocabFacts,
+                   remaining: int) -> list[int] | None:
+    """The closing path to force now, or None while the model can still go on safely: after any structural
+    token it might sample next, a way out must still fit in the budget."""
+    path = closing_path(matcher, strings, facts, limit=remaining)
+    if path is None:
+        return None  # no way out fits any more: the reply will end incomplete (finish_reason length)
+    need = len(path)
+    if need + MARGIN >= remaining:
+        return path
+    allowed = _allowed(matcher, len(facts.token_bytes))
+    for token in facts.openers:
+        if allowed[token]:
+            after = closing_path(matcher, strings, facts, limit=remaining, first=token)
+            if after is None or len(after) + MARGIN >= remaining:
+                return path
+    return None
+
+
+def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+    return bits[:vocab_size].astype(bool)
+
+
+def closing_path(matcher: llguidance.LLMatcher, strings: StringTracker, facts: VocabFacts,
+                 limit: int, first: int | None = None) -> list[int] | None:
+    """Tokens that finish the grammar from ``matcher``'s state (after ``first``, if given, which the path
+    then starts with), ending with EOS unless the grammar stops by itself; None if no path of at most
+    ``limit`` tokens was found. The matcher is not changed."""
+    m, strings, path = matcher.deep_copy(), strings.copy(), []
+    vocab = len(facts.token_bytes)
+    if first is not None:
+        if not m.consume_token(first):
+            return None
+        strings.push(facts.token_bytes[first])
+        path.append(first)
+    while not m.is_stopped():
+        if len(path) >= limit:
+            return None
+        if m.is_accepting():
+            if facts.eos is None:
+                return None
+            path.append(facts.eos)
+            return path
+        forced = m.compute_ff_tokens()
+        if not forced:
+            allowed = _allowed(m, vocab)
+            preferred = [facts.quote] if strings.inside else facts.outside
+            choice = next((t for t in preferred if t is not None and allowed[t]), None)
+            if choice is None:
+                lengths = np.where(allowed, facts.length, 10**6)
+                choice = int(np.argmin(lengths))
+                if lengths[choice] >= 10**6:
+                    return None
+            forced = [choice]
+        for token in forced:
+            if not m.consume_token(token):
+                return None
+            strings.push(facts.token_bytes[token])
+            path.append(token)
+    return path
