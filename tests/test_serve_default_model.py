@@ -8,9 +8,15 @@ import sys
 import threading
 import time
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
+import jsonschema
 import openai
 import pytest
+
+from tests.json_schemas import SCHEMAS
 
 pytestmark = pytest.mark.default_model
 
@@ -26,7 +32,7 @@ def served(default_store):
     port = _free_port()
     env = {**os.environ, "FLAXCHAT_HOME": str(default_store), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--slots", "4", "--max-len", "1024"],
+        [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--slots", "8", "--max-len", "1024"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -58,28 +64,85 @@ def test_answers_and_streams_the_same_text(served):
     assert streamed == whole and len(whole) > 20
 
 
-def test_json_modes_with_the_default_model(served):
-    import json
+def _client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=600)
 
-    import jsonschema
 
-    url, _ = served
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
-                                               "country": {"type": "string", "maxLength": 40},
-                                               "population": {"type": "integer", "minimum": 0}},
-              "required": ["city", "country"], "additionalProperties": False}
-    question = [{"role": "user", "content": "Return the city and country of Brussels as JSON."}]
-    for seed in range(5):
-        reply = client.chat.completions.create(
-            model="smollm2", messages=question, seed=seed, max_tokens=120,
-            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
-        assert reply.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
-        reply = client.chat.completions.create(model="smollm2", messages=question, seed=seed, max_tokens=200,
+def _parallel(function, items):
+    with ThreadPoolExecutor(8) as pool:  # as many as the server has slots
+        return list(pool.map(function, items))
+
+
+QUESTION = [{"role": "user", "content": "Describe Brussels (city, country, population) as JSON."}]
+
+
+def test_json_object_parses_for_50_seeds(served):
+    client = _client(served)
+
+    def ask(seed):
+        reply = client.chat.completions.create(model="smollm2", messages=QUESTION, seed=seed, max_tokens=150,
                                                response_format={"type": "json_object"})
-        if reply.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(reply.choices[0].message.content), dict)
+        return reply.choices[0]
+
+    choices = _parallel(ask, range(50))
+    for choice in choices:
+        assert isinstance(json.loads(choice.message.content), dict), choice
+        assert choice.finish_reason in ("stop", "length")
+    assert sum(c.finish_reason == "stop" for c in choices) >= 25  # a real model mostly closes its JSON itself
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schemas_validate_for_20_seeds(served, name):
+    client, schema = _client(served), SCHEMAS[name]
+
+    def ask(seed):
+        return client.chat.completions.create(
+            model="smollm2", messages=QUESTION, seed=seed, max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+
+    for reply in _parallel(ask, range(20)):
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 40},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time in a timezone",
+                                         "parameters": {"type": "object", "properties": {
+                                             "timezone": {"type": "string", "maxLength": 40}},
+                                             "required": ["timezone"], "additionalProperties": False}}}
+SCHEMA_OF = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
+                         ids=["required", "named"])
+def test_tool_calls_validate_for_20_seeds(served, tool_choice):
+    client = _client(served)
+    messages = [{"role": "user", "content": "What's the weather in Paris right now?"}]
+
+    def ask(seed):
+        return client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER, TIME], seed=seed,
+                                              tool_choice=tool_choice, max_tokens=150)
+
+    for reply in _parallel(ask, range(20)):
+        choice = reply.choices[0]
+        assert choice.finish_reason in ("tool_calls", "length") and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert isinstance(tool_choice, str) or call.function.name == "get_time"
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
+    streamed = {}
+    for chunk in client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER, TIME], seed=3,
+                                                tool_choice=tool_choice, max_tokens=150, stream=True):
+        for piece in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            entry = streamed.setdefault(piece.index, {"name": "", "arguments": ""})
+            entry["name"] += piece.function.name or ""
+            entry["arguments"] += piece.function.arguments or ""
+    whole = ask(3).choices[0].message.tool_calls
+    assert [streamed[i] for i in sorted(streamed)] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole]
 
 
 def test_sigterm_lets_in_flight_requests_finish(served):  # keep last: it stops the server
