@@ -333,7 +333,9 @@ class Engine:
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
+            started = time.perf_counter_ns()
             masks = self._next_masks()
+            self.stats["mask_ns"] += time.perf_counter_ns() - started
             if masks:
                 self._state = self.steps.set_allowed(self._state, masks)
             outs, self._state = self.steps.decode(self._state)

@@ -138,3 +138,18 @@ def test_spm_style_gguf_vocab_rebuilds_the_sentencepiece_model(spm_pair):
     for text in CORPUS:
         assert rebuilt.encode(text) == ours.encode(text)
         assert rebuilt.decode(rebuilt.encode(text)) == text
+
+
+def test_sentencepiece_tokenizers_work_with_grammars(spm_pair):
+    """llguidance sees sentencepiece pieces as their bytes (▁ -> space, <0x..> -> the byte)."""
+    import llguidance
+
+    from sampling.constraints import json_schema_grammar, ll_tokenizer
+
+    ours = spm_pair[0]
+    grammar = json_schema_grammar({"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]})
+    ids = ours.encode('<|im_end|>{"word":"héllo wörld"}')[1:]  # after a special token: no dummy-prefix space
+    matcher = llguidance.LLMatcher(ll_tokenizer(ours, ours.vocab_size), grammar)
+    assert all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+    bad = llguidance.LLMatcher(ll_tokenizer(ours, ours.vocab_size), grammar)
+    assert not all(bad.consume_token(t) for t in ours.encode('<|im_end|>{"wrd":1}')[1:])
