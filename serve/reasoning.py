@@ -5,8 +5,9 @@ Models that think in ``<think>...</think>`` (Qwen3, DeepSeek-R1 distills) are re
 template. ``minimal`` (and ``none``) turn thinking off through the template's ``enable_thinking`` switch;
 ``low``/``medium``/``high`` turn it on with a budget of 512/2048/8192 thinking tokens (at most half of the
 reply's token budget, so an answer always has room); when the budget is spent the engine forces
-``</think>``. Without ``reasoning_effort`` the template's default applies and thinking is not limited. For
-models without thinking, ``reasoning_effort`` is accepted and has no effect.
+``</think>``. Without ``reasoning_effort`` the template's default applies and thinking is not limited,
+except that a constrained reply (JSON, tool calls) keeps half of ``max_tokens`` for its answer. For models
+without thinking, ``reasoning_effort`` is accepted and has no effect.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def reasoning_setup(template: str, prompt_text: str, tokenizer: Tokenizer, effor
         return None
     open_in_prompt = tail.endswith(OPEN_TAG)
     budget = None if effort is None else min(THINKING_BUDGETS[effort], max_tokens // 2)
+    if budget is None and constrained:  # the constrained answer must still have room after the thinking
+        budget = max_tokens // 2
     plan = None
     if budget is not None or constrained:  # a budget to enforce, or a grammar that must wait for the answer
         plan = ThinkingPlan(

@@ -69,7 +69,7 @@ def test_effort_maps_to_template_switch_and_budget(tmp_path):
         assert low.plan.budget == 50 and low.plan.open_ids == tuple(tok.encode("<think>\n"))
         assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, "high", 100_000, False).plan.budget == 8192
         assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, None, 100, False).plan is None  # unlimited, nothing to force
-        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, None, 100, True).plan.budget is None  # grammar waits
+        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, None, 100, True).plan.budget == 50  # room for the answer
         assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, "minimal", 100, False) is None
         assert reasoning_setup(QWEN3_TEMPLATE, "x<think>\n\n</think>\n\n", tok, None, 100, False) is None
         opened = reasoning_setup(QWEN3_TEMPLATE, "x<think>\n", tok, "low", 100, False)
