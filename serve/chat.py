@@ -13,13 +13,14 @@ from model.tokenizer import Tokenizer
 from sampling.engine import Engine, EngineStoppedError, PromptTooLongError, QueueFullError
 from sampling.params import SamplingParams, TokenEvent
 from serve.chat_template import ChatTemplateError, render_chat
-from serve.errors import APIError
 from sampling.constraints import ConstraintError, json_schema_grammar
 from sampling.params import ThinkingPlan
+from serve.errors import APIError
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning import (EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch,
                              template_thinks)
-from serve.tool_parsers import ToolCallStream, scan
+from serve.reply_text import ChoiceText, assemble_message, new_call_id
+from serve.tool_parsers import ToolCallStream
 from serve.tools import (ToolChoice, ToolSpec, check_conversation, detect_syntax, parse_tool_choice, parse_tools,
                          template_messages, tool_grammar, with_generic_tools)
 
@@ -245,11 +246,11 @@ class Completion:
                 "system_fingerprint": self.model.fingerprint}
 
     # ---- reply text -> message parts -----------------------------------------------------------------
-    def _splitter(self) -> "ChoiceText":
+    def _splitter(self) -> ChoiceText:
         return ChoiceText(ReasoningSplitter(self.reasoning.open_at_start) if self.reasoning else None,
-                          ToolCallStream(self.tools.syntax, _call_id) if self.tools.active else None)
+                          ToolCallStream(self.tools.syntax, new_call_id) if self.tools.active else None)
 
-    def _finish_reason(self, finish: str | None, parts: "ChoiceText") -> str | None:
+    def _finish_reason(self, finish: str | None, parts: ChoiceText) -> str | None:
         return "tool_calls" if finish == "stop" and parts.has_calls else finish
 
     # ---- whole reply ------------------------------------------------------------------------------
@@ -271,30 +272,12 @@ class Completion:
                 finish[i] = event.finish_reason
                 deltas[i] += parts[i].finish()
         choices = [
-            {"index": i, "message": self._message(deltas[i]),
+            {"index": i, "message": assemble_message(deltas[i], template_thinks(self.model.chat_template)),
              "logprobs": {"content": logprobs[i]} if self.params.logprobs else None,
              "finish_reason": self._finish_reason(finish[i], parts[i])}
             for i in range(n)
         ]
         return {**self._base("chat.completion"), "choices": choices, "usage": self.usage()}
-
-    def _message(self, deltas: list[dict]) -> dict:
-        """Assemble deltas the way a streaming client does."""
-        content = "".join(d.get("content", "") for d in deltas)
-        calls: list[dict] = []
-        for delta in deltas:
-            for piece in delta.get("tool_calls", ()):
-                if piece["index"] == len(calls):
-                    calls.append({"id": piece["id"], "type": "function",
-                                  "function": {"name": piece["function"]["name"], "arguments": ""}})
-                calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
-        message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-        if template_thinks(self.model.chat_template):  # null when thinking was off or never started
-            reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
-            message["reasoning_content"] = reasoning or None
-        if calls:
-            message["tool_calls"] = calls
-        return message
 
     # ---- stream -----------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
@@ -328,33 +311,3 @@ class Completion:
                                     "finish_reason": self._finish_reason(event.finish_reason, parts[i])}])
         if self.request.stream_options and self.request.stream_options.include_usage:
             yield {**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()}
-
-
-def _call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
-class ChoiceText:
-    """One choice's text -> deltas: reasoning split off first, then tool calls read from the content."""
-
-    def __init__(self, reasoning: ReasoningSplitter | None, calls: ToolCallStream | None):
-        self.reasoning, self.calls = reasoning, calls
-
-    def push(self, text: str) -> list[dict]:
-        thought, content = self.reasoning.push(text) if self.reasoning else ("", text)
-        return self._deltas(thought, content, final=False)
-
-    def finish(self) -> list[dict]:
-        thought, content = self.reasoning.flush() if self.reasoning else ("", "")
-        return self._deltas(thought, content, final=True)
-
-    def _deltas(self, thought: str, content: str, final: bool) -> list[dict]:
-        deltas: list[dict] = [{"reasoning_content": thought}] if thought else []
-        if self.calls is None:
-            return deltas + ([{"content": content}] if content else [])
-        deltas += self.calls.push(content) if content else []
-        return deltas + (self.calls.finish() if final else [])
-
-    @property
-    def has_calls(self) -> bool:
-        return self.calls is not None and self.calls.call_count > 0
