@@ -76,23 +76,58 @@ class StringTracker:
         return other
 
 
-def must_close_now(matcher: llguidance.LLMatcher, strings: StringTracker, facts: VocabFacts,
-                   remaining: int) -> list[int] | None:
-    """The closing path to force now, or None while the model can still go on safely: after any structural
-    token it might sample next, a way out must still fit in the budget."""
-    path = closing_path(matcher, strings, facts, limit=remaining)
-    if path is None:
-        return None  # no way out fits any more: the reply will end incomplete (finish_reason length)
-    need = len(path)
-    if need + MARGIN >= remaining:
-        return path
-    allowed = _allowed(matcher, len(facts.token_bytes))
-    for token in facts.openers:
-        if allowed[token]:
-            after = closing_path(matcher, strings, facts, limit=remaining, first=token)
-            if after is None or len(after) + MARGIN >= remaining:
-                return path
-    return None
+class BudgetCloser:
+    """One choice's watch over its budget: decides, each step near the end, whether to force the way out.
+
+    Forcing starts when the way out (plus a margin) no longer fits after the worst structural token the model
+    might sample next. Outside strings that is checked directly (a comma can force a whole key); inside a
+    string the characters are plain text, so the jump seen outside (or, once, after closing the string) is
+    reused instead of checking every step.
+    """
+
+    def __init__(self, facts: VocabFacts):
+        self.facts = facts
+        self.strings = StringTracker()
+        self.jump: int | None = None  # largest growth of the way out one structural token caused
+
+    def push(self, token: int) -> None:
+        self.strings.push(self.facts.token_bytes[token])
+
+    def path_to_force(self, matcher: llguidance.LLMatcher, remaining: int) -> list[int] | None:
+        if remaining > WINDOW or matcher.is_accepting():
+            return None
+        path = closing_path(matcher, self.strings, self.facts, limit=remaining)
+        if path is None:
+            return None  # no way out fits any more: the reply will end incomplete (finish_reason length)
+        need = len(path)
+        if need + MARGIN >= remaining:
+            return path
+        if self.strings.inside and self.jump is not None:
+            return path if need + self.jump + 1 + MARGIN >= remaining else None
+        worst = self._worst_next(matcher, remaining)
+        if worst is None:
+            return path
+        self.jump = max(self.jump or 0, worst - need)
+        return path if worst + MARGIN >= remaining else None
+
+    def _worst_next(self, matcher: llguidance.LLMatcher, remaining: int) -> int | None:
+        """The longest way out after one structural token (after the closing quote, inside a string)."""
+        facts, worst = self.facts, 0
+        firsts: list[list[int]] = []
+        allowed = _allowed(matcher, len(facts.token_bytes))
+        if self.strings.inside:
+            if facts.quote is not None and allowed[facts.quote]:
+                firsts = [[facts.quote]] + [[facts.quote, t] for t in facts.openers if t != facts.quote]
+        else:
+            firsts = [[t] for t in facts.openers if allowed[t]]
+        for first in firsts:
+            after = closing_path(matcher, self.strings, facts, limit=remaining, first=first)
+            if after is None:
+                if len(first) == 1:
+                    return None
+                continue  # the opener is not allowed after the quote
+            worst = max(worst, len(after) - (len(first) - 1))
+        return worst
 
 
 def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
@@ -101,17 +136,19 @@ def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
 
 
 def closing_path(matcher: llguidance.LLMatcher, strings: StringTracker, facts: VocabFacts,
-                 limit: int, first: int | None = None) -> list[int] | None:
-    """Tokens that finish the grammar from ``matcher``'s state (after ``first``, if given, which the path
-    then starts with), ending with EOS unless the grammar stops by itself; None if no path of at most
-    ``limit`` tokens was found. The matcher is not changed."""
+                 limit: int, first: list[int] | tuple[int, ...] = ()) -> list[int] | None:
+    """Tokens that finish the grammar from ``matcher``'s state (after ``first``, which the path then starts
+    with), ending with EOS unless the grammar stops by itself; None if no path of at most ``limit`` tokens
+    was found. The matcher is not changed."""
+    if first and matcher.validate_tokens(list(first)) < len(first):
+        return None  # checked first: a refused token would make llguidance log a warning
     m, strings, path = matcher.deep_copy(), strings.copy(), []
     vocab = len(facts.token_bytes)
-    if first is not None:
-        if not m.consume_token(first):
+    for token in first:
+        if not m.consume_token(token):
             return None
-        strings.push(facts.token_bytes[first])
-        path.append(first)
+        strings.push(facts.token_bytes[token])
+        path.append(token)
     while not m.is_stopped():
         if len(path) >= limit:
             return None

@@ -17,7 +17,7 @@ from llguidance import TokenizerWrapper
 import numpy as np
 
 from model.tokenizer import Tokenizer
-from sampling.closing import WINDOW, StringTracker, VocabFacts, must_close_now
+from sampling.closing import BudgetCloser, VocabFacts
 
 if TYPE_CHECKING:
     from sampling.params import ThinkingPlan
@@ -112,8 +112,7 @@ class ChoiceGuide:
                  token_bytes: "Callable[[int], bytes]", words: int, stop_ids: frozenset[int] = frozenset(),
                  facts: "VocabFacts | None" = None):
         self.constraint, self.thinking, self.token_bytes, self.words = constraint, thinking, token_bytes, words
-        self.facts = facts  # set: close the grammar before the budget runs out (sampling.closing)
-        self.strings = StringTracker()
+        self.closer = BudgetCloser(facts) if facts is not None else None  # close before the budget runs out
         self.closed_by_budget = False  # the end of the reply was forced to fit the budget
         # A grammar still to come means the reply may not end inside the think block.
         self._thinking_mask = None
@@ -139,9 +138,9 @@ class ChoiceGuide:
         return self._thinking_mask if self.phase != "answer" else None
 
     def _plan_closing(self, remaining: int) -> bool:
-        if self.facts is None or remaining > WINDOW or self.constraint.matcher.is_accepting():
+        if self.closer is None:
             return False
-        path = must_close_now(self.constraint.matcher, self.strings, self.facts, remaining)
+        path = self.closer.path_to_force(self.constraint.matcher, remaining)
         if path is None:
             return False
         self._forced, self.closed_by_budget = path, True
@@ -151,8 +150,7 @@ class ChoiceGuide:
         if self._forced:
             self._forced.pop(0)
             if self.phase == "answer" and self.constraint is not None:
-                self.constraint.advance(token)
-                self.strings.push(self.token_bytes(token))
+                self._advance_answer(token)
             elif not self._forced and self.phase == "closing":
                 self.phase = "answer"
             return
@@ -165,8 +163,12 @@ class ChoiceGuide:
                 self._check_budget()
             return
         if self.constraint is not None:
-            self.constraint.advance(token)
-            self.strings.push(self.token_bytes(token))
+            self._advance_answer(token)
+
+    def _advance_answer(self, token: int) -> None:
+        self.constraint.advance(token)
+        if self.closer is not None:
+            self.closer.push(token)
 
     def _check_budget(self) -> None:
         if self.phase == "thinking" and self.thinking.budget is not None and self._spent >= self.thinking.budget:
