@@ -18,6 +18,7 @@ opens a call the call is constrained), ``required`` (one or more calls, nothing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -153,25 +154,35 @@ def check_conversation(messages: list[dict[str, Any]]) -> None:
                        f"earlier assistant message called", f"messages[{i}].tool_call_id")
 
 
+def mistral_call_id(call_id: str) -> str:
+    """Mistral templates insist on 9-character alphanumeric call ids: a stable one derived from ours."""
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+
 def template_messages(messages: list[dict[str, Any]], syntax: str) -> list[dict[str, Any]]:
-    """Messages as the template expects them: HF templates want call arguments as dicts; the generic
-    syntax writes calls and results as text."""
+    """Messages as the template expects them: HF templates want call arguments as dicts (and Mistral's want
+    9-character call ids); the generic syntax writes calls and results as text."""
     out = []
+    ids = mistral_call_id if syntax == "mistral" else (lambda call_id: call_id)
     for message in messages:
         message = dict(message)
         calls = message.get("tool_calls")
         if calls and syntax != "generic":
             message["tool_calls"] = [
-                {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+                {**call, "id": ids(call["id"]),
+                 "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
                 for call in calls
             ]
         elif calls:
-            blocks = [f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function']['arguments'])})}\n</tool_call>"
-                      for c in message.pop("tool_calls")]
+            blocks = ["<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                    "arguments": json.loads(c["function"]["arguments"])})
+                      + "\n</tool_call>" for c in message.pop("tool_calls")]
             message["content"] = "\n".join(filter(None, [message.get("content") or "", *blocks]))
-        if syntax == "generic" and message["role"] == "tool":
-            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
-            message.pop("tool_call_id", None)
+        if message["role"] == "tool":
+            if syntax == "generic":
+                message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+            else:
+                message["tool_call_id"] = ids(message["tool_call_id"])
         out.append(message)
     return out
 

@@ -258,3 +258,21 @@ def test_hermes_tool_calls_with_the_qwen3_template(tmp_path):
     finally:
         server.stop()
         engine.stop()
+
+
+def test_conversation_rewritten_for_each_syntax():
+    from serve.tools import mistral_call_id, template_messages
+
+    call = {"id": "call_abc", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    messages = [{"role": "user", "content": "time?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_abc", "content": "12:00"}]
+    hermes = template_messages(messages, "hermes")
+    assert hermes[1]["tool_calls"][0]["function"]["arguments"] == {"zone": "UTC"}  # dicts, as HF templates want
+    mistral = template_messages(messages, "mistral")
+    assert mistral[1]["tool_calls"][0]["id"] == mistral[2]["tool_call_id"] == mistral_call_id("call_abc")
+    assert len(mistral_call_id("call_abc")) == 9 and mistral_call_id("call_abc").isalnum()
+    generic = template_messages(messages, "generic")
+    assert generic[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_time", "arguments": '
+                                                         '{"zone": "UTC"}}\n</tool_call>'}
+    assert generic[2] == {"role": "user", "content": "<tool_response>\n12:00\n</tool_response>"}
+    assert messages[1]["tool_calls"][0] is call and call["id"] == "call_abc"  # the request is not modified
