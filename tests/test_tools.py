@@ -276,3 +276,40 @@ def test_conversation_rewritten_for_each_syntax():
                                                          '{"zone": "UTC"}}\n</tool_call>'}
     assert generic[2] == {"role": "user", "content": "<tool_response>\n12:00\n</tool_response>"}
     assert messages[1]["tool_calls"][0] is call and call["id"] == "call_abc"  # the request is not modified
+
+
+# Minimal templates in the style of Llama 3.1 and Mistral (tools in the prompt, the model's own call syntax).
+LLAMA3_STYLE = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{% endfor %}{% if tools %}<|start_header_id|>ipython<|end_header_id|>\n\n{% for t in tools %}"
+    "{{ t | tojson }}\n{% endfor %}Reply with {\"name\": ..., \"parameters\": ...} or <|python_tag|>.<|eot_id|>"
+    "{% endif %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+MISTRAL_STYLE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]{% elif m.tool_calls %}"
+    "[TOOL_CALLS]{{ m.tool_calls | tojson }}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template,syntax", [(LLAMA3_STYLE, "llama3"), (MISTRAL_STYLE, "mistral")])
+def test_model_syntax_chosen_from_the_template(tmp_path, template, syntax):
+    assert detect_syntax(template) == syntax
+    server, engine = start_tiny_server(tmp_path, model={"context": 2048, "chat_template": template}, max_len=2048)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        for seed in range(5):
+            reply = client.chat.completions.create(model=TINY_ID, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                   parallel_tool_calls=False, seed=seed, max_tokens=300)
+            _validate_calls(reply.choices[0])
+        request = dict(model=TINY_ID, messages=ASK, tools=TOOLS, seed=4, max_tokens=300,
+                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        whole = client.chat.completions.create(**request)
+        _validate_calls(whole.choices[0], {"get_weather"})
+        _, calls, finish = _streamed(client, **request)
+        assert [calls[0][k] for k in sorted(calls[0])] == [
+            {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls]
+        assert finish[0] == "tool_calls"
+    finally:
+        server.stop()
+        engine.stop()
