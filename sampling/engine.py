@@ -166,6 +166,8 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Engine":
         started = time.perf_counter()
+        ll_tokenizer(self.tokenizer, self.cfg.vocab_size)  # built once, so the first constrained request
+        vocab_facts(self.tokenizer, self.cfg.vocab_size)  # does not pay for them
         self._state = self.steps.warmup()
         self.warmup_seconds = time.perf_counter() - started
         self._running = True
