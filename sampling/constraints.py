@@ -3,7 +3,9 @@
 The matcher turns a grammar (JSON schema, Lark, regex; llguidance's JSON grammar format) into the set of
 tokens allowed next; the engine passes that set to the jitted step as a ``[ceil(V/32)]`` uint32 bitmask and
 advances the matcher with every sampled token. EOS is allowed only where the grammar accepts, so a
-constrained reply is valid by construction or ends with ``finish_reason='length'``.
+constrained reply is valid by construction; near the end of its token budget ``sampling.closing`` forces
+the shortest way out, so it stays valid when cut short (``finish_reason='length'``).
+``ChoiceGuide`` puts a reasoning model's think block (forced open/close, budget) in front of the grammar.
 """
 
 from __future__ import annotations

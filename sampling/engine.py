@@ -4,6 +4,7 @@
 bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free, prefilled once and
 copied into each choice's slot. Every loop iteration runs one jitted decode call over all slots, copies
 its outputs to the host once, and turns them into ``TokenEvent``s (text deltas, logprobs, finish reasons).
+Choices with a grammar or a thinking plan get their next-token bitmask uploaded before each decode call.
 """
 
 from __future__ import annotations
