@@ -313,6 +313,7 @@ class Engine:
                 choice_row = row if mask is None else row.replace(allowed=jnp.asarray(mask))
                 if guide is not None:
                     guide.masked = mask is not None
+                    self.stats["guided_choices"] += 1
                 out, self._state = self.steps.insert(self._state, slot, slots[0], logits, choice_row,
                                                      choice_key(pending.seed, index), len(pending.prompt))
                 firsts.append((slot, out))
@@ -405,6 +406,7 @@ class Engine:
                 finish = "length"
         if finish == "stop" and choice.guide is not None and choice.guide.closed_by_budget:
             finish = "length"  # complete, but only because its end was forced to fit max_tokens
+            self.stats["closed_by_budget"] += 1
         if finish == "length" or (finish == "stop" and not choice.stops.stopped):
             text += choice.stops.push(choice.detok.flush())
             text += choice.stops.flush()

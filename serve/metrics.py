@@ -19,6 +19,12 @@ class EngineCollector:
         yield CounterMetricFamily("flaxchat_generated_tokens", "Tokens generated", value=stats["tokens"])
         yield CounterMetricFamily("flaxchat_engine_requests", "Requests admitted to slots", value=stats["requests"])
         yield CounterMetricFamily("flaxchat_decode_calls", "Jitted decode calls", value=stats["decode_calls"])
+        yield CounterMetricFamily("flaxchat_guided_choices", "Choices with a grammar or a thinking plan",
+                                  value=stats["guided_choices"])
+        yield CounterMetricFamily("flaxchat_closed_by_budget", "Constrained replies whose end was forced to fit "
+                                  "max_tokens", value=stats["closed_by_budget"])
+        yield CounterMetricFamily("flaxchat_mask_seconds", "Host time computing next-token masks",
+                                  value=stats["mask_ns"] / 1e9)
         yield GaugeMetricFamily("flaxchat_busy_slots", "Slots holding a sequence", value=self.engine.busy_slots)
         yield GaugeMetricFamily("flaxchat_slots", "Slots in the engine", value=self.engine.config.slots)
         yield GaugeMetricFamily("flaxchat_queue_depth", "Requests waiting for a slot", value=self.engine.queue_depth)

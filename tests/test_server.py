@@ -378,6 +378,10 @@ def test_rate_limit_429_and_token_budget_402(tmp_path):
 
 def test_metrics(server, client):
     client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=3)
+    client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=8, seed=3,  # noise: cut and closed
+                                   response_format={"type": "json_schema", "json_schema": {
+                                       "name": "s", "schema": {"type": "object", "properties": {"s": {"type": "string"}},
+                                                               "required": ["s"]}}})
     _post(server, {"model": "nope", "messages": HELLO})
     text = httpx.get(server.url + "/metrics").text
     assert 'flaxchat_http_requests_total{route="/v1/chat/completions",status="200"}' in text
@@ -386,6 +390,12 @@ def test_metrics(server, client):
     generated = float(next(line for line in text.splitlines() if line.startswith("flaxchat_generated_tokens_total"))
                       .split()[-1])
     assert generated >= 3
+
+    def value(name):
+        return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+    assert value("flaxchat_guided_choices_total") >= 1 and value("flaxchat_closed_by_budget_total") >= 1
+    assert value("flaxchat_mask_seconds_total") > 0
 
 
 def test_requests_after_the_engine_stopped_get_503(tmp_path):
