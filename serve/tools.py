@@ -202,9 +202,22 @@ def _lark_literal(text: str) -> str:
 
 
 def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
-    options = [{"type": "object", "properties": {"name": {"const": t.name}, args_key: t.parameters},
-                "required": ["name", args_key], "additionalProperties": False} for t in tools]
+    """One call object: the name and the arguments of one of ``tools``. Definitions the parameters refer to
+    (``#/$defs/...``, ``#/definitions/...``) move to the root, where those references point once the
+    parameters are nested inside the call."""
+    definitions: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}
+    options = []
+    for tool in tools:
+        parameters = dict(tool.parameters)
+        for key in definitions:
+            for name, definition in (parameters.pop(key, None) or {}).items():
+                if definitions[key].setdefault(name, definition) != definition:
+                    raise APIError(400, f"tools define {key}/{name} differently; give the definitions distinct "
+                                        "names", param="tools", code="invalid_json_schema")
+        options.append({"type": "object", "properties": {"name": {"const": tool.name}, args_key: parameters},
+                        "required": ["name", args_key], "additionalProperties": False})
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    schema.update({key: value for key, value in definitions.items() if value})
     return {**schema, "x-guidance": {"whitespace_flexible": False}}
 
 

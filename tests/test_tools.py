@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from sampling.constraints import ll_tokenizer
+from serve.errors import APIError
 from serve.tool_parsers import ToolCallStream, json_value_end, scan
 from serve.tools import ToolChoice, detect_syntax, parse_tools, tool_grammar
 from tests.engine_fixtures import tiny_model
@@ -313,3 +314,18 @@ def test_model_syntax_chosen_from_the_template(tmp_path, template, syntax):
     finally:
         server.stop()
         engine.stop()
+
+
+def test_parameters_with_definitions(tokenizer):
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+             "required": ["x", "y"], "additionalProperties": False}
+    move = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/point"}}, "required": ["to"],
+        "additionalProperties": False, "$defs": {"point": point}}}}
+    grammar = tool_grammar("hermes", parse_tools([move, CLOCK]), ToolChoice("required"), True, tokenizer)
+    assert _accepts(tokenizer, grammar, '<tool_call>\n{"name":"move","arguments":{"to":{"x":1,"y":2}}}\n</tool_call>')
+    assert not _accepts(tokenizer, grammar, '<tool_call>\n{"name":"move","arguments":{"to":{"x":1}}}\n</tool_call>')
+    other = {"type": "function", "function": {"name": "jump", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/point"}}, "$defs": {"point": {"type": "string"}}}}}
+    with pytest.raises(APIError, match="define \\$defs/point differently"):
+        tool_grammar("hermes", parse_tools([move, other]), ToolChoice("required"), True, tokenizer)
