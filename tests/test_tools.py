@@ -8,6 +8,8 @@ import jsonschema
 import llguidance
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sampling.constraints import ll_tokenizer
 from serve.errors import APIError
@@ -329,3 +331,13 @@ def test_parameters_with_definitions(tokenizer):
         "type": "object", "properties": {"to": {"$ref": "#/$defs/point"}}, "$defs": {"point": {"type": "string"}}}}}
     with pytest.raises(APIError, match="define \\$defs/point differently"):
         tool_grammar("hermes", parse_tools([move, other]), ToolChoice("required"), True, tokenizer)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(REPLIES), st.lists(st.integers(0, 200), max_size=10))
+def test_any_chunking_assembles_to_the_whole_reply(reply, cuts):
+    syntax, text, content, calls = reply
+    cuts = sorted({min(c, len(text)) for c in cuts})
+    stream = ToolCallStream(syntax, _ids())
+    deltas = [d for a, b in zip([0, *cuts], [*cuts, len(text)]) for d in stream.push(text[a:b])] + stream.finish()
+    assert assemble(deltas) == (content, calls)
