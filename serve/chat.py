@@ -70,9 +70,6 @@ class ToolSetup:
 def tool_setup(model: ServedModel, request: ChatCompletionRequest) -> ToolSetup:
     specs = parse_tools(request.tools)
     choice = parse_tool_choice(request.tool_choice, specs)
-    if choice.mode != "none" and request.response_format is not None and request.response_format.type != "text":
-        raise APIError(400, "response_format json_object/json_schema cannot be combined with tools unless "
-                            "tool_choice is 'none'", param="response_format", code="unsupported_parameter")
     return ToolSetup(specs, choice, detect_syntax(model.chat_template),
                      True if request.parallel_tool_calls is None else request.parallel_tool_calls)
 
@@ -152,18 +149,18 @@ def reply_budget(model: ServedModel, request: ChatCompletionRequest, prompt_len:
     return request.max_completion_tokens or request.max_tokens or max(model.engine.max_len - prompt_len, 1)
 
 
-def response_grammar(request: ChatCompletionRequest) -> str | None:
-    """The llguidance grammar ``response_format`` asks for: any JSON object, or JSON matching a schema."""
+def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks for: any JSON object, or the given schema (None: free text)."""
     fmt = request.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return json_schema_grammar({"type": "object"})
+        return {"type": "object"}
     schema = fmt.json_schema.schema_
     if not isinstance(schema, dict) or not schema:
         raise APIError(400, "response_format.json_schema.schema must be a non-empty JSON schema object",
                        param="response_format.json_schema.schema", code="invalid_json_schema")
-    return json_schema_grammar(schema)
+    return schema
 
 
 class Completion:
@@ -177,10 +174,11 @@ class Completion:
         self.tools = tool_setup(model, request)
         prompt_text = render_prompt(model, request, self.tools)
         ids = model.tokenizer.encode(prompt_text)
-        grammar = response_grammar(request)
-        if self.tools.active:
+        schema = response_schema(request)
+        grammar = json_schema_grammar(schema) if schema is not None else None
+        if self.tools.active:  # the reply is calls, or (auto) text or JSON that matches response_format
             grammar = tool_grammar(self.tools.syntax, self.tools.specs, self.tools.choice, self.tools.parallel,
-                                   model.tokenizer)
+                                   model.tokenizer, answer_schema=schema)
         if grammar is not None:
             try:
                 model.engine.check_grammar(grammar)

@@ -230,13 +230,16 @@ def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in "\\/.^$|?*+()[]{}-" else c for c in text)
 
 
-def _opened_by(trigger: str, rest: str, choice: ToolChoice, tokenizer: Tokenizer) -> str:
+def _opened_by(trigger: str, rest: str, choice: ToolChoice, tokenizer: Tokenizer, answer: str | None) -> str:
     """Grammar for replies made of calls that start with ``trigger`` then ``rest``. With ``auto`` the reply may
-    instead be free text, and free text that writes the trigger commits to a valid call (a lazy match)."""
+    instead be free text, and free text that writes the trigger commits to a valid call (a lazy match); or,
+    when ``response_format`` asks for JSON, the ``answer`` grammar fragment instead of free text."""
     special = _special_token(tokenizer, trigger)
     opener = f"<[{special}]>" if special is not None else _lark_literal(trigger)
     if choice.mode != "auto":
         return f"%llguidance {{}}\nstart: {opener} {rest}\n"
+    if answer is not None:
+        return f"%llguidance {{}}\nstart: {answer} | {opener} {rest}\n"
     if special is not None:  # free text can never produce a control token
         return f"%llguidance {{}}\nstart: TEXT | TEXT? {opener} {rest}\nTEXT: /(.|\\n)+/\n"
     return (f"%llguidance {{}}\nstart: TEXT | prose {rest}\nprose[lazy]: /(.|\\n)*{_regex_escape(trigger)}/\n"
@@ -244,16 +247,24 @@ def _opened_by(trigger: str, rest: str, choice: ToolChoice, tokenizer: Tokenizer
 
 
 def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool,
-                 tokenizer: Tokenizer) -> str | None:
-    """llguidance (lark) grammar for the reply; None when the reply is free (``none``)."""
+                 tokenizer: Tokenizer, answer_schema: dict[str, Any] | None = None) -> str | None:
+    """llguidance (lark) grammar for the reply; None when the reply is free (``none``). ``answer_schema``:
+    with ``auto``, a reply that calls nothing must be JSON matching it (``response_format``)."""
     if choice.mode == "none":
         return None
+    answer = None
+    if answer_schema is not None and choice.mode == "auto":
+        answer = f'%json {json.dumps({**answer_schema, "x-guidance": {"whitespace_flexible": False}})}'
+        if syntax == "llama3":
+            raise APIError(400, "response_format JSON cannot be combined with tool_choice 'auto' for this model: "
+                                "its tool calls are bare JSON objects too", param="response_format",
+                           code="unsupported_parameter")
     chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):
         body = f'"\\n" %json {json.dumps(_call_schema(chosen, "arguments"))} "\\n</tool_call>"'
         more = ' ("\\n<tool_call>" ' + body + ")*" if many else ""
-        return _opened_by("<tool_call>", body + more, choice, tokenizer)
+        return _opened_by("<tool_call>", body + more, choice, tokenizer, answer)
     if syntax == "llama3":
         body = f'%json {json.dumps(_call_schema(chosen, "parameters"))}'
         if choice.mode == "auto":
@@ -264,5 +275,5 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
                  "x-guidance": {"whitespace_flexible": False}}
         if not many:
             array["maxItems"] = 1
-        return _opened_by("[TOOL_CALLS]", f"%json {json.dumps(array)}", choice, tokenizer)
+        return _opened_by("[TOOL_CALLS]", f"%json {json.dumps(array)}", choice, tokenizer, answer)
     raise ValueError(f"unknown tool syntax {syntax!r}")

@@ -111,8 +111,8 @@ def _assert_error(response, status, code=None):
     ({"model": TINY_ID, "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
       "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"}, 400,
      "invalid_json_schema", "tools"),
-    ({"model": TINY_ID, "messages": HELLO, "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, 400,
-     "unsupported_parameter", "response_format"),
+    ({"model": TINY_ID, "messages": HELLO, "tools": [WEATHER_TOOL], "response_format": {"type": "json_schema",
+      "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "invalid_json_schema", "tools"),
     ({"model": TINY_ID, "messages": HELLO, "reasoning_effort": "extreme"}, 400, "invalid_value", "reasoning_effort"),
     ({"model": TINY_ID, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400,

@@ -230,6 +230,26 @@ def test_auto_and_none(client):
         assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
 
 
+def test_auto_with_response_format_answers_json_or_calls(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    kinds = set()
+    for seed in range(12):
+        choice = client.chat.completions.create(
+            model=TINY_ID, messages=ASK, tools=TOOLS, seed=seed, max_tokens=200,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}).choices[0]
+        if choice.message.tool_calls:
+            _validate_calls(choice)
+            kinds.add("call")
+        else:
+            jsonschema.validate(json.loads(choice.message.content), schema)
+            kinds.add("json")
+    assert kinds == {"call", "json"}  # the noise model takes both branches
+    required = client.chat.completions.create(model=TINY_ID, messages=ASK, tools=TOOLS, tool_choice="required",
+                                              seed=0, max_tokens=200, response_format={"type": "json_object"})
+    _validate_calls(required.choices[0])
+
+
 def test_tool_results_go_back_into_the_conversation(client):
     first = client.chat.completions.create(model=TINY_ID, messages=ASK, tools=TOOLS, tool_choice="required",
                                            parallel_tool_calls=False, seed=2, max_tokens=200)
