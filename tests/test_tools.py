@@ -204,6 +204,14 @@ def _streamed(client, **request):
     return content, calls, finish
 
 
+def _assert_stream_matches(client, request, whole):
+    """The streamed calls of ``request`` (one choice) equal ``whole``'s, and the stream ends with tool_calls."""
+    _, calls, finish = _streamed(client, **request)
+    assert [calls[0][k] for k in sorted(calls[0])] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls]
+    assert finish[0] == "tool_calls"
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}, "auto"])
 def test_streamed_tool_calls_assemble_to_the_non_streamed_reply(client, tool_choice):
     request = dict(model=TINY_ID, messages=ASK, tools=TOOLS, tool_choice=tool_choice, seed=11, n=2, max_tokens=300)
@@ -274,10 +282,7 @@ def test_hermes_tool_calls_with_the_qwen3_template(tmp_path):
         whole = client.chat.completions.create(**request)
         _validate_calls(whole.choices[0])
         assert whole.choices[0].message.model_dump()["reasoning_content"]
-        _, calls, finish = _streamed(client, **request)
-        assert [calls[0][k] for k in sorted(calls[0])] == [
-            {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls]
-        assert finish[0] == "tool_calls"
+        _assert_stream_matches(client, request, whole)
     finally:
         server.stop()
         engine.stop()
@@ -329,10 +334,7 @@ def test_model_syntax_chosen_from_the_template(tmp_path, template, syntax):
                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
         whole = client.chat.completions.create(**request)
         _validate_calls(whole.choices[0], {"get_weather"})
-        _, calls, finish = _streamed(client, **request)
-        assert [calls[0][k] for k in sorted(calls[0])] == [
-            {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls]
-        assert finish[0] == "tool_calls"
+        _assert_stream_matches(client, request, whole)
     finally:
         server.stop()
         engine.stop()
