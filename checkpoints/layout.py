@@ -1,7 +1,7 @@
 """Map Hugging Face tensor names onto flaxchat's params pytree.
 
 Both importers (safetensors and GGUF) produce tensors under HF names and layouts (``[out, in]``
-matrices); this module is the one place that knows how they become stacked linen params.
+matrices); this module is the one place that knows how they become linen params (``layers_{i}/...``).
 """
 
 from __future__ import annotations
@@ -83,11 +83,9 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
         want = _get(shapes, path)
         if want is not None:
             _set(params, path, load(name, transpose, want))
-    for path, suffix, transpose in _LAYER_TENSORS:
-        want = _get(shapes["layers"], path)
-        if want is None:
-            continue
-        one = jax.ShapeDtypeStruct(want.shape[1:], want.dtype)
-        stacked = np.stack([load(f"model.layers.{i}.{suffix}", transpose, one) for i in range(cfg.num_layers)])
-        _set(params, ("layers",) + path, stacked)
+    for i in range(cfg.num_layers):
+        for path, suffix, transpose in _LAYER_TENSORS:
+            want = _get(shapes[f"layers_{i}"], path)
+            if want is not None:
+                _set(params, (f"layers_{i}",) + path, load(f"model.layers.{i}.{suffix}", transpose, want))
     return jax.tree.map(lambda a, s: jax.numpy.asarray(a, dtype=s.dtype), params, shapes)

@@ -29,6 +29,7 @@ from checkpoints.hf_import import load_hf_folder
 from checkpoints.orbax_io import restore_params, save_params
 from checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
 from model.config import ModelConfig
+from model.quant import prepare_weights
 from model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -203,8 +204,10 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     return path
 
 
-def load_model(name: str, dtype: str | None = None) -> StoredModel:
-    """Load a stored model: config, orbax params (optionally cast), tokenizer and chat template."""
+def load_model(name: str, dtype: str | None = None, weights: str = "float32") -> StoredModel:
+    """Load a stored model: config, orbax params (optionally cast, optionally quantised to int8 with
+    ``weights="int8"``), tokenizer and chat template. The store keeps float weights; quantisation happens
+    at load, on the host."""
     folder = model_dir(name)
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
@@ -213,6 +216,7 @@ def load_model(name: str, dtype: str | None = None) -> StoredModel:
     if dtype is not None and dtype != cfg.dtype:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)
+    cfg, params = prepare_weights(cfg, params, weights)
     template_path = folder / "chat_template.jinja"
     return StoredModel(
         name=folder.name,

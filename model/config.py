@@ -67,7 +67,10 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"  # storage dtype of the weights
+    param_dtype: str = "float32"  # storage dtype of the float weights
+    # "float32": projections in param_dtype (exact parity with transformers); "int8": per-channel int8
+    # projection weights multiplied as int8 x int8 -> int32 (model/quant.py). A runtime choice, not stored.
+    weights: str = "float32"
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -83,17 +86,13 @@ class ModelConfig:
             )
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
             raise ValueError("sliding_windows needs one entry per layer")
+        if self.weights not in ("float32", "int8"):
+            raise ValueError(f"weights must be 'float32' or 'int8', not {self.weights!r}")
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    def window_sizes(self) -> np.ndarray:
-        """Per-layer attention window as an int array; full attention is the int32 maximum."""
-        full = np.iinfo(np.int32).max
-        windows = self.sliding_windows or (None,) * self.num_layers
-        return np.array([full if w is None else w for w in windows], dtype=np.int32)
 
     def inverse_frequencies(self) -> np.ndarray:
         """RoPE inverse frequencies (float32, length head_dim/2), scaled as the checkpoint asks."""
@@ -120,7 +119,9 @@ class ModelConfig:
 
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.pop("weights")  # how this process runs the weights, not a property of the checkpoint
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -58,8 +58,9 @@ class EngineConfig:
     slots: int = 8
     max_len: int | None = None  # cache length; default min(model context, 2048)
     queue_size: int = 64
-    steps_per_call: int = 1
+    steps_per_call: int = 1  # decode steps per device call while no live choice needs the host between steps
     largest_prefill_bucket: int = 1024  # longer prompts are prefilled in chunks of this size
+    kv_dtype: str | None = None  # KV cache storage dtype; default the model's compute dtype
 
 
 _END = object()
@@ -152,7 +153,7 @@ class Engine:
         max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
         self.max_len = min(max_len, cfg.max_position_embeddings)
         self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
-                                 config.largest_prefill_bucket)
+                                 config.largest_prefill_bucket, config.kv_dtype)
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._slots: list[_Choice | None] = [None] * config.slots
         self._lock = threading.Condition()
@@ -227,9 +228,6 @@ class Engine:
             )
         if params.n > self.config.slots:
             raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
-        if params.grammar is not None or params.thinking is not None:
-            if self.config.steps_per_call != 1:
-                raise ValueError("constrained decoding and thinking budgets need an engine with steps_per_call=1")
         if params.grammar is not None:
             self._new_constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
@@ -314,7 +312,9 @@ class Engine:
                 if guide is not None:
                     guide.masked = mask is not None
                     self.stats["guided_choices"] += 1
-                out, self._state = self.steps.insert(self._state, slot, slots[0], logits, choice_row,
+                if slot != slots[0]:
+                    self._state = self.steps.copy_slot(self._state, slot, slots[0])
+                out, self._state = self.steps.insert(self._state, slot, logits, choice_row,
                                                      choice_key(pending.seed, index), len(pending.prompt))
                 firsts.append((slot, out))
                 self._slots[slot] = _Choice(
@@ -334,6 +334,10 @@ class Engine:
             self._on_token(slot, int(out.tokens[0]), out.logprobs[0], out.top_ids[0], out.top_logprobs[0])
 
     def _decode(self) -> None:
+        """One decode call over the live slots (a row bucket): several steps at once unless a live choice
+        needs the host between steps (a grammar or thinking mask)."""
+        live = [slot for slot, choice in enumerate(self._slots) if choice is not None and not choice.finished]
+        guided = any(self._slots[slot].guide is not None for slot in live)
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
@@ -342,7 +346,7 @@ class Engine:
             self.stats["mask_ns"] += time.perf_counter_ns() - started
             if masks:
                 self._state = self.steps.set_allowed(self._state, masks)
-            outs, self._state = self.steps.decode(self._state)
+            outs, self._state = self.steps.decode(self._state, live, 1 if guided else self.config.steps_per_call)
             host = jax.device_get(outs)
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
@@ -353,11 +357,13 @@ class Engine:
             self._recover_state()
             return
         self.stats["decode_calls"] += 1
+        self.stats[f"decode_rows_{host.tokens.shape[1]}"] += 1
         for step in range(host.tokens.shape[0]):
-            for slot, choice in enumerate(self._slots):
-                if choice is not None and not choice.finished:
-                    self._on_token(slot, int(host.tokens[step, slot]), host.logprobs[step, slot],
-                                   host.top_ids[step, slot], host.top_logprobs[step, slot])
+            for column, slot in enumerate(live):
+                choice = self._slots[slot]
+                if choice is not None and not choice.finished:  # a choice that stopped ignores later steps
+                    self._on_token(slot, int(host.tokens[step, column]), host.logprobs[step, column],
+                                   host.top_ids[step, column], host.top_logprobs[step, column])
 
     def _next_masks(self) -> dict[int, np.ndarray]:
         """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""

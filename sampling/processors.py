@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model import reductions
+
 NEG_INF = -jnp.inf
 
 
@@ -76,7 +78,7 @@ def top_k_mask(logits: jax.Array, top_k: jax.Array) -> jax.Array:
 def _top_p_remove_sorted(ascending_logits: jax.Array, top_p: jax.Array, tail_mass: jax.Array) -> jax.Array:
     """transformers' rule on ascending logits: remove where the cumulative probability <= 1 - top_p
     (``tail_mass``: probability of tokens below the candidates), always keeping the most likely token."""
-    probs = jnp.exp(ascending_logits - jax.nn.logsumexp(ascending_logits, axis=-1, keepdims=True))
+    probs = jnp.exp(ascending_logits - reductions.logsumexp(ascending_logits, axis=-1, keepdims=True))
     remove = tail_mass[:, None] + jnp.cumsum(probs * (1 - tail_mass[:, None]), axis=-1) <= (1 - top_p)[:, None]
     return remove.at[:, -1].set(False)
 
@@ -100,8 +102,8 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     def candidates(logits: jax.Array) -> jax.Array:
         values, ids = jax.lax.top_k(logits, CANDIDATES)
         values, ids = values[:, ::-1], ids[:, ::-1]  # ascending
-        total = jax.nn.logsumexp(logits, axis=-1)
-        tail = 1 - jnp.exp(jax.nn.logsumexp(values, axis=-1) - total)
+        total = reductions.logsumexp(logits, axis=-1)
+        tail = 1 - jnp.exp(reductions.logsumexp(values, axis=-1) - total)
         remove_sorted = _top_p_remove_sorted(values, top_p, tail)
         fits = jnp.all(remove_sorted[:, 0] | ~used)  # the least likely candidate is already outside the nucleus
         remove = jnp.ones((batch, vocab), bool).at[rows, ids].set(remove_sorted)
@@ -116,7 +118,7 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def min_p_mask(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     """Drop tokens whose probability is below ``min_p`` times the top token's; 0 = off."""
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = reductions.softmax(logits, axis=-1)
     threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
     remove = probs < threshold
     top = jnp.argmax(probs, axis=-1)

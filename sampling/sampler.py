@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from model import reductions
 from sampling import processors as P
 from sampling.params import MAX_TOP_LOGPROBS
 
@@ -47,7 +48,7 @@ def sample(logits: jax.Array, rows: RowSettings, keys: jax.Array) -> SampleOutpu
     logits = P.apply_presence_frequency(logits, rows.counts, rows.presence, rows.frequency)
     logits = logits + rows.bias
     logits = P.apply_allowed_bitmask(logits, rows.allowed)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logprobs = reductions.log_softmax(logits, axis=-1)
 
     warped = P.apply_temperature(logits, rows.temperature)
     warped = P.top_k_mask(warped, rows.top_k)

