@@ -2,7 +2,7 @@
 
 Near the end of the budget the engine asks, each step, for a short way to finish the grammar from where the
 reply is: the forced tokens llguidance reports, else a closing token (``"`` inside a string; ``}``, ``]``,
-``0``, ``null``, ``false``, ``"`` outside one), else the shortest allowed token. When that path (plus EOS)
+``,``, ``0``, ``null``, ``false``, ``"`` outside one), else the shortest allowed token. When that path (plus EOS)
 no longer fits in the remaining budget with a small margin, the engine forces it. The reply then ends with
 ``finish_reason: length`` (the model was cut short) but its JSON is complete and valid.
 """
@@ -18,7 +18,9 @@ from model.tokenizer import Tokenizer
 
 WINDOW = 64  # start looking for a way out this many tokens before the end of the budget
 MARGIN = 4  # one sampled token can open a few levels at once (e.g. `[{"`)
-_OUTSIDE = ("}", "]", "0", "null", "false", '"')
+# "," before "0": inside a number "0" only makes the number longer, and an array short of its minItems
+# (or an object short of a required key) needs a comma before anything can close.
+_OUTSIDE = ("}", "]", ",", "0", "null", "false", '"')
 
 
 class VocabFacts:

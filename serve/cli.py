@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "floats (exact parity with transformers); auto = int8 on CPU")
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="KV cache storage type (auto = bfloat16)")
-    p.add_argument("--steps-per-call", type=int, default=4,
-                   help="decode steps per device call while no live request needs the host between steps")
+    p.add_argument("--steps-per-call", type=int, default=1,
+                   help="decode steps per device call while no live request needs the host between steps "
+                        "(each value adds a compiled step per row bucket; 4 measured ~8%% faster at 2 rows, no faster at 16)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied)")

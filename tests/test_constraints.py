@@ -90,3 +90,23 @@ def test_invalid_grammar_is_refused_at_submit(engine):
     with pytest.raises(ConstraintError, match="nonsense"):
         engine.submit([5], SamplingParams(grammar=json_schema_grammar({"type": "nonsense"})))
     assert engine.busy_slots == 0 and engine.queue_depth == 0
+
+
+def test_the_way_out_of_a_long_number_in_a_short_array_is_found(engine):
+    """Inside an integer of an array still short of minItems, "0" only lengthens the number: the closer
+    must find ``,0]}`` (a reply like ``{"items":[368019153508...`` once ran out of budget unclosed)."""
+    from sampling.closing import StringTracker, closing_path, vocab_facts
+    from sampling.constraints import TokenConstraint, ll_tokenizer
+    from sampling.steps import bitmask_words
+
+    vocab = engine.cfg.vocab_size
+    constraint = TokenConstraint(ll_tokenizer(engine.tokenizer, vocab), json_schema_grammar(SCHEMAS["array_bounds"]),
+                                 bitmask_words(vocab))
+    facts, strings, prefix = vocab_facts(engine.tokenizer, vocab), StringTracker(), '{"items":[3680191535082119'
+    for token in engine.tokenizer.encode(prefix):
+        constraint.advance(token)
+        strings.push(facts.token_bytes[token])
+    path = closing_path(constraint.matcher, strings, facts, limit=12)
+    assert path is not None
+    text = prefix + engine.tokenizer.decode([t for t in path if t != facts.eos])
+    jsonschema.validate(json.loads(text), SCHEMAS["array_bounds"])
