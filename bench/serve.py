@@ -135,7 +135,7 @@ def main() -> int:
 
     lines = [
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct; llama-server runs the Q4_1 GGUF "
-        f"(`-t {os.cpu_count()} -c 16384 --parallel 16`), flaxchat `{' '.join(flax_command[1:3] + flax_command[5:])}` "
+        f"(`-t {os.cpu_count()} -c 16384 --parallel 16`), flaxchat `{' '.join(flax_command[1:4] + flax_command[6:])}` "
         f"(its defaults otherwise). Probe: `load_probe.py` (64 tokens per request, temperature 0.7, 2 x clients "
         f"requests per level); medians of {args.repeat} run(s).",
         "",

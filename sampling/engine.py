@@ -2,9 +2,15 @@
 
 ``submit(prompt_ids, params) -> RequestHandle`` from any thread or asyncio loop. Requests wait in a
 bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free, prefilled once and
-copied into each choice's slot. Every loop iteration runs one jitted decode call over all slots, copies
-its outputs to the host once, and turns them into ``TokenEvent``s (text deltas, logprobs, finish reasons).
-Choices with a grammar or a thinking plan get their next-token bitmask uploaded before each decode call.
+copied into each choice's slot. Every loop iteration runs one jitted decode call over the live slots (a
+row bucket, see ``sampling/steps.py``; ``steps_per_call`` steps at once unless a live choice needs the host
+between steps), copies its outputs to the host once, and turns them into ``TokenEvent``s (text deltas,
+logprobs, finish reasons). Choices with a grammar or a thinking plan get their next-token bitmask uploaded
+before each decode call.
+
+Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``) and the
+per-choice host state (detokenizers, guides); callers only touch the waiting queue (``_waiting``, under
+``_lock``) and their ``RequestHandle``'s event queue.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    model = load_model(name, dtype=args.dtype, weights=_weights(args.weights))
+    model = load_model(name, dtype=args.dtype, weights=args.weights)
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
@@ -88,16 +88,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(tokenizer.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
     print(f"[seed {seed}, {len(generated)} tokens]", file=sys.stderr)
     return 0
-
-
-def _weights(choice: str) -> str:
-    """``auto``: int8 on CPU (exact int8 products are fast there and keep every row bucket's bits; the
-    quality report is in bench/RESULTS.md), the checkpoint's floats on accelerators."""
-    if choice != "auto":
-        return choice
-    import jax
-
-    return "int8" if jax.default_backend() == "cpu" else "float32"
 
 
 def _kv_dtype(choice: str) -> str | None:
@@ -139,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    weights = _weights(args.weights)
+    weights = args.weights
     model = load_model(name, dtype=args.dtype, weights=weights)
     if not model.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
@@ -194,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
-                   help="projection weights: int8 (per-channel, int8 x int8 products) or the checkpoint's "
-                        "floats (exact parity with transformers); auto = int8 on CPU")
+    p.add_argument("--weights", choices=["float32", "int8"], default="float32",
+                   help="projection weights: the checkpoint's floats (exact parity with transformers) or int8 "
+                        "(per-channel, int8 x int8 products: faster on CPU, below the greedy-agreement bar, "
+                        "see bench/RESULTS.md)")
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="KV cache storage type (auto = bfloat16)")
     p.add_argument("--steps-per-call", type=int, default=1,
@@ -214,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
-    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
-                   help="projection weights (auto = int8 on CPU, as serve)")
+    p.add_argument("--weights", choices=["float32", "int8"], default="float32", help="projection weights (as serve)")
     p.set_defaults(func=cmd_generate)
     return parser
 

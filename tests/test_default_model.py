@@ -1,5 +1,6 @@
 """The real default model: GGUF importer parity with transformers' GGUF loader, and the store."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,9 +86,12 @@ def test_chat_template_and_tokens_equal_transformers(ours_and_reference):
         assert tokenizer.encode(ours) == ref_tokenizer.encode(theirs, add_special_tokens=False)
 
 
-def test_pulled_store_generates_sensibly(default_store):
-    """`pull` stored an orbax checkpoint that loads without the GGUF and answers a question."""
-    model = load_model("smollm2-135m-instruct")
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_pulled_store_generates_sensibly(default_store, weights):
+    """`pull` stored an orbax checkpoint that loads without the GGUF and answers a question (also with
+    the weights quantised to int8 at load)."""
+    model = load_model("smollm2-135m-instruct", weights=weights)
+    assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("int8")} if weights == "int8" else set())
     text = render_chat(model.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
                        special_tokens={"bos_token": model.tokenizer.special.bos_token})
     out = list(SimpleGenerator(model.cfg, model.params).generate(
