@@ -2,8 +2,8 @@
 
 A decode call runs a bucket of rows (the live slots, padded), so a lone request runs in a small bucket and
 the same request under load in a large one. That is only allowed where a row's result does not depend on
-the bucket: these tests check every bucket size the engine may use (and every size between them), on the
-model step alone and through the engine, for both weight modes.
+the bucket: these tests check every bucket size the engine uses (and sizes between them), on the model
+step alone and through the engine, for both weight modes.
 """
 
 import jax
@@ -35,9 +35,10 @@ def _model(float_model, weights):
 
 @pytest.mark.parametrize("weights", ["int8", "float32"])
 def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
-    """Fill 16 cache rows with different prompts, then decode one step with slot 5 in buckets of every size
-    from the smallest the engine uses up to 16 (other live slots and padding rows around it): slot 5's
-    logits must be bit-identical to its logits in the full 16-row step."""
+    """Fill 16 cache rows with different prompts, then decode one step with slot 5 in every bucket size the
+    engine uses (and two sizes between them), with other live slots and padding rows around it: slot 5's
+    logits must be bit-identical to its logits in the full 16-row step. (Every size 1..16 was checked
+    once on the real model too: bench/RESULTS.md.)"""
     cfg, params, _ = _model(float_model, weights)
     model = Transformer(cfg)
     rng = np.random.default_rng(0)
@@ -58,8 +59,9 @@ def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
     full = np.asarray(step(params, cache, jnp.asarray(full_rows), jnp.asarray(next_tokens[full_rows])))
     reference = full[list(full_rows).index(target)]
     smallest = smallest_row_bucket(cfg)
-    assert set(row_buckets(SLOTS, smallest)) <= set(range(smallest, SLOTS + 1))
-    for size in range(smallest, SLOTS):
+    buckets = row_buckets(SLOTS, smallest)
+    assert buckets[0] == smallest and buckets[-1] == SLOTS
+    for size in sorted(set(buckets[:-1]) | {3, 11}):  # every bucket the engine uses, and two sizes between
         for live in sorted({1, size // 2, size}):  # a bucket with padding rows, half full, and full
             others = [s for s in rng.permutation(SLOTS) if s != target][: live - 1]
             rows = np.array([target, *others] + [SLOTS] * (size - live), np.int32)  # SLOTS = padding row
@@ -84,7 +86,7 @@ def _tokens(events):
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None]
 
 
-@pytest.mark.parametrize("weights,slots", [("int8", 8), ("float32", 16)])
+@pytest.mark.parametrize("weights,slots", [("int8", 8), ("float32", 8)])
 def test_a_seeded_request_is_identical_alone_and_in_every_bucket(float_model, weights, slots):
     """The same seeded request alone (smallest bucket) and next to 1, 3, ... slots-1 others (every larger
     bucket): identical tokens and logprobs, and the engine really ran each bucket."""
