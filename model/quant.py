@@ -77,10 +77,6 @@ def quantize_params(params: Any) -> Any:
     return walk(dict(params))
 
 
-def weight_bytes(params: Any) -> int:
-    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
-
-
 def prepare_weights(cfg: Any, params: Any, weights: str) -> tuple[Any, Any]:
     """The (config, params) pair to run with ``weights`` ("float32" keeps them; "int8" quantises)."""
     if weights not in WEIGHT_MODES:

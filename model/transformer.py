@@ -5,8 +5,8 @@ explicit input and output (no mutable collections), so the caller owns device st
 buffers.
 
 Layout choices, each for a measured XLA:CPU reason (see ``Transformer``): per-layer params and per-layer
-cache buffers with a Python loop over layers; attention reads only the cache blocks a live row needs and
-each layer scatters its new keys/values into its own buffer. Projections are float (``weights="float32"``,
+cache buffers with a Python loop over layers; each layer scatters its new keys/values into its own buffer
+(``model/kv_cache.py``) and attention reads only the cache blocks a live row needs (``model/attention.py``). Projections are float (``weights="float32"``,
 exact parity with transformers) or int8 (``model/quant.py``, batch-invariant by construction).
 """
 
@@ -15,57 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from model.attention import grouped_attention
 from model.config import ModelConfig
+from model.kv_cache import KVCache, init_cache, write_layer
 from model.quant import int8_matmul
-from model.reductions import tree_mean, tree_sum
+from model.reductions import tree_mean
 
-_MASK_VALUE = -1e30  # finite so a fully masked row cannot produce NaNs
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values, one array per layer: ``k[layer]`` is ``[slots, kv_heads, max_len, head_dim]``.
-
-    One buffer per layer (not one stacked array) so each layer's attention reads and its scatter writes
-    its own buffer in place: XLA:CPU copies a slice of a stacked operand before using it. kv_heads sits
-    before max_len so attention's dot products see (row, kv_head) as batch dimensions with no transposed
-    copy. The storage dtype may be narrower than the compute dtype (bfloat16 halves the memory); entries
-    are widened to the compute dtype block by block as attention reads them.
-
-    A row's entry at position ``p`` is valid once the row has processed position ``p``; attention masks by
-    position (causal), so stale entries from a slot's previous occupant are never read.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def slots(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def dtype(self) -> Any:
-        """The entries' type (a bfloat16 cache is stored as uint16 bits, see ``_storage_dtype``)."""
-        return jnp.dtype(jnp.bfloat16) if self.k[0].dtype == _BITS else self.k[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    dtype = _storage_dtype(dtype or cfg.dtype)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+__all__ = ["KVCache", "Transformer", "init_cache", "init_params", "param_shapes"]
 
 
 class RMSNorm(nn.Module):
@@ -157,142 +116,6 @@ class Embedding(nn.Module):
             return int8_matmul(x, self.embedding, self.scale, transposed=True)
         x, table = x.astype(self.cfg.dtype), self.embedding.astype(self.cfg.dtype)
         return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
-
-
-CACHE_CHUNK = 128  # cache positions per attention block
-
-
-def _chunk_size(length: int) -> int:
-    """The largest power of two <= CACHE_CHUNK that divides the cache length (blocks must tile it)."""
-    size = CACHE_CHUNK
-    while length % size:
-        size //= 2
-    return size
-
-
-def read_block(cache: jax.Array, rows: jax.Array, start: jax.Array, size: int, dtype: Any) -> jax.Array:
-    """Positions ``[start, start + size)`` of the cache rows ``rows``: ``[len(rows), kv_heads, size, D]``,
-    widened to ``dtype``.
-
-    A row index past the cache (a padding row of a decode bucket) is clamped: it reads some real row,
-    and its result is discarded.
-    """
-    kv_heads, dim = cache.shape[1], cache.shape[3]
-
-    def one(row):
-        return jax.lax.dynamic_slice(cache, (row, 0, start, 0), (1, kv_heads, size, dim))[0]
-
-    return _from_storage(jax.vmap(one)(rows)).astype(dtype)
-
-
-# bfloat16 caches are stored as their bits in uint16 buffers: XLA:CPU has no native bfloat16 scatter or
-# dynamic slice and widened every layer's whole cache to float32 and back on each step (~3 s per 16 x 2048
-# step), and a bitcast of the whole buffer is itself a full copy there. Moving the bits as integers is exact
-# and in place; only the new entries (on write) and the blocks attention reads are converted.
-_BITS = jnp.dtype(jnp.uint16)
-
-
-def _storage_dtype(dtype: Any) -> Any:
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.bfloat16:
-        return _BITS
-    if dtype.itemsize != 4:
-        raise ValueError(f"KV cache dtype must be float32 or bfloat16, not {dtype}")
-    return dtype
-
-
-def _to_storage(values: jax.Array, stored: Any) -> jax.Array:
-    if stored == _BITS:
-        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), _BITS)
-    return values.astype(stored)
-
-
-def _from_storage(bits: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16) if bits.dtype == _BITS else bits
-
-
-def grouped_attention(q, cache_k, cache_v, rows, positions, window, groups):
-    """Causal (optionally sliding-window) GQA of ``q`` over the cache, which already holds this call's keys.
-
-    ``q`` ``[B, T, H, D]`` at ``positions`` ``[B, T]``; ``cache_k``/``cache_v`` this layer's
-    ``[slots, KV, S, D]`` cache, of which batch row ``b`` reads cache row ``rows[b]``; a query at position
-    ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window``; ``window`` is a static int or
-    None). Returns the output and the cache buffers, passed through unchanged.
-
-    The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
-    are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
-    fully masked for a row leaves that row's running max, sum and output exactly unchanged (factor 1.0,
-    zero weights), so a row's result does not depend on how many blocks other rows made the loop visit.
-    The group's query heads and positions share one axis so every dot is a batched matmul over
-    (row, kv_head).
-
-    The caller writes the new keys/values *before* this loop and the loop carries the cache through: the
-    loop's input is then the scatter's output, one chain of uses that XLA updates in place. (Reading the
-    donated cache parameter inside the loop and writing it after made XLA copy every layer's cache twice
-    per step.)
-    """
-    batch, seq, heads, dim = q.shape
-    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
-    f32 = jnp.float32
-    q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
-    q = q * jnp.asarray(dim**-0.5, q.dtype)
-    query_pos = jnp.tile(positions, (1, groups))[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as q
-
-    def scores_of(keys):
-        if seq == 1:  # decode: products and fixed-order sums, so a row's bits cannot depend on the bucket
-            return tree_sum(q[:, :, :, None, :].astype(f32) * keys[:, :, None, :, :].astype(f32), axis=-1)
-        return jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=f32)
-
-    def weighted_values(weights, values):
-        if seq == 1:
-            return tree_sum(weights[..., None] * values[:, :, None, :, :].astype(f32), axis=-2)
-        return jnp.einsum("bkqs,bksd->bkqd", weights.astype(values.dtype), values, preferred_element_type=f32)
-
-    def block(carry, keys, values, visible):
-        top, total, acc = carry
-        scores = scores_of(keys)
-        scores = jnp.where(visible, scores, _MASK_VALUE)
-        new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
-        weights = jnp.where(visible, jnp.exp(scores - new_top), 0.0)
-        scale = jnp.exp(top - new_top)
-        total = total * scale + tree_sum(weights, axis=-1, keepdims=True)
-        acc = acc * scale + weighted_values(weights, values)
-        return new_top, total, acc
-
-    chunk = _chunk_size(length)
-    needed = jnp.max(positions) // chunk + 1  # blocks holding any visible entry
-
-    def cache_block(i, carry):
-        state, cache_k, cache_v = carry
-        start = i * chunk
-        keys = read_block(cache_k, rows, start, chunk, q.dtype)
-        values = read_block(cache_v, rows, start, chunk, q.dtype)
-        key_pos = start + jnp.arange(chunk)[None, None, None, :]
-        visible = key_pos <= query_pos
-        if window is not None:
-            visible &= key_pos > query_pos - window
-        return block(state, keys, values, visible), cache_k, cache_v
-
-    n_rows = q.shape[2]
-    state = (jnp.full((batch, kv_heads, n_rows, 1), _MASK_VALUE, f32), jnp.zeros((batch, kv_heads, n_rows, 1), f32),
-             jnp.zeros((batch, kv_heads, n_rows, dim), f32))
-    (_, total, acc), cache_k, cache_v = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block,
-                                                          (state, cache_k, cache_v))
-    out = (acc / total).astype(q.dtype)
-    out = out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
-    return out, cache_k, cache_v
-
-
-def write_layer(cache: jax.Array, new: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter one layer's new keys or values ``[B, T, KV, D]`` into cache rows ``rows`` at ``positions``.
-
-    Done in place when the cache is donated. Rows or positions past the cache are dropped (padding rows of
-    a decode bucket, bucket padding past the context).
-    """
-    kv_heads = cache.shape[1]
-    index = (rows[:, None, None], jnp.arange(kv_heads)[None, None, :], positions[:, :, None])
-    return cache.at[index].set(_to_storage(new, cache.dtype), mode="drop")
-
 
 class Attention(nn.Module):
     """Grouped-query attention over this layer's cache; returns the output and the updated cache buffers."""

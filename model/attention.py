@@ -1,0 +1,110 @@
+"""Grouped-query attention of new queries over the KV cache, block by block with an online softmax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model.kv_cache import from_storage
+from model.reductions import tree_sum
+
+_MASK_VALUE = -1e30  # finite so a fully masked row cannot produce NaNs
+
+CACHE_CHUNK = 128  # cache positions per attention block
+
+
+def _chunk_size(length: int) -> int:
+    """The largest power of two <= CACHE_CHUNK that divides the cache length (blocks must tile it)."""
+    size = CACHE_CHUNK
+    while length % size:
+        size //= 2
+    return size
+
+
+def read_block(cache: jax.Array, rows: jax.Array, start: jax.Array, size: int, dtype: Any) -> jax.Array:
+    """Positions ``[start, start + size)`` of the cache rows ``rows``: ``[len(rows), kv_heads, size, D]``,
+    widened to ``dtype``.
+
+    A row index past the cache (a padding row of a decode bucket) is clamped: it reads some real row,
+    and its result is discarded.
+    """
+    kv_heads, dim = cache.shape[1], cache.shape[3]
+
+    def one(row):
+        return jax.lax.dynamic_slice(cache, (row, 0, start, 0), (1, kv_heads, size, dim))[0]
+
+    return from_storage(jax.vmap(one)(rows)).astype(dtype)
+
+
+def grouped_attention(q, cache_k, cache_v, rows, positions, window, groups):
+    """Causal (optionally sliding-window) GQA of ``q`` over the cache, which already holds this call's keys.
+
+    ``q`` ``[B, T, H, D]`` at ``positions`` ``[B, T]``; ``cache_k``/``cache_v`` this layer's
+    ``[slots, KV, S, D]`` cache, of which batch row ``b`` reads cache row ``rows[b]``; a query at position
+    ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window``; ``window`` is a static int or
+    None). Returns the output and the cache buffers, passed through unchanged.
+
+    The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
+    are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
+    fully masked for a row leaves that row's running max, sum and output exactly unchanged (factor 1.0,
+    zero weights), so a row's result does not depend on how many blocks other rows made the loop visit.
+    The group's query heads and positions share one axis so every dot is a batched matmul over
+    (row, kv_head).
+
+    The caller writes the new keys/values *before* this loop and the loop carries the cache through: the
+    loop's input is then the scatter's output, one chain of uses that XLA updates in place. (Reading the
+    donated cache parameter inside the loop and writing it after made XLA copy every layer's cache twice
+    per step.)
+    """
+    batch, seq, heads, dim = q.shape
+    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
+    f32 = jnp.float32
+    q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
+    q = q * jnp.asarray(dim**-0.5, q.dtype)
+    query_pos = jnp.tile(positions, (1, groups))[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as q
+
+    def scores_of(keys):
+        if seq == 1:  # decode: products and fixed-order sums, so a row's bits cannot depend on the bucket
+            return tree_sum(q[:, :, :, None, :].astype(f32) * keys[:, :, None, :, :].astype(f32), axis=-1)
+        return jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=f32)
+
+    def weighted_values(weights, values):
+        if seq == 1:
+            return tree_sum(weights[..., None] * values[:, :, None, :, :].astype(f32), axis=-2)
+        return jnp.einsum("bkqs,bksd->bkqd", weights.astype(values.dtype), values, preferred_element_type=f32)
+
+    def block(carry, keys, values, visible):
+        top, total, acc = carry
+        scores = scores_of(keys)
+        scores = jnp.where(visible, scores, _MASK_VALUE)
+        new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
+        weights = jnp.where(visible, jnp.exp(scores - new_top), 0.0)
+        scale = jnp.exp(top - new_top)
+        total = total * scale + tree_sum(weights, axis=-1, keepdims=True)
+        acc = acc * scale + weighted_values(weights, values)
+        return new_top, total, acc
+
+    chunk = _chunk_size(length)
+    needed = jnp.max(positions) // chunk + 1  # blocks holding any visible entry
+
+    def cache_block(i, carry):
+        state, cache_k, cache_v = carry
+        start = i * chunk
+        keys = read_block(cache_k, rows, start, chunk, q.dtype)
+        values = read_block(cache_v, rows, start, chunk, q.dtype)
+        key_pos = start + jnp.arange(chunk)[None, None, None, :]
+        visible = key_pos <= query_pos
+        if window is not None:
+            visible &= key_pos > query_pos - window
+        return block(state, keys, values, visible), cache_k, cache_v
+
+    n_rows = q.shape[2]
+    state = (jnp.full((batch, kv_heads, n_rows, 1), _MASK_VALUE, f32), jnp.zeros((batch, kv_heads, n_rows, 1), f32),
+             jnp.zeros((batch, kv_heads, n_rows, dim), f32))
+    (_, total, acc), cache_k, cache_v = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block,
+                                                          (state, cache_k, cache_v))
+    out = (acc / total).astype(q.dtype)
+    out = out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
+    return out, cache_k, cache_v
