@@ -2,7 +2,7 @@
 
 Usage:
   FLAXCHAT_HOME=... .venv/bin/python bench/serve.py [--llama-server PATH] [--out FILE] [--repeat 3]
-      [-- extra flaxchat serve arguments]
+      [--probe load|prefix|both] [-- extra flaxchat serve arguments]
 
 Starts llama-server (built from source by ../shared/tools/build-llama-server.sh if --llama-server is not
 given) on the default model's GGUF (Q4_1, from the PyPI wheel), runs ../shared/tools/load_probe.py at 1, 4,
@@ -14,6 +14,7 @@ memory is each server process's VmHWM. Prints a markdown table with ratios (and 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import re
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT.parent / "shared" / "tools"
 LEVELS = (1, 4, 8, 16)
 PROBE_LINE = re.compile(r"concurrency (\d+): ([\d.]+) tok/s aggregate, p50 TTFT (\d+|nan) ms, (\d+) tokens, (\d+)/")
+PREFIX_LINE = re.compile(r"short prompt TTFT (\d+) ms; long conversation first turn (\d+) ms; next turn (\d+) ms")
+CROWD_LINE = re.compile(r"shared ~1,000-token system prompt: p50 TTFT (\d+) ms; distinct prompts of that length: (\d+) ms")
 
 
 def free_port() -> int:
@@ -86,14 +89,31 @@ def probe(base: str, repeat: int) -> dict[int, tuple[float, float]]:
     return {c: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for c, rs in runs.items()}
 
 
-def run_server(command: list[str], base: str, repeat: int, env: dict | None = None) -> dict:
+def prefix_probe(base: str, repeat: int) -> dict[str, float]:
+    """Median over ``repeat`` runs of prefix_probe.py: short / first turn / next turn / shared / distinct TTFT (ms)."""
+    runs: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, str(TOOLS / "prefix_probe.py"), base],
+                             capture_output=True, text=True, check=True).stdout
+        print(out.strip(), flush=True)
+        turns, crowd = PREFIX_LINE.search(out), CROWD_LINE.search(out)
+        for name, value in zip(("short", "first", "next", "shared", "distinct"), turns.groups() + crowd.groups()):
+            runs[name].append(float(value))
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def run_server(command: list[str], base: str, repeat: int, probes: tuple[str, ...], env: dict | None = None) -> dict:
     print("$", " ".join(command), flush=True)
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         ready = wait_ready(base, process)
-        results = probe(base, repeat)
-        return {"ready_s": ready, "levels": results, "rss_mb": peak_rss_mb(process.pid)}
+        results = {"ready_s": ready}
+        if "load" in probes:
+            results["levels"] = probe(base, repeat)
+        if "prefix" in probes:
+            results["prefix"] = prefix_probe(base, repeat)
+        return {**results, "rss_mb": peak_rss_mb(process.pid)}
     except Exception:
         log.seek(0)
         print(log.read().decode()[-3000:], file=sys.stderr)
@@ -117,9 +137,12 @@ def main() -> int:
     parser.add_argument("--llama-server", default=None, help="llama-server binary (default: build it)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--probe", choices=("load", "prefix", "both"), default="load",
+                        help="load_probe.py (tok/s, TTFT at 1-16 clients), prefix_probe.py (prompt reuse), or both")
     parser.add_argument("flaxchat_args", nargs="*", help="extra `flaxchat serve` arguments (after --)")
     args = parser.parse_args()
 
+    probes = ("load", "prefix") if args.probe == "both" else (args.probe,)
     binary = args.llama_server or subprocess.run(["bash", str(TOOLS / "build-llama-server.sh")], check=True,
                                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,24 +150,45 @@ def main() -> int:
         port = free_port()
         llama = run_server([binary, "-m", str(gguf), "-t", str(os.cpu_count()), "-c", "16384", "--parallel", "16",
                             "--jinja", "--port", str(port), "--host", "127.0.0.1"],
-                           f"http://127.0.0.1:{port}/v1", args.repeat)
+                           f"http://127.0.0.1:{port}/v1", args.repeat, probes)
     port = free_port()
     flax_command = [str(ROOT / ".venv" / "bin" / "flaxchat"), "serve", "--slots", "16", "--port", str(port),
                     *args.flaxchat_args]
-    ours = run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat)
+    ours = run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat, probes)
 
     lines = [
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct; llama-server runs the Q4_1 GGUF "
         f"(`-t {os.cpu_count()} -c 16384 --parallel 16`), flaxchat `{' '.join(flax_command[1:4] + flax_command[6:])}` "
-        f"(its defaults otherwise). Probe: `load_probe.py` (64 tokens per request, temperature 0.7, 2 x clients "
-        f"requests per level); medians of {args.repeat} run(s).",
-        "",
-        "| clients | flaxchat tok/s | llama-server tok/s | ratio | flaxchat p50 TTFT ms | llama-server p50 TTFT ms |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"(its defaults otherwise). Medians of {args.repeat} run(s) of each probe.",
     ]
-    for c in LEVELS:
-        (ft, fl), (lt, ll) = ours["levels"][c], llama["levels"][c]
-        lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x** | {fl:.0f} | {ll:.0f} |")
+    if "load" in probes:
+        lines += [
+            "",
+            "`load_probe.py` (64 tokens per request, temperature 0.7, 2 x clients requests per level):",
+            "",
+            "| clients | flaxchat tok/s | llama-server tok/s | ratio | flaxchat p50 TTFT ms | llama-server p50 TTFT ms |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in LEVELS:
+            (ft, fl), (lt, ll) = ours["levels"][c], llama["levels"][c]
+            lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x** | {fl:.0f} | {ll:.0f} |")
+    if "prefix" in probes:
+        f, l = ours["prefix"], llama["prefix"]
+        lines += [
+            "",
+            "`prefix_probe.py` (TTFT in ms, streaming, temperature 0):",
+            "",
+            "| probe | flaxchat | llama-server | ratio (flaxchat / llama-server) |",
+            "| --- | ---: | ---: | ---: |",
+            f"| short prompt | {f['short']:.0f} | {l['short']:.0f} | {f['short'] / l['short']:.2f}x |",
+            f"| long conversation, first turn | {f['first']:.0f} | {l['first']:.0f} | {f['first'] / l['first']:.2f}x |",
+            f"| its next turn | {f['next']:.0f} ({f['next'] / f['short']:.1f}x short) | {l['next']:.0f} "
+            f"({l['next'] / l['short']:.1f}x short) | {f['next'] / l['next']:.2f}x |",
+            f"| 16 clients, shared system prompt, p50 | {f['shared']:.0f} | {l['shared']:.0f} | "
+            f"**{f['shared'] / l['shared']:.2f}x** |",
+            f"| 16 clients, distinct prompts, p50 | {f['distinct']:.0f} | {l['distinct']:.0f} | "
+            f"**{f['distinct'] / l['distinct']:.2f}x** |",
+        ]
     lines += [
         "",
         f"Peak resident memory: flaxchat {ours['rss_mb']:.0f} MB, llama-server {llama['rss_mb']:.0f} MB. "

@@ -1,16 +1,29 @@
 """The engine: a thread that owns the device state and runs continuous batching over fixed slots.
 
 ``submit(prompt_ids, params) -> RequestHandle`` from any thread or asyncio loop. Requests wait in a
-bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free, prefilled once and
-copied into each choice's slot. Every loop iteration runs one jitted decode call over the live slots (a
-row bucket, see ``sampling/steps.py``; ``steps_per_call`` steps at once unless a live choice needs the host
-between steps), copies its outputs to the host once, and turns them into ``TokenEvent``s (text deltas,
-logprobs, finish reasons). Choices with a grammar or a thinking plan get their next-token bitmask uploaded
-before each decode call.
+bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free and joins the prefill
+queue. Each loop iteration then
 
-Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``) and the
-per-choice host state (detokenizers, guides); callers only touch the waiting queue (``_waiting``, under
-``_lock``) and their ``RequestHandle``'s event queue.
+1. prefills: the request at the head of the prefill queue first takes the longest cached prefix of its
+   prompt from the prefix cache (``sampling/prefix_cache.py``; KV blocks copied from the device pool into
+   its slot), then runs chunks of the rest. While other choices are decoding, one iteration prefills at
+   most ``prefill_chunk`` tokens, so a long prompt never stalls the live streams for longer than one chunk;
+   with nothing decoding it runs a whole largest bucket. Every prefilled full block goes into the pool.
+   When a prompt is done, its slot is copied into the request's other choices' slots and each choice
+   samples its first token (``insert``);
+2. decodes: one jitted call over the live slots (a row bucket, see ``sampling/steps.py``;
+   ``steps_per_call`` steps at once unless a live choice needs the host between steps), outputs copied to
+   the host once and turned into ``TokenEvent``s (text deltas, logprobs, finish reasons). Choices with a
+   grammar or a thinking plan get their next-token bitmask uploaded before each decode call.
+
+A reply's bits do not depend on how its prompt was cut into chunks or which blocks came from the cache:
+prefill rows are bit-identical across chunk sizes and alignments (``sampling/steps.py``), and only prefill
+ever writes pool blocks.
+
+Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``), the
+prefill queue (``_prefilling``), the prefix index and the per-choice host state (detokenizers, guides);
+callers only touch the waiting queue (``_waiting``, under ``_lock``) and their ``RequestHandle``'s event
+queue.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from sampling.closing import vocab_facts
 from sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from sampling.prefix_cache import PrefixIndex
 from sampling.sampler import choice_key
 from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
 
@@ -67,6 +81,9 @@ class EngineConfig:
     steps_per_call: int = 1  # decode steps per device call while no live choice needs the host between steps
     largest_prefill_bucket: int = 1024  # longer prompts are prefilled in chunks of this size
     kv_dtype: str | None = None  # KV cache storage dtype; default the model's compute dtype
+    prefill_chunk: int = 128  # prompt tokens prefilled per loop iteration while other choices are decoding
+    prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
+    prefix_block: int = 16  # tokens per cached block
 
 
 _END = object()
@@ -77,6 +94,7 @@ class RequestHandle:
 
     def __init__(self, request_id: int, n: int, seed: int, prompt_tokens: int):
         self.id, self.n, self.seed, self.prompt_tokens = request_id, n, seed, prompt_tokens
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache (set before the first event)
         self.cancelled = threading.Event()
         self._queue: queue.Queue = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +153,17 @@ class _Pending:
 
 
 @dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled into ``slots[0]`` (its other slots are reserved)."""
+
+    pending: _Pending
+    slots: list[int]
+    done: int = 0  # prompt tokens already in the slot's cache
+    chain: list[int] = field(default_factory=list)  # prefix-index keys of the prompt's cached blocks, in order
+    looked_up: bool = False
+
+
+@dataclass
 class _Choice:
     """Host bookkeeping for one choice occupying one slot."""
 
@@ -158,10 +187,15 @@ class Engine:
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
         max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
         self.max_len = min(max_len, cfg.max_position_embeddings)
+        kv_dtype = config.kv_dtype or cfg.dtype
+        block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
+        pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
         self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
-                                 config.largest_prefill_bucket, config.kv_dtype)
+                                 config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
+        self.prefix = PrefixIndex(config.prefix_block, pool_blocks)
         self._waiting: collections.deque[_Pending] = collections.deque()
-        self._slots: list[_Choice | None] = [None] * config.slots
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
+        self._slots: list[_Choice | _Prefill | None] = [None] * config.slots
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -193,8 +227,10 @@ class Engine:
         for pending in list(self._waiting):
             self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
         self._waiting.clear()
+        for job in list(self._prefilling):
+            self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
-            if choice is not None:
+            if isinstance(choice, _Choice):
                 self._emit(choice, None, "", None, (), "cancelled")
                 self._slots[slot] = None
 
@@ -211,6 +247,11 @@ class Engine:
     @property
     def busy_slots(self) -> int:
         return sum(c is not None for c in self._slots)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Device bytes of prompt blocks held in the prefix cache."""
+        return self.prefix.used_blocks * self.steps.block_bytes
 
     @property
     def queue_depth(self) -> int:
@@ -272,7 +313,9 @@ class Engine:
             try:
                 self._drop_cancelled()
                 self._admit()
-                if self.busy_slots:
+                if self._prefilling:
+                    self._prefill()
+                if self._live_slots():
                     self._decode()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine loop error")
@@ -282,26 +325,115 @@ class Engine:
             for pending in [p for p in self._waiting if p.handle.cancelled.is_set()]:
                 self._waiting.remove(pending)
                 self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
+        for job in [job for job in self._prefilling if job.pending.handle.cancelled.is_set()]:
+            self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
-            if choice is not None and choice.handle.cancelled.is_set():
+            if isinstance(choice, _Choice) and choice.handle.cancelled.is_set():
                 self._emit(choice, None, "", None, (), "cancelled")
                 self._free(slot)
 
+    def _abandon(self, job: _Prefill, reason: str, error: str | None = None) -> None:
+        """End a request that is still prefilling: its slots become free, its choices end with ``reason``."""
+        self._prefilling.remove(job)
+        for slot in job.slots:
+            self._slots[slot] = None
+        params = job.pending.params
+        self._finish_all(job.pending.handle, params.n, params.choice_offset, reason, error)
+
+    def _live_slots(self) -> list[int]:
+        return [slot for slot, choice in enumerate(self._slots) if isinstance(choice, _Choice) and not choice.finished]
+
     def _admit(self) -> None:
+        """Move waiting requests into the prefill queue while their choices fit in free slots."""
         while True:
             with self._lock:
                 free = [i for i, c in enumerate(self._slots) if c is None]
                 if not self._waiting or len(free) < self._waiting[0].params.n:
                     return
                 pending = self._waiting.popleft()
-            self._start(pending, free[: pending.params.n])
+            job = _Prefill(pending, free[: pending.params.n])
+            for slot in job.slots:
+                self._slots[slot] = job
+            self._prefilling.append(job)
 
-    def _start(self, pending: _Pending, slots: list[int]) -> None:
+    def _prefill(self) -> None:
+        """Spend one iteration's prefill budget on the prefill queue, head first; start finished prompts.
+
+        The budget is ``prefill_chunk`` tokens while any choice is decoding (re-checked after each chunk, as
+        a finished prompt starts decoding), else one largest bucket."""
+        spent = 0
+        while self._prefilling:
+            budget = (self.config.prefill_chunk if self._live_slots() else self.steps.buckets[-1]) - spent
+            if budget <= 0:
+                return
+            job = self._prefilling[0]
+            prompt = job.pending.prompt
+            try:
+                if self.fault_hook:
+                    self.fault_hook("prefill")
+                if not job.looked_up:
+                    self._take_cached_prefix(job)
+                size = min(budget, len(prompt) - job.done, self.steps.buckets[-1])
+                logits, self._state = self.steps.prefill_chunk(self._state, job.slots[0], prompt, job.done, size)
+                job.done += size
+                spent += size
+                self._cache_prefilled_blocks(job)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("prefill failed for request %s", job.pending.handle.id)
+                if job in self._prefilling:
+                    self._abandon(job, "error", f"prefill failed: {exc}")
+                self._recover_state()
+                continue
+            if job.done >= len(prompt):
+                self._prefilling.popleft()
+                self._start(job, logits)
+
+    def _take_cached_prefix(self, job: _Prefill) -> None:
+        """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,
+        whose logits start the reply)."""
+        job.looked_up = True
+        prompt = job.pending.prompt
+        self.stats["prompt_tokens"] += len(prompt)
+        if not self.prefix.capacity:
+            return
+        match = self.prefix.match(prompt, (len(prompt) - 1) // self.prefix.block_size)
+        if match.blocks:
+            self._state = self.steps.load_blocks(self._state, job.slots[0], list(match.blocks))
+        job.done, job.chain = match.tokens, list(match.keys)
+        job.pending.handle.cached_tokens = match.tokens
+        self.stats["prefix_hit_tokens"] += match.tokens
+
+    def _cache_prefilled_blocks(self, job: _Prefill) -> None:
+        """Put the job's newly prefilled full blocks into the pool (one device copy for all of them)."""
+        if not self.prefix.capacity:
+            return
+        prompt, first = job.pending.prompt, len(job.chain)
+        targets = []
+        for block_tokens in self.prefix.blocks_of(prompt, first, job.done // self.prefix.block_size):
+            added = self.prefix.add(job.chain[-1] if job.chain else PrefixIndex.ROOT, block_tokens)
+            if added is None:
+                break
+            key, block, is_new = added
+            job.chain.append(key)
+            targets.append(block if is_new else None)
+        runs: list[tuple[int, list[int]]] = []  # (first cache block, pool blocks): consecutive new blocks
+        for i, block in enumerate(targets):  # (blocks another request cached meanwhile are in the pool already)
+            if block is None:
+                continue
+            if runs and runs[-1][0] + len(runs[-1][1]) == first + i:
+                runs[-1][1].append(block)
+            else:
+                runs.append((first + i, [block]))
+        for start, blocks in runs:
+            self._state = self.steps.save_blocks(self._state, job.slots[0], start, blocks)
+        if len(job.chain) > first:
+            self.prefix.touch_chain(prompt, len(job.chain))
+
+    def _start(self, job: _Prefill, logits: jax.Array) -> None:
+        """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
+        pending, slots = job.pending, job.slots
         params, vocab = pending.params, self.cfg.vocab_size
         try:
-            if self.fault_hook:
-                self.fault_hook("prefill")
-            logits, self._state = self.steps.prefill(self._state, slots[0], pending.prompt)
             row = make_row_request(
                 vocab, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
                 presence=params.presence_penalty, frequency=params.frequency_penalty,
@@ -329,7 +461,7 @@ class Engine:
                 )
             host = jax.device_get([out for _, out in firsts])
         except Exception as exc:  # noqa: BLE001
-            log.exception("prefill failed for request %s", pending.handle.id)
+            log.exception("starting request %s failed", pending.handle.id)
             for slot in slots:
                 self._slots[slot] = None
             self._recover_state()
@@ -342,7 +474,7 @@ class Engine:
     def _decode(self) -> None:
         """One decode call over the live slots (a row bucket): several steps at once unless a live choice
         needs the host between steps (a grammar or thinking mask)."""
-        live = [slot for slot, choice in enumerate(self._slots) if choice is not None and not choice.finished]
+        live = self._live_slots()
         guided = any(self._slots[slot].guide is not None for slot in live)
         try:
             if self.fault_hook:
@@ -356,10 +488,9 @@ class Engine:
             host = jax.device_get(outs)
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            for slot, choice in enumerate(self._slots):
-                if choice is not None:
-                    self._emit(choice, None, "", None, (), "error", f"decode step failed: {exc}")
-                    self._free(slot)
+            for slot in live:
+                self._emit(self._slots[slot], None, "", None, (), "error", f"decode step failed: {exc}")
+                self._free(slot)
             self._recover_state()
             return
         self.stats["decode_calls"] += 1
@@ -367,7 +498,7 @@ class Engine:
         for step in range(host.tokens.shape[0]):
             for column, slot in enumerate(live):
                 choice = self._slots[slot]
-                if choice is not None and not choice.finished:  # a choice that stopped ignores later steps
+                if isinstance(choice, _Choice) and not choice.finished:  # a choice that stopped ignores later steps
                     self._on_token(slot, int(host.tokens[step, column]), host.logprobs[step, column],
                                    host.top_ids[step, column], host.top_logprobs[step, column])
 
@@ -375,7 +506,7 @@ class Engine:
         """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""
         masks = {}
         for slot, choice in enumerate(self._slots):
-            if choice is None or choice.guide is None:
+            if not isinstance(choice, _Choice) or choice.guide is None:
                 continue
             mask = choice.guide.mask(choice.budget - choice.generated)
             if mask is not None:
@@ -389,10 +520,13 @@ class Engine:
         """After a failed step the donated state may be gone: rebuild it (only if it is)."""
         leaves = jax.tree.leaves(self._state)
         if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
+            for job in list(self._prefilling):
+                self._abandon(job, "error", "engine state was lost in a failed step")
             for slot, choice in enumerate(self._slots):
-                if choice is not None:
+                if isinstance(choice, _Choice):
                     self._emit(choice, None, "", None, (), "error", "engine state was lost in a failed step")
                     self._slots[slot] = None
+            self.prefix.clear()  # the pool's blocks are gone with the state
             self._state = self.steps.init_state()
 
     # ---- per-token bookkeeping -------------------------------------------------------------------

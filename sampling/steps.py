@@ -1,7 +1,8 @@
-"""The jitted device steps of the engine: prefill one slot, insert a choice into a slot, decode live slots.
+"""The jitted device steps of the engine: prefill a chunk of one slot, move prefix blocks between a slot and
+the prefix pool, insert a choice into a slot, decode live slots.
 
-Static shapes only: ``B`` slots, a cache of ``max_len`` positions, prefill buckets of powers of two, and
-decode *row buckets*: a decode call runs only a bucket of rows (the live slots, named by index, padded to
+Static shapes only: ``B`` slots, a cache of ``max_len`` positions, a prefix pool of fixed-size token blocks,
+prefill buckets of powers of two, and decode *row buckets*: a decode call runs only a bucket of rows (the live slots, named by index, padded to
 the bucket size), so a lone request does not pay for every slot. Every per-request setting travels as
 data in ``DecodeState``, so nothing recompiles while serving; each trace bumps ``compiles`` so tests and
 metrics can prove it. Device state is donated on every call.
@@ -11,6 +12,12 @@ and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's 
 differently for different row counts), int8 products (``model/quant.py``) are exact, and float32 products
 keep a row's bits from 2 rows up; so buckets start at 2 rows. ``tests/test_row_buckets.py`` checks every
 bucket size against the largest.
+
+Prefill chunks have the same property from ``smallest_prefill_bucket`` rows up: a prompt row's keys,
+values and logits are bit-identical whatever chunk size computed it and wherever the chunk started. That is
+what lets the prefix cache (``sampling/prefix_cache.py``) hand a request KV blocks that another request's
+prefill computed, and lets the engine cut prompts into chunks as it likes, without moving a seeded reply's
+bits. ``tests/test_prefix_cache.py`` checks every bucket at odd alignments.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 @flax.struct.dataclass
 class DecodeState:
     cache: KVCache
+    pool: KVCache  # the prefix cache's blocks: k[layer] is [pool_blocks, kv_heads, block_size, head_dim]
     tokens: jax.Array  # i32 [B] the next input token of each slot
     positions: jax.Array  # i32 [B] where that token goes
     steps: jax.Array  # i32 [B] index t (within the completion) of the next token to sample
@@ -79,6 +87,16 @@ def smallest_row_bucket(cfg: ModelConfig) -> int:
     return 2
 
 
+def smallest_prefill_bucket(cfg: ModelConfig) -> int:
+    """The smallest prefill chunk whose rows are bit-identical to the same rows computed in any larger chunk.
+
+    Measured on XLA:CPU (bench/RESULTS.md): a float32 ``[M, K] x [K, N]`` product's rows change between
+    M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows; int8
+    products are exact integers at any M.
+    """
+    return 16 if cfg.weights == "int8" else 64
+
+
 def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to min(max_len, largest); longer prompts go in chunks."""
     buckets, size = [], smallest
@@ -93,17 +111,22 @@ class EngineSteps:
     """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
-                 largest_bucket: int = 1024, kv_dtype: str | None = None):
+                 largest_bucket: int = 1024, kv_dtype: str | None = None, pool_blocks: int = 0,
+                 block_size: int = 16):
         self.cfg, self.params = cfg, params
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
         self.kv_dtype = kv_dtype or cfg.dtype
-        self.buckets = prefill_buckets(max_len, largest=largest_bucket)
+        smallest = min(smallest_prefill_bucket(cfg), max_len)
+        self.buckets = prefill_buckets(max_len, smallest, max(largest_bucket, smallest))
+        self.pool_blocks, self.block_size = pool_blocks, block_size
         self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
         self.compiles = 0
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
+        self._load_blocks = jax.jit(self._load_blocks_impl, donate_argnums=(0,))
+        self._save_blocks = jax.jit(self._save_blocks_impl, donate_argnums=(0,))
         self._decode = {k: jax.jit(functools.partial(self._decode_impl, k), donate_argnums=(1,))
                         for k in sorted({1, steps_per_call})}
         self._release = jax.jit(self._release_impl, donate_argnums=(0,))
@@ -119,8 +142,9 @@ class EngineSteps:
             allowed=jnp.full((b, bitmask_words(v)), 0xFFFFFFFF, jnp.uint32),
             counts=jnp.zeros((b, v), jnp.int32), seen=jnp.zeros((b, v), bool),
         )
+        pool = init_cache(self.cfg, max(self.pool_blocks, 1), self.block_size, self.kv_dtype)
         return DecodeState(
-            cache=init_cache(self.cfg, b, self.max_len, self.kv_dtype), tokens=jnp.zeros(b, jnp.int32),
+            cache=init_cache(self.cfg, b, self.max_len, self.kv_dtype), pool=pool, tokens=jnp.zeros(b, jnp.int32),
             positions=jnp.zeros(b, jnp.int32), steps=jnp.zeros(b, jnp.int32),
             keys=jax.random.split(jax.random.key(0), b), active=jnp.zeros(b, bool), rows=rows,
         )
@@ -145,6 +169,38 @@ class EngineSteps:
         copy = lambda layer: layer.at[dst].set(layer[src])  # noqa: E731
         cache = state.cache
         return state.replace(cache=type(cache)(tuple(map(copy, cache.k)), tuple(map(copy, cache.v))))
+
+    def _load_blocks_impl(self, state: DecodeState, slot, blocks, count):
+        """Copy pool blocks ``blocks[:count]`` into ``slot``'s cache at positions ``[0, count * block_size)``."""
+        self.compiles += 1
+        size = self.block_size
+
+        def one(i, caches):
+            k, v = caches
+            put = lambda layer, pool: jax.lax.dynamic_update_slice(  # noqa: E731
+                layer, jax.lax.dynamic_index_in_dim(pool, blocks[i], keepdims=True), (slot, 0, i * size, 0))
+            return tuple(map(put, k, state.pool.k)), tuple(map(put, v, state.pool.v))
+
+        k, v = jax.lax.fori_loop(0, count, one, (state.cache.k, state.cache.v))
+        return state.replace(cache=KVCache(k, v))
+
+    def _save_blocks_impl(self, state: DecodeState, slot, blocks, first, count):
+        """Copy ``slot``'s cache blocks ``first .. first + count - 1`` into pool blocks ``blocks[:count]``."""
+        self.compiles += 1
+        size, cache = self.block_size, state.cache
+
+        def one(i, pools):
+            k, v = pools
+
+            def put(pool, layer):
+                block = jax.lax.dynamic_slice(layer, (slot, 0, (first + i) * size, 0),
+                                              (1, layer.shape[1], size, layer.shape[3]))
+                return jax.lax.dynamic_update_slice(pool, block, (blocks[i], 0, 0, 0))
+
+            return tuple(map(put, k, cache.k)), tuple(map(put, v, cache.v))
+
+        k, v = jax.lax.fori_loop(0, count, one, (state.pool.k, state.pool.v))
+        return state.replace(pool=KVCache(k, v))
 
     def _insert_impl(self, state: DecodeState, slot, logits, row: RowRequest, choice_key, prompt_len):
         """Start a choice in ``slot`` (whose cache holds the prompt): sample its first token with
@@ -221,17 +277,47 @@ class EngineSteps:
     def row_bucket_for(self, n: int) -> int:
         return next(b for b in self.row_buckets if b >= n)
 
-    def prefill(self, state: DecodeState, slot: int, prompt: list[int]) -> tuple[jax.Array, DecodeState]:
-        """Prefill a whole prompt into ``slot`` (in chunks of the largest bucket if it is longer)."""
-        largest = self.buckets[-1]
+    def prefill_chunk(self, state: DecodeState, slot: int, prompt: list[int], start: int,
+                      size: int) -> tuple[jax.Array, DecodeState]:
+        """Prefill ``prompt[start:start + size]`` into ``slot`` (whose cache holds ``prompt[:start]``); returns
+        the logits of the prompt's last token when this chunk holds it. ``size`` is capped at the largest
+        bucket."""
+        chunk = prompt[start:start + min(size, self.buckets[-1])]
+        padded = np.zeros((1, self.bucket_for(len(chunk))), np.int32)
+        padded[0, : len(chunk)] = chunk
+        return self._prefill(self.params, state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(start),
+                             jnp.int32(len(prompt)))
+
+    def prefill(self, state: DecodeState, slot: int, prompt: list[int], start: int = 0) -> tuple[jax.Array, DecodeState]:
+        """Prefill ``prompt[start:]`` into ``slot`` in chunks of the largest bucket."""
         logits = None
-        for start in range(0, len(prompt), largest):
-            chunk = prompt[start:start + largest]
-            padded = np.zeros((1, self.bucket_for(len(chunk))), np.int32)
-            padded[0, : len(chunk)] = chunk
-            logits, state = self._prefill(self.params, state, jnp.int32(slot), jnp.asarray(padded),
-                                          jnp.int32(start), jnp.int32(len(prompt)))
+        for begin in range(start, len(prompt), self.buckets[-1]):
+            logits, state = self.prefill_chunk(state, slot, prompt, begin, self.buckets[-1])
         return logits, state
+
+    def _block_list(self, blocks: list[int]) -> jax.Array:
+        padded = np.zeros(self.max_len // self.block_size, np.int32)
+        padded[: len(blocks)] = blocks
+        return jnp.asarray(padded)
+
+    def load_blocks(self, state: DecodeState, slot: int, blocks: list[int]) -> DecodeState:
+        """Fill the first ``len(blocks)`` blocks of ``slot``'s cache from the prefix pool."""
+        return self._load_blocks(state, jnp.int32(slot), self._block_list(blocks), jnp.int32(len(blocks)))
+
+    def save_blocks(self, state: DecodeState, slot: int, first: int, blocks: list[int]) -> DecodeState:
+        """Copy ``slot``'s cache blocks ``first, first + 1, ...`` (prefilled) into the pool blocks ``blocks``."""
+        return self._save_blocks(state, jnp.int32(slot), self._block_list(blocks), jnp.int32(first),
+                                 jnp.int32(len(blocks)))
+
+    @property
+    def block_bytes(self) -> int:
+        return self.pool_block_bytes(self.cfg, self.kv_dtype, self.block_size)
+
+    @staticmethod
+    def pool_block_bytes(cfg: ModelConfig, kv_dtype: Any, block_size: int) -> int:
+        """Device bytes of one prefix-pool block (keys and values of every layer)."""
+        per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        return per_position * block_size * jnp.dtype(kv_dtype).itemsize
 
     def copy_slot(self, state: DecodeState, dst: int, src: int) -> DecodeState:
         return self._copy_slot(state, jnp.int32(dst), jnp.int32(src))
@@ -273,6 +359,8 @@ class EngineSteps:
                                           jnp.int32(0), jnp.int32(bucket))
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
         state = self.copy_slot(state, 0, 0)
+        state = self.save_blocks(state, 0, 0, [0])
+        state = self.load_blocks(state, 1 % self.slots, [0])
         for steps in self._decode:
             for bucket in self.row_buckets:
                 outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)

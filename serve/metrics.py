@@ -25,6 +25,16 @@ class EngineCollector:
                                   "max_tokens", value=stats["closed_by_budget"])
         yield CounterMetricFamily("flaxchat_mask_seconds", "Host time computing next-token masks",
                                   value=stats["mask_ns"] / 1e9)
+        yield CounterMetricFamily("flaxchat_prompt_tokens", "Prompt tokens of admitted requests",
+                                  value=stats["prompt_tokens"])
+        yield CounterMetricFamily("flaxchat_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache "
+                                  "instead of being prefilled", value=stats["prefix_hit_tokens"])
+        yield CounterMetricFamily("flaxchat_prefix_cache_evictions", "Prompt blocks evicted from the prefix cache",
+                                  value=self.engine.prefix.evictions)
+        yield GaugeMetricFamily("flaxchat_prefix_cache_bytes", "Device bytes of cached prompt blocks",
+                                value=self.engine.prefix_cache_bytes)
+        yield GaugeMetricFamily("flaxchat_prefix_cache_capacity_bytes", "Device bytes reserved for the prefix cache",
+                                value=self.engine.prefix.capacity * self.engine.steps.block_bytes)
         yield GaugeMetricFamily("flaxchat_busy_slots", "Slots holding a sequence", value=self.engine.busy_slots)
         yield GaugeMetricFamily("flaxchat_slots", "Slots in the engine", value=self.engine.config.slots)
         yield GaugeMetricFamily("flaxchat_queue_depth", "Requests waiting for a slot", value=self.engine.queue_depth)

@@ -12,10 +12,12 @@ from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 
 
-def tiny_model(folder: Path, kind: str = "llama", context: int | None = None, **gguf_options):
+def tiny_model(folder: Path, kind: str = "llama", context: int | None = None, shape: dict | None = None,
+               **gguf_options):
     """(cfg, params, tokenizer) of a tiny random model imported through the GGUF path (``kind`` as in
-    tests.hf_reference; ``context`` overrides max_position_embeddings; ``gguf_options`` reach write_gguf)."""
-    overrides = {} if context is None else {"max_position_embeddings": context}
+    tests.hf_reference; ``context`` overrides max_position_embeddings, ``shape`` other config fields;
+    ``gguf_options`` reach write_gguf)."""
+    overrides = dict(shape or {}) | ({} if context is None else {"max_position_embeddings": context})
     hf = make_tiny_model(kind, folder / "hf", **overrides)
     imported = load_gguf(write_gguf(hf, folder / "tiny.gguf", arch="qwen3" if kind == "qwen3" else "llama",
                                     **gguf_options))

@@ -432,3 +432,29 @@ def test_response_format_json_schema_and_json_object(client):
             assert isinstance(json.loads(text), dict)
         else:
             assert reply.choices[0].finish_reason == "length" and text.startswith("{")
+
+
+def test_a_repeated_long_prompt_reports_cached_tokens_and_the_same_reply(server, client):
+    """The second request with the same long system prompt takes it from the prefix cache: usage says how
+    many prompt tokens were cached (as OpenAI reports them), /metrics counts the hits, and the seeded reply
+    (streamed and not) is the one the cold request got."""
+    def metric(name):
+        text = httpx.get(server.url + "/metrics").text
+        return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+    hits_before = metric("flaxchat_prefix_cache_hit_tokens_total")
+    messages = [{"role": "system", "content": "the heat of the river stone " * 12},
+                {"role": "user", "content": "the heat"}]
+    settings = dict(model=TINY_ID, messages=messages, max_tokens=8, seed=11, temperature=0.8, logprobs=True)
+    cold = client.chat.completions.create(**settings)
+    warm = client.chat.completions.create(**settings)
+    assert cold.usage.prompt_tokens > 32 and cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens >= cold.usage.prompt_tokens - 16
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+    assert [t.logprob for t in warm.choices[0].logprobs.content] == [t.logprob for t in cold.choices[0].logprobs.content]
+    stream = client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cold.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == warm.usage.prompt_tokens_details.cached_tokens
+    assert metric("flaxchat_prefix_cache_hit_tokens_total") - hits_before >= 2 * (cold.usage.prompt_tokens - 16)
+    assert metric("flaxchat_prefix_cache_bytes") > 0 and metric("flaxchat_prompt_tokens_total") > 0

@@ -1,0 +1,123 @@
+"""The host side of the prefix cache: which token blocks have their KV in the device pool, and where.
+
+Prompts are cut into blocks of ``block_size`` tokens at absolute positions. A cached block is keyed by
+(its parent block's entry, its own tokens), so a key names the *whole* prefix up to the block's end, and
+a lookup walks a prompt's blocks from the start while they are cached (vLLM's hashed-block scheme, with
+exact keys instead of hashes: a Python dict compares the tuples, so there are no collisions to worry about).
+
+Why blocks and not a radix tree over tokens: the KV lives in a fixed-shape device pool
+(``[blocks, kv_heads, block_size, head_dim]`` per layer, see ``sampling/steps.py``) that jitted copies move
+whole blocks in and out of; a block is the unit of storage, so it is the unit of lookup too, and a block
+table is a plain dict.
+
+Only prefill writes cached blocks (decode writes KV with a different formulation, whose bits differ from
+prefill's), and a request copies the blocks it matched into its own slot, so a sequence never writes into
+a block another sequence reads. Eviction is least-recently-used; a lookup or insert touches a chain leaf
+first and root last, so a parent is never older than its children and evicting the oldest entry never
+strands a cached child behind a missing parent.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The cached blocks that start a prompt: pool block ids and entry keys, in prompt order."""
+
+    blocks: tuple[int, ...]
+    keys: tuple[int, ...]
+    block_size: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+
+@dataclass
+class _Entry:
+    key: int  # unique for the life of the index (block ids are reused after eviction; keys never are)
+    block: int
+
+
+class PrefixIndex:
+    """Least-recently-used table of cached prompt blocks (see the module docstring). Not thread-safe: the
+    engine thread alone uses it."""
+
+    ROOT = 0  # the parent key of a prompt's first block
+
+    def __init__(self, block_size: int, capacity: int):
+        if block_size < 1 or capacity < 0:
+            raise ValueError("block_size must be >= 1 and capacity >= 0")
+        self.block_size, self.capacity = block_size, capacity
+        self._entries: collections.OrderedDict[tuple[int, tuple[int, ...]], _Entry] = collections.OrderedDict()
+        self._free = list(range(capacity - 1, -1, -1))
+        self._keys = itertools.count(self.ROOT + 1)
+        self._live: set[int] = set()
+        self.evictions = 0
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self._entries)
+
+    def blocks_of(self, tokens: list[int], start: int = 0, end: int | None = None) -> list[tuple[int, ...]]:
+        """The full blocks of ``tokens`` from block ``start`` up to (not including) block ``end``."""
+        size = self.block_size
+        end = len(tokens) // size if end is None else min(end, len(tokens) // size)
+        return [tuple(tokens[i * size:(i + 1) * size]) for i in range(start, end)]
+
+    def match(self, tokens: list[int], max_blocks: int) -> PrefixMatch:
+        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``); touches them."""
+        parent, blocks, keys, names = self.ROOT, [], [], []
+        for block_tokens in self.blocks_of(tokens, 0, max_blocks):
+            entry = self._entries.get((parent, block_tokens))
+            if entry is None:
+                break
+            names.append((parent, block_tokens))
+            blocks.append(entry.block)
+            keys.append(entry.key)
+            parent = entry.key
+        self._touch(names)
+        return PrefixMatch(tuple(blocks), tuple(keys), self.block_size)
+
+    def add(self, parent: int, block_tokens: tuple[int, ...]) -> tuple[int, int, bool] | None:
+        """Make room for the block after ``parent`` and return ``(key, pool block, is_new)``; ``is_new``
+        means the caller must write the block's KV into that pool block now. ``None`` when the parent is no
+        longer cached (evicted) or the pool has no blocks."""
+        if len(block_tokens) != self.block_size:
+            raise ValueError("only full blocks are cached")
+        name = (parent, block_tokens)
+        if (entry := self._entries.get(name)) is not None:
+            self._entries.move_to_end(name)
+            return entry.key, entry.block, False
+        if parent != self.ROOT and parent not in self._live:
+            return None
+        if not self._free:
+            if not self._entries:
+                return None
+            _, evicted = self._entries.popitem(last=False)
+            self._free.append(evicted.block)
+            self._live.discard(evicted.key)
+            self.evictions += 1
+            if parent != self.ROOT and parent not in self._live:  # we just evicted our own parent
+                return None
+        entry = _Entry(next(self._keys), self._free.pop())
+        self._entries[name] = entry
+        self._live.add(entry.key)
+        return entry.key, entry.block, True
+
+    def _touch(self, names: list[tuple[int, tuple[int, ...]]]) -> None:
+        for name in reversed(names):  # leaf first, root last: the root ends most recent
+            self._entries.move_to_end(name)
+
+    def touch_chain(self, tokens: list[int], blocks: int) -> None:
+        """Re-touch the first ``blocks`` cached blocks of ``tokens`` root-last (after adding to a chain)."""
+        self.match(tokens, blocks)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._live.clear()
+        self._free = list(range(self.capacity - 1, -1, -1))

@@ -1,0 +1,233 @@
+"""Prefix reuse and chunked prefill keep the seed contract; the index evicts least-recently-used blocks.
+
+A reply must not depend on whether its prompt's KV came from the prefix cache, how the prompt was cut into
+chunks, or what else the engine was doing: checked here on the prefill step alone (every chunk size at odd
+alignments against one whole-prompt chunk) and through the engine (cold, warm, partly matching, under load,
+with a tiny cache that evicts), for both weight modes.
+"""
+
+import numpy as np
+import pytest
+
+from model.quant import prepare_weights
+from sampling.engine import Engine, EngineConfig
+from sampling.params import SamplingParams
+from sampling.prefix_cache import PrefixIndex
+from sampling.steps import EngineSteps
+from tests.engine_fixtures import tiny_model
+
+BLOCK = 16
+MAX_LEN = 256
+
+
+# ---- the index ---------------------------------------------------------------------------------------
+def _chain(index, tokens):
+    """Add every full block of ``tokens`` as the engine does; returns the pool blocks written."""
+    parent, written = PrefixIndex.ROOT, []
+    for block in index.blocks_of(tokens):
+        added = index.add(parent, block)
+        if added is None:
+            break
+        parent, pool_block, is_new = added
+        if is_new:
+            written.append(pool_block)
+    index.touch_chain(tokens, len(index.blocks_of(tokens)))
+    return written
+
+
+def test_index_matches_the_longest_cached_run_of_full_blocks():
+    index = PrefixIndex(block_size=4, capacity=10)
+    assert _chain(index, list(range(10))) == [0, 1]  # two full blocks; the last 2 tokens are not a block
+    assert index.match(list(range(12)), 3).tokens == 8
+    assert index.match(list(range(12)), 1).blocks == (0,)  # capped by max_blocks
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 99], 3).blocks == (0,)  # second block differs
+    assert index.match([9, 1, 2, 3, 4, 5, 6, 7], 3).blocks == ()  # a block is keyed by its whole prefix
+    assert _chain(index, list(range(8)) + [50, 51, 52, 53]) == [2]  # shares two blocks, adds one
+    assert index.used_blocks == 3
+
+
+def test_index_evicts_least_recently_used_leaves_first():
+    index = PrefixIndex(block_size=2, capacity=4)
+    a, b = [1, 1, 2, 2, 3, 3], [7, 7, 8, 8]
+    _chain(index, a)  # 3 blocks
+    _chain(index, b)  # needs 2: evicts one of a's; a's leaf goes first, so a keeps its first two
+    assert index.evictions == 1
+    assert index.match(a, 3).tokens == 4
+    assert index.match(b, 2).tokens == 4
+    index.match(b, 2)
+    _chain(index, [5, 5])  # evicts the least recently used: a's leaf-most remaining block
+    assert index.match(a, 3).tokens == 2 and index.match(b, 2).tokens == 4
+
+
+def test_index_with_no_capacity_caches_nothing():
+    index = PrefixIndex(block_size=2, capacity=0)
+    assert _chain(index, [1, 2, 3, 4]) == []
+    assert index.match([1, 2, 3, 4], 2).blocks == ()
+
+
+# ---- the prefill step --------------------------------------------------------------------------------
+# The default model's widths (few layers, tiny vocabulary): XLA:CPU picks its matmul kernel by shape, and the
+# float32 kernel switch that sets the smallest exact prefill chunk (64 rows) does not happen at toy widths.
+REAL_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                   num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("prefix"), context=MAX_LEN, shape=REAL_WIDTHS)
+
+
+def _model(float_model, weights):
+    cfg, params, tokenizer = float_model
+    cfg, params = prepare_weights(cfg, params, weights)
+    return cfg, params, tokenizer
+
+
+@pytest.mark.parametrize("weights", ["int8", "float32"])
+def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights):
+    """A prompt prefilled in one chunk, and the same prompt cut at odd places into chunks of every bucket
+    the engine uses: every layer's cache rows and the last token's logits must be bit-identical. This is
+    what makes cached blocks interchangeable with freshly computed ones."""
+    cfg, params, _ = _model(float_model, weights)
+    steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN)
+    prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
+    state = steps.init_state()
+    reference, state = steps.prefill(state, 0, prompt)
+    reference_rows = [np.asarray(layer[0, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+    for bucket in steps.buckets:
+        for offset in (0, 7, 37):
+            start, cuts = 0, []
+            while start < len(prompt):
+                size = bucket - offset if start == 0 and offset < bucket else bucket
+                cuts.append((start, size))
+                start += size
+            for start, size in cuts:
+                logits, state = steps.prefill_chunk(state, 1, prompt, start, size)
+            rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+            assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), (bucket, offset)
+            assert np.array_equal(np.asarray(logits), np.asarray(reference)), (bucket, offset)
+
+
+def test_pool_blocks_round_trip(float_model):
+    """save_blocks then load_blocks into another slot reproduces the cache rows exactly."""
+    cfg, params, _ = _model(float_model, "float32")
+    steps = EngineSteps(cfg, params, 2, MAX_LEN, kv_dtype="bfloat16", pool_blocks=8, block_size=BLOCK)
+    prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 3 * BLOCK).tolist()
+    state = steps.init_state()
+    _, state = steps.prefill(state, 0, prompt)
+    state = steps.save_blocks(state, 0, 0, [5, 2, 7])
+    state = steps.load_blocks(state, 1, [5, 2, 7])
+    for layer in state.cache.k + state.cache.v:
+        assert np.array_equal(np.asarray(layer[0, :, : 3 * BLOCK]), np.asarray(layer[1, :, : 3 * BLOCK]))
+
+
+# ---- through the engine ------------------------------------------------------------------------------
+SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=77, ignore_eos=True, logprobs=True,
+                        top_logprobs=3)
+
+
+def _engine(float_model, weights, **config):
+    cfg, params, tokenizer = _model(float_model, weights)
+    defaults = dict(slots=4, max_len=MAX_LEN, prefill_chunk=32, largest_prefill_bucket=64, prefix_block=BLOCK)
+    return Engine(cfg, params, tokenizer, EngineConfig(**{**defaults, **config})).start()
+
+
+def _reply(engine, prompt, params=SEEDED):
+    handle = engine.submit(prompt, params)
+    events = handle.result()[0]
+    return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None], handle.cached_tokens
+
+
+@pytest.mark.parametrize("weights", ["int8", "float32"])
+def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(float_model, weights):
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 200, 90).tolist()  # a shared "system prompt" of 5 full blocks and a bit
+    prompt = system + rng.integers(3, 200, 30).tolist()
+    sibling = system + rng.integers(3, 200, 41).tolist()  # same system prompt, other question
+
+    off = _engine(float_model, weights, prefix_cache_mb=0)
+    try:
+        reference, cached = _reply(off, prompt)
+        assert cached == 0 and len(reference) == 12
+    finally:
+        off.stop()
+
+    engine = _engine(float_model, weights)
+    try:
+        cold, cached = _reply(engine, prompt)
+        assert cold == reference and cached == 0
+        warm, cached = _reply(engine, prompt)
+        assert warm == reference and cached == (len(prompt) - 1) // BLOCK * BLOCK  # all full blocks but the last token's
+        engine.prefix.clear()
+        _reply(engine, sibling)  # only the shared system prompt's blocks (and the sibling's) are cached now
+        partly, cached = _reply(engine, prompt)
+        assert partly == reference and cached == len(system) // BLOCK * BLOCK
+
+        # Under load: long prompts prefilling in chunks and other streams decoding around it.
+        noise = [rng.integers(3, 200, n).tolist() for n in (150, 70, 200)]
+        others = [engine.submit(p, SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True))
+                  for i, p in enumerate(noise)]
+        loaded = engine.submit(prompt, SEEDED)
+        for handle in others:
+            handle.result()
+        got = [(e.token_id, e.logprob, e.top_logprobs) for e in loaded.result()[0] if e.token_id is not None]
+        assert got == reference
+    finally:
+        engine.stop()
+
+
+def test_a_tiny_cache_evicts_and_stays_correct(float_model):
+    """A pool of 3 blocks: prompts keep evicting each other's blocks; replies never change."""
+    block_bytes = EngineSteps.pool_block_bytes(float_model[0], float_model[0].dtype, BLOCK)
+    engine = _engine(float_model, "float32", prefix_cache_mb=3.5 * block_bytes / 2**20)
+    try:
+        assert engine.prefix.capacity == 3
+        rng = np.random.default_rng(4)
+        prompts = [rng.integers(3, 200, 60).tolist() for _ in range(3)]
+        first = [_reply(engine, p)[0] for p in prompts]
+        again = [_reply(engine, p)[0] for p in reversed(prompts)]
+        assert again == list(reversed(first))
+        assert engine.prefix.evictions > 0 and engine.prefix.used_blocks <= 3
+        assert engine.stats["prefix_hit_tokens"] > 0
+    finally:
+        engine.stop()
+
+
+def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(float_model):
+    """A long prompt arriving while a stream decodes is prefilled in chunks of at most ``prefill_chunk``
+    tokens, with a decode call between every two chunks: the stream's inter-token gap is bounded by one
+    chunk, not by the whole prompt."""
+    engine = _engine(float_model, "float32", prefill_chunk=32, prefix_cache_mb=0)
+    timeline = []
+    try:
+        stream = engine.submit([5, 6, 7], SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True))
+        events = iter(stream)
+        next(events)
+        next(events)  # the stream is decoding
+        engine.fault_hook = timeline.append  # called by the engine thread before every prefill chunk and decode call
+        long_prompt = np.random.default_rng(5).integers(3, 200, 200).tolist()
+        long_handle = engine.submit(long_prompt, SamplingParams(max_tokens=2, temperature=0.0))
+        long_events = long_handle.result()[0]
+        engine.fault_hook = None
+        assert long_events[-1].finish_reason is not None
+        rest = list(events)
+        assert rest[-1].finish_reason == "length"
+        chunks = [i for i, stage in enumerate(timeline) if stage == "prefill"]
+        assert len(chunks) >= 200 // 32  # the long prompt went in several chunks...
+        between = [timeline[a + 1:b].count("decode") for a, b in zip(chunks, chunks[1:])]
+        assert all(count >= 1 for count in between), timeline  # ...each followed by a decode call
+    finally:
+        engine.stop()
+
+
+def test_no_compiles_after_warmup_with_prefix_reuse(float_model):
+    engine = _engine(float_model, "float32")
+    try:
+        compiled = engine.compile_count
+        rng = np.random.default_rng(6)
+        base = rng.integers(3, 200, 100).tolist()
+        for extra in (0, 5, 40, 100):
+            _reply(engine, base + rng.integers(3, 200, extra).tolist(), SamplingParams(max_tokens=3, n=2, seed=1))
+        assert engine.compile_count == compiled
+    finally:
+        engine.stop()
