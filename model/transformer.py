@@ -228,12 +228,15 @@ class Transformer(nn.Module):
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
-        if logit_indices is not None:
-            x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+        project = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, False, cfg, name="lm_head")
+        if logit_indices is None:
+            logits = project(x)
         else:
-            logits = Linear(cfg.vocab_size, False, cfg, name="lm_head")(x)
+            # Selected positions (a prefill's last tokens) are projected one batch row at a time: a float32
+            # product's rows change with its row count on XLA:CPU, and a prompt's first-token logits must
+            # not depend on how many prompts were prefilled beside it.
+            x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
+            logits = jnp.concatenate([project(x[b:b + 1]) for b in range(x.shape[0])])
         return logits.astype(jnp.float32), KVCache(tuple(new_k), tuple(new_v))
 
 

@@ -52,7 +52,7 @@ from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
 from sampling.prefix_cache import PrefixIndex
 from sampling.sampler import choice_key
-from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
+from sampling.steps import BATCH_PREFILL_ROWS, DecodeState, EngineSteps, bitmask_words, make_row_request
 
 log = logging.getLogger("flaxchat.engine")
 
@@ -359,34 +359,59 @@ class Engine:
     def _prefill(self) -> None:
         """Spend one iteration's prefill budget on the prefill queue, head first; start finished prompts.
 
-        The budget is ``prefill_chunk`` tokens while any choice is decoding (re-checked after each chunk, as
-        a finished prompt starts decoding), else one largest bucket."""
+        The budget is ``prefill_chunk`` tokens while any choice is decoding (re-checked after each call, as
+        a finished prompt starts decoding), else one largest bucket. When the head and the requests after
+        it each have only a short rest left (typically a new question after a cached system prompt), their
+        rests go in one batched call."""
         spent = 0
         while self._prefilling:
             budget = (self.config.prefill_chunk if self._live_slots() else self.steps.buckets[-1]) - spent
             if budget <= 0:
                 return
             job = self._prefilling[0]
-            prompt = job.pending.prompt
+            batch = [job]
             try:
                 if self.fault_hook:
                     self.fault_hook("prefill")
-                if not job.looked_up:
-                    self._take_cached_prefix(job)
-                size = min(budget, len(prompt) - job.done, self.steps.buckets[-1])
-                logits, self._state = self.steps.prefill_chunk(self._state, job.slots[0], prompt, job.done, size)
-                job.done += size
-                spent += size
-                self._cache_prefilled_blocks(job)
+                batch = self._batchable()
+                if len(batch) > 1:  # each job's whole rest, in one call
+                    parts = [(j.slots[0], j.pending.prompt, j.done) for j in batch]
+                    all_logits, self._state = self.steps.prefill_batch(self._state, parts)
+                    sizes = [len(j.pending.prompt) - j.done for j in batch]
+                    self.stats["batched_prefills"] += 1
+                else:  # one chunk of the head job
+                    prompt = job.pending.prompt
+                    size = min(budget, len(prompt) - job.done, self.steps.buckets[-1])
+                    logits, self._state = self.steps.prefill_chunk(self._state, job.slots[0], prompt, job.done, size)
+                    all_logits, sizes = (logits,), [size]
+                for j, size in zip(batch, sizes):
+                    j.done += size
+                    spent += size
+                    self._cache_prefilled_blocks(j)
             except Exception as exc:  # noqa: BLE001
                 log.exception("prefill failed for request %s", job.pending.handle.id)
-                if job in self._prefilling:
-                    self._abandon(job, "error", f"prefill failed: {exc}")
+                for j in batch:
+                    if j in self._prefilling:
+                        self._abandon(j, "error", f"prefill failed: {exc}")
                 self._recover_state()
                 continue
-            if job.done >= len(prompt):
-                self._prefilling.popleft()
-                self._start(job, logits)
+            for j, logits in zip(batch, all_logits):
+                if j.done >= len(j.pending.prompt):
+                    self._prefilling.remove(j)
+                    self._start(j, logits)
+
+    def _batchable(self) -> list[_Prefill]:
+        """The head of the prefill queue, with the requests right behind it when every one of them has a rest
+        short enough for one batched call (looking their cached prefixes up as it goes)."""
+        batch: list[_Prefill] = []
+        for job in self._prefilling:
+            if not job.looked_up:
+                self._take_cached_prefix(job)
+            if len(batch) == BATCH_PREFILL_ROWS or (
+                    self.steps.batch_length_for(len(job.pending.prompt) - job.done) is None):
+                break
+            batch.append(job)
+        return batch or [self._prefilling[0]]
 
     def _take_cached_prefix(self, job: _Prefill) -> None:
         """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,

@@ -97,6 +97,10 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
     return 16 if cfg.weights == "int8" else 64
 
 
+BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call
+BATCH_PREFILL_LENGTHS = (16, 32)  # tokens per prompt in a batched prefill call (4 x 16 = 64 rows: exact in float32)
+
+
 def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to min(max_len, largest); longer prompts go in chunks."""
     buckets, size = [], smallest
@@ -123,6 +127,11 @@ class EngineSteps:
         self.model = Transformer(cfg)
         self.compiles = 0
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
+        # Batched prefill shapes: their products have BATCH_PREFILL_ROWS x length rows, so they keep a row's
+        # bits wherever one-prompt chunks do (>= smallest_prefill_bucket rows).
+        self.batch_lengths = tuple(n for n in BATCH_PREFILL_LENGTHS
+                                   if BATCH_PREFILL_ROWS * n >= smallest and n < self.buckets[-1])
         self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
         self._load_blocks = jax.jit(self._load_blocks_impl, donate_argnums=(0,))
@@ -162,6 +171,17 @@ class EngineSteps:
         logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
                                          rows=slot[None])
         return logits[0, 0], state.replace(cache=cache)
+
+    def _prefill_batch_impl(self, params, state: DecodeState, slots, tokens, starts, lengths):
+        """Several prompts' last chunks at once: row ``i`` of ``tokens`` (``[P, T]``) goes into ``slots[i]`` at
+        ``starts[i]``; returns each row's logits at its prompt's last token. A padding row names slot
+        ``B`` (its cache writes are dropped)."""
+        self.compiles += 1
+        positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        last = jnp.clip(lengths - 1 - starts, 0, tokens.shape[1] - 1)[:, None]
+        logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
+                                         rows=slots)
+        return tuple(logits[i, 0] for i in range(tokens.shape[0])), state.replace(cache=cache)
 
     def _copy_slot_impl(self, state: DecodeState, dst, src):
         """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
@@ -288,6 +308,26 @@ class EngineSteps:
         return self._prefill(self.params, state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(start),
                              jnp.int32(len(prompt)))
 
+    def batch_length_for(self, remaining: int) -> int | None:
+        """The batched-prefill length that holds ``remaining`` prompt tokens, if any."""
+        return next((n for n in self.batch_lengths if n >= remaining), None)
+
+    def prefill_batch(self, state: DecodeState, parts: list[tuple[int, list[int], int]]
+                      ) -> tuple[tuple[jax.Array, ...], DecodeState]:
+        """Prefill the rest of up to ``BATCH_PREFILL_ROWS`` prompts in one call: ``parts`` are
+        ``(slot, prompt, start)`` with ``len(prompt) - start`` within a batch length. Returns each part's
+        last-token logits, in order."""
+        length = self.batch_length_for(max(len(prompt) - start for _, prompt, start in parts))
+        rows = BATCH_PREFILL_ROWS
+        slots, starts = np.full(rows, self.slots, np.int32), np.zeros(rows, np.int32)
+        lengths, tokens = np.ones(rows, np.int32), np.zeros((rows, length), np.int32)
+        for i, (slot, prompt, start) in enumerate(parts):
+            slots[i], starts[i], lengths[i] = slot, start, len(prompt)
+            tokens[i, : len(prompt) - start] = prompt[start:]
+        logits, state = self._prefill_batch(self.params, state, jnp.asarray(slots), jnp.asarray(tokens),
+                                            jnp.asarray(starts), jnp.asarray(lengths))
+        return logits[: len(parts)], state
+
     def prefill(self, state: DecodeState, slot: int, prompt: list[int], start: int = 0) -> tuple[jax.Array, DecodeState]:
         """Prefill ``prompt[start:]`` into ``slot`` in chunks of the largest bucket."""
         logits = None
@@ -357,6 +397,8 @@ class EngineSteps:
         for bucket in self.buckets:
             logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
                                           jnp.int32(0), jnp.int32(bucket))
+        for length in self.batch_lengths:
+            _, state = self.prefill_batch(state, [(0, [0] * length, 0)])
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
         state = self.copy_slot(state, 0, 0)
         state = self.save_blocks(state, 0, 0, [0])

@@ -6,6 +6,8 @@ alignments against one whole-prompt chunk) and through the engine (cold, warm, p
 with a tiny cache that evicts), for both weight modes.
 """
 
+import time
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,16 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
             rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
             assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), (bucket, offset)
             assert np.array_equal(np.asarray(logits), np.asarray(reference)), (bucket, offset)
+    # The prompt's last tokens in a batched call (with another prompt beside it): same rows, same logits.
+    other = np.random.default_rng(2).integers(3, cfg.vocab_size, 150).tolist()
+    for length in steps.batch_lengths:
+        start = len(prompt) - length + 3
+        _, state = steps.prefill(state, 1, prompt[:start])
+        _, state = steps.prefill(state, 0, other[:140])
+        (logits, _), state = steps.prefill_batch(state, [(1, prompt, start), (0, other, 140)])
+        rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+        assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), length
+        assert np.array_equal(np.asarray(logits), np.asarray(reference)), length
 
 
 def test_pool_blocks_round_trip(float_model):
@@ -230,4 +242,38 @@ def test_no_compiles_after_warmup_with_prefix_reuse(float_model):
             _reply(engine, base + rng.integers(3, 200, extra).tolist(), SamplingParams(max_tokens=3, n=2, seed=1))
         assert engine.compile_count == compiled
     finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("weights", ["int8", "float32"])
+def test_short_rests_are_prefilled_together_with_the_same_replies(float_model, weights):
+    """Requests that share a cached system prompt queue up behind a long prompt; their short rests then go
+    in one batched prefill call, and each seeded reply is bit-identical to its reply alone with no cache."""
+    rng = np.random.default_rng(7)
+    system = rng.integers(3, 200, 64).tolist()
+    prompts = [system + rng.integers(3, 200, n).tolist() for n in (5, 12, 20, 9)]
+    settings = [SamplingParams(max_tokens=6, temperature=0.8, seed=100 + i, logprobs=True) for i in range(4)]
+
+    off = _engine(float_model, weights, prefix_cache_mb=0)
+    try:
+        alone = [_reply(off, p, s)[0] for p, s in zip(prompts, settings)]
+    finally:
+        off.stop()
+
+    engine = _engine(float_model, weights)
+    try:
+        _reply(engine, system + [9, 9, 9])  # caches the system prompt's blocks
+        slow_first = iter([True])
+        engine.fault_hook = lambda stage: next(slow_first, False) and time.sleep(0.3)
+        long_prompt = rng.integers(3, 200, 180).tolist()
+        blocker = engine.submit(long_prompt, SamplingParams(max_tokens=2))
+        handles = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+        together = [[(e.token_id, e.logprob, e.top_logprobs) for e in h.result()[0] if e.token_id is not None]
+                    for h in handles]
+        blocker.result()
+        assert engine.stats["batched_prefills"] >= 1
+        assert all(h.cached_tokens == 64 for h in handles)
+        assert together == alone
+    finally:
+        engine.fault_hook = None
         engine.stop()
