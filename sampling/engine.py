@@ -8,7 +8,8 @@ queue. Each loop iteration then
    prompt from the prefix cache (``sampling/prefix_cache.py``; KV blocks copied from the device pool into
    its slot), then runs chunks of the rest. While other choices are decoding, one iteration prefills at
    most ``prefill_chunk`` tokens, so a long prompt never stalls the live streams for longer than one chunk;
-   with nothing decoding it runs a whole largest bucket. Every prefilled full block goes into the pool.
+   with nothing decoding it runs a whole largest bucket. When the head and the requests behind it each have
+   a short rest left, up to four rests go in one batched call. Every prefilled full block goes into the pool.
    When a prompt is done, its slot is copied into the request's other choices' slots and each choice
    samples its first token (``insert``);
 2. decodes: one jitted call over the live slots (a row bucket, see ``sampling/steps.py``;

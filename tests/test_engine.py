@@ -114,21 +114,6 @@ def test_no_compiles_while_serving(engine):
     assert engine.compile_count == compiled
 
 
-def test_chunked_prefill_matches_one_chunk(tmp_path):
-    """Prompts longer than the largest bucket are prefilled in chunks with the same greedy result."""
-    chunked = tiny_engine(tmp_path / "a", largest_prefill_bucket=32)
-    whole = tiny_engine(tmp_path / "b")
-    try:
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
-        a = run(chunked, PROMPTS[4], params)[0]
-        b = run(whole, PROMPTS[4], params)[0]
-        assert tokens_and_logprobs(a)[0] == tokens_and_logprobs(b)[0]
-        np.testing.assert_allclose(tokens_and_logprobs(a)[1], tokens_and_logprobs(b)[1], atol=1e-4)
-    finally:
-        chunked.stop()
-        whole.stop()
-
-
 def test_cancel_frees_the_slot(engine):
     handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100, ignore_eos=True))
     events = []

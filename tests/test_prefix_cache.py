@@ -144,6 +144,22 @@ def _engine(float_model, weights, **config):
     return Engine(cfg, params, tokenizer, EngineConfig(**{**defaults, **config})).start()
 
 
+@pytest.fixture(scope="module")
+def engines(float_model):
+    """``engines(weights, cached)``: one engine per (weight mode, prefix cache on/off), started on first use
+    and shared by the tests of this module (each start compiles every step)."""
+    started = {}
+
+    def get(weights, cached=True):
+        if (weights, cached) not in started:
+            started[weights, cached] = _engine(float_model, weights, **({} if cached else {"prefix_cache_mb": 0}))
+        return started[weights, cached]
+
+    yield get
+    for engine in started.values():
+        engine.stop()
+
+
 def _reply(engine, prompt, params=SEEDED):
     handle = engine.submit(prompt, params)
     events = handle.result()[0]
@@ -151,41 +167,35 @@ def _reply(engine, prompt, params=SEEDED):
 
 
 @pytest.mark.parametrize("weights", ["int8", "float32"])
-def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(float_model, weights):
+def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engines, weights):
     rng = np.random.default_rng(3)
     system = rng.integers(3, 200, 90).tolist()  # a shared "system prompt" of 5 full blocks and a bit
     prompt = system + rng.integers(3, 200, 30).tolist()
     sibling = system + rng.integers(3, 200, 41).tolist()  # same system prompt, other question
 
-    off = _engine(float_model, weights, prefix_cache_mb=0)
-    try:
-        reference, cached = _reply(off, prompt)
-        assert cached == 0 and len(reference) == 12
-    finally:
-        off.stop()
+    reference, cached = _reply(engines(weights, cached=False), prompt)
+    assert cached == 0 and len(reference) == 12
 
-    engine = _engine(float_model, weights)
-    try:
-        cold, cached = _reply(engine, prompt)
-        assert cold == reference and cached == 0
-        warm, cached = _reply(engine, prompt)
-        assert warm == reference and cached == (len(prompt) - 1) // BLOCK * BLOCK  # all full blocks but the last token's
-        engine.prefix.clear()
-        _reply(engine, sibling)  # only the shared system prompt's blocks (and the sibling's) are cached now
-        partly, cached = _reply(engine, prompt)
-        assert partly == reference and cached == len(system) // BLOCK * BLOCK
+    engine = engines(weights)
+    engine.prefix.clear()  # (the engine is idle between these requests)
+    cold, cached = _reply(engine, prompt)
+    assert cold == reference and cached == 0
+    warm, cached = _reply(engine, prompt)
+    assert warm == reference and cached == (len(prompt) - 1) // BLOCK * BLOCK  # all full blocks but the last token's
+    engine.prefix.clear()
+    _reply(engine, sibling)  # only the shared system prompt's blocks (and the sibling's) are cached now
+    partly, cached = _reply(engine, prompt)
+    assert partly == reference and cached == len(system) // BLOCK * BLOCK
 
-        # Under load: long prompts prefilling in chunks and other streams decoding around it.
-        noise = [rng.integers(3, 200, n).tolist() for n in (150, 70, 200)]
-        others = [engine.submit(p, SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True))
-                  for i, p in enumerate(noise)]
-        loaded = engine.submit(prompt, SEEDED)
-        for handle in others:
-            handle.result()
-        got = [(e.token_id, e.logprob, e.top_logprobs) for e in loaded.result()[0] if e.token_id is not None]
-        assert got == reference
-    finally:
-        engine.stop()
+    # Under load: long prompts prefilling in chunks and other streams decoding around it.
+    noise = [rng.integers(3, 200, n).tolist() for n in (150, 70, 130)]
+    others = [engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, seed=i, ignore_eos=True))
+              for i, p in enumerate(noise)]
+    loaded = engine.submit(prompt, SEEDED)
+    for handle in others:
+        handle.result()
+    got = [(e.token_id, e.logprob, e.top_logprobs) for e in loaded.result()[0] if e.token_id is not None]
+    assert got == reference
 
 
 def test_a_tiny_cache_evicts_and_stays_correct(float_model):
@@ -205,11 +215,12 @@ def test_a_tiny_cache_evicts_and_stays_correct(float_model):
         engine.stop()
 
 
-def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(float_model):
+def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(engines):
     """A long prompt arriving while a stream decodes is prefilled in chunks of at most ``prefill_chunk``
     tokens, with a decode call between every two chunks: the stream's inter-token gap is bounded by one
     chunk, not by the whole prompt."""
-    engine = _engine(float_model, "float32", prefill_chunk=32, prefix_cache_mb=0)
+    engine = engines("float32", cached=False)
+    assert engine.config.prefill_chunk == 32
     timeline = []
     try:
         stream = engine.submit([5, 6, 7], SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True))
@@ -229,24 +240,21 @@ def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(float_model
         between = [timeline[a + 1:b].count("decode") for a, b in zip(chunks, chunks[1:])]
         assert all(count >= 1 for count in between), timeline  # ...each followed by a decode call
     finally:
-        engine.stop()
+        engine.fault_hook = None
 
 
-def test_no_compiles_after_warmup_with_prefix_reuse(float_model):
-    engine = _engine(float_model, "float32")
-    try:
-        compiled = engine.compile_count
-        rng = np.random.default_rng(6)
-        base = rng.integers(3, 200, 100).tolist()
-        for extra in (0, 5, 40, 100):
-            _reply(engine, base + rng.integers(3, 200, extra).tolist(), SamplingParams(max_tokens=3, n=2, seed=1))
-        assert engine.compile_count == compiled
-    finally:
-        engine.stop()
+def test_no_compiles_after_warmup_with_prefix_reuse(engines):
+    engine = engines("float32")
+    compiled = engine.compile_count
+    rng = np.random.default_rng(6)
+    base = rng.integers(3, 200, 100).tolist()
+    for extra in (0, 5, 40, 100):
+        _reply(engine, base + rng.integers(3, 200, extra).tolist(), SamplingParams(max_tokens=3, n=2, seed=1))
+    assert engine.compile_count == compiled
 
 
 @pytest.mark.parametrize("weights", ["int8", "float32"])
-def test_short_rests_are_prefilled_together_with_the_same_replies(float_model, weights):
+def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weights):
     """Requests that share a cached system prompt queue up behind a long prompt; their short rests then go
     in one batched prefill call, and each seeded reply is bit-identical to its reply alone with no cache."""
     rng = np.random.default_rng(7)
@@ -254,13 +262,10 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(float_model, w
     prompts = [system + rng.integers(3, 200, n).tolist() for n in (5, 12, 20, 9)]
     settings = [SamplingParams(max_tokens=6, temperature=0.8, seed=100 + i, logprobs=True) for i in range(4)]
 
-    off = _engine(float_model, weights, prefix_cache_mb=0)
-    try:
-        alone = [_reply(off, p, s)[0] for p, s in zip(prompts, settings)]
-    finally:
-        off.stop()
+    alone = [_reply(engines(weights, cached=False), p, s)[0] for p, s in zip(prompts, settings)]
 
-    engine = _engine(float_model, weights)
+    engine = engines(weights)
+    batched_before = engine.stats["batched_prefills"]
     try:
         _reply(engine, system + [9, 9, 9])  # caches the system prompt's blocks
         slow_first = iter([True])
@@ -271,9 +276,8 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(float_model, w
         together = [[(e.token_id, e.logprob, e.top_logprobs) for e in h.result()[0] if e.token_id is not None]
                     for h in handles]
         blocker.result()
-        assert engine.stats["batched_prefills"] >= 1
+        assert engine.stats["batched_prefills"] > batched_before
         assert all(h.cached_tokens == 64 for h in handles)
         assert together == alone
     finally:
         engine.fault_hook = None
-        engine.stop()
