@@ -188,6 +188,8 @@ class Engine:
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
         max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
         self.max_len = min(max_len, cfg.max_position_embeddings)
+        if config.prefill_chunk < 1 or config.prefix_block < 1 or config.prefix_cache_mb < 0:
+            raise ValueError("prefill_chunk and prefix_block must be >= 1 and prefix_cache_mb >= 0")
         kv_dtype = config.kv_dtype or cfg.dtype
         block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
         pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)

@@ -281,3 +281,10 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
         assert together == alone
     finally:
         engine.fault_hook = None
+
+
+@pytest.mark.parametrize("bad", [dict(prefill_chunk=0), dict(prefix_block=0), dict(prefix_cache_mb=-1)])
+def test_bad_prefill_settings_are_refused(float_model, bad):
+    cfg, params, tokenizer = float_model
+    with pytest.raises(ValueError):
+        Engine(cfg, params, tokenizer, EngineConfig(**bad))
