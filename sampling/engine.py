@@ -432,7 +432,7 @@ class Engine:
         self.stats["prefix_hit_tokens"] += match.tokens
 
     def _cache_prefilled_blocks(self, job: _Prefill) -> None:
-        """Put the job's newly prefilled full blocks into the pool (one device copy for all of them)."""
+        """Put the job's newly prefilled full blocks into the pool (one device copy per run of new blocks)."""
         if not self.prefix.capacity:
             return
         prompt, first = job.pending.prompt, len(job.chain)
