@@ -4,9 +4,9 @@
 bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free and joins the prefill
 queue. Each loop iteration then
 
-1. prefills: the request at the head of the prefill queue first takes the longest cached prefix of its
-   prompt from the prefix cache (``sampling/prefix_cache.py``; KV blocks copied from the device pool into
-   its slot), then runs chunks of the rest. While other choices are decoding, one iteration prefills at
+1. prefills (``sampling/prefill.py``): the request at the head of the prefill queue first takes the longest
+   cached prefix of its prompt from the prefix cache (``sampling/prefix_cache.py``; KV blocks copied from the
+   device pool into its slot), then runs chunks of the rest. While other choices are decoding, one iteration prefills at
    most ``prefill_chunk`` tokens, so a long prompt never stalls the live streams for longer than one chunk;
    with nothing decoding it runs a whole largest bucket. When the head and the requests behind it each have
    a short rest left, up to four rests go in one batched call. Every prefilled full block goes into the pool.
@@ -22,7 +22,7 @@ prefill rows are bit-identical across chunk sizes and alignments (``sampling/ste
 ever writes pool blocks.
 
 Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``), the
-prefill queue (``_prefilling``), the prefix index and the per-choice host state (detokenizers, guides);
+prefill queue (``prefill_queue``), the prefix index and the per-choice host state (detokenizers, guides);
 callers only touch the waiting queue (``_waiting``, under ``_lock``) and their ``RequestHandle``'s event
 queue.
 """
@@ -51,9 +51,10 @@ from sampling.closing import vocab_facts
 from sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
 from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from sampling.prefix_cache import PrefixIndex
 from sampling.sampler import choice_key
-from sampling.steps import BATCH_PREFILL_ROWS, DecodeState, EngineSteps, bitmask_words, make_row_request
+from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
 
 log = logging.getLogger("flaxchat.engine")
 
@@ -154,17 +155,6 @@ class _Pending:
 
 
 @dataclass
-class _Prefill:
-    """A request whose prompt is being prefilled into ``slots[0]`` (its other slots are reserved)."""
-
-    pending: _Pending
-    slots: list[int]
-    done: int = 0  # prompt tokens already in the slot's cache
-    chain: list[int] = field(default_factory=list)  # prefix-index keys of the prompt's cached blocks, in order
-    looked_up: bool = False
-
-
-@dataclass
 class _Choice:
     """Host bookkeeping for one choice occupying one slot."""
 
@@ -195,10 +185,11 @@ class Engine:
         pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
         self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
                                  config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
+        self.stats = collections.Counter()
         self.prefix = PrefixIndex(config.prefix_block, pool_blocks)
+        self.prefill_queue = PrefillQueue(self.steps, self.prefix, self.stats)
         self._waiting: collections.deque[_Pending] = collections.deque()
-        self._prefilling: collections.deque[_Prefill] = collections.deque()
-        self._slots: list[_Choice | _Prefill | None] = [None] * config.slots
+        self._slots: list[_Choice | PrefillJob | None] = [None] * config.slots
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -206,7 +197,6 @@ class Engine:
         self._state: DecodeState | None = None
         self.warmup_seconds: float | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject step failures here
-        self.stats = collections.Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -230,7 +220,7 @@ class Engine:
         for pending in list(self._waiting):
             self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
         self._waiting.clear()
-        for job in list(self._prefilling):
+        for job in self.prefill_queue:
             self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
             if isinstance(choice, _Choice):
@@ -316,7 +306,7 @@ class Engine:
             try:
                 self._drop_cancelled()
                 self._admit()
-                if self._prefilling:
+                if self.prefill_queue:
                     self._prefill()
                 if self._live_slots():
                     self._decode()
@@ -328,20 +318,20 @@ class Engine:
             for pending in [p for p in self._waiting if p.handle.cancelled.is_set()]:
                 self._waiting.remove(pending)
                 self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
-        for job in [job for job in self._prefilling if job.pending.handle.cancelled.is_set()]:
+        for job in [job for job in self.prefill_queue if job.request.handle.cancelled.is_set()]:
             self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
             if isinstance(choice, _Choice) and choice.handle.cancelled.is_set():
                 self._emit(choice, None, "", None, (), "cancelled")
                 self._free(slot)
 
-    def _abandon(self, job: _Prefill, reason: str, error: str | None = None) -> None:
+    def _abandon(self, job: PrefillJob, reason: str, error: str | None = None) -> None:
         """End a request that is still prefilling: its slots become free, its choices end with ``reason``."""
-        self._prefilling.remove(job)
+        self.prefill_queue.remove(job)
         for slot in job.slots:
             self._slots[slot] = None
-        params = job.pending.params
-        self._finish_all(job.pending.handle, params.n, params.choice_offset, reason, error)
+        params = job.request.params
+        self._finish_all(job.request.handle, params.n, params.choice_offset, reason, error)
 
     def _live_slots(self) -> list[int]:
         return [slot for slot, choice in enumerate(self._slots) if isinstance(choice, _Choice) and not choice.finished]
@@ -354,112 +344,47 @@ class Engine:
                 if not self._waiting or len(free) < self._waiting[0].params.n:
                     return
                 pending = self._waiting.popleft()
-            job = _Prefill(pending, free[: pending.params.n])
+            job = PrefillJob(pending, pending.prompt, free[: pending.params.n])
             for slot in job.slots:
                 self._slots[slot] = job
-            self._prefilling.append(job)
+            self.prefill_queue.add(job)
 
     def _prefill(self) -> None:
-        """Spend one iteration's prefill budget on the prefill queue, head first; start finished prompts.
+        """Spend one iteration's prefill budget on the prefill queue (``sampling/prefill.py``), head first;
+        start the prompts that are complete.
 
         The budget is ``prefill_chunk`` tokens while any choice is decoding (re-checked after each call, as
-        a finished prompt starts decoding), else one largest bucket. When the head and the requests after
-        it each have only a short rest left (typically a new question after a cached system prompt), their
-        rests go in one batched call."""
+        a finished prompt starts decoding), else one largest bucket."""
         spent = 0
-        while self._prefilling:
+        while self.prefill_queue:
             budget = (self.config.prefill_chunk if self._live_slots() else self.steps.buckets[-1]) - spent
             if budget <= 0:
                 return
-            job = self._prefilling[0]
-            batch = [job]
             try:
                 if self.fault_hook:
                     self.fault_hook("prefill")
-                batch = self._batchable()
-                if len(batch) > 1:  # each job's whole rest, in one call
-                    parts = [(j.slots[0], j.pending.prompt, j.done) for j in batch]
-                    all_logits, self._state = self.steps.prefill_batch(self._state, parts)
-                    sizes = [len(j.pending.prompt) - j.done for j in batch]
-                    self.stats["batched_prefills"] += 1
-                else:  # one chunk of the head job
-                    prompt = job.pending.prompt
-                    size = min(budget, len(prompt) - job.done, self.steps.buckets[-1])
-                    logits, self._state = self.steps.prefill_chunk(self._state, job.slots[0], prompt, job.done, size)
-                    all_logits, sizes = (logits,), [size]
-                for j, size in zip(batch, sizes):
-                    j.done += size
-                    spent += size
-                    self._cache_prefilled_blocks(j)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("prefill failed for request %s", job.pending.handle.id)
-                for j in batch:
-                    if j in self._prefilling:
-                        self._abandon(j, "error", f"prefill failed: {exc}")
+                self._state, used, finished = self.prefill_queue.run_one(self._state, budget)
+            except PrefillFailed as failure:
+                log.exception("prefill failed for request(s) %s", [j.request.handle.id for j in failure.jobs])
+                self._state = failure.state
+                for job in failure.jobs:
+                    self._abandon(job, "error", f"prefill failed: {failure.cause}")
                 self._recover_state()
                 continue
-            for j, logits in zip(batch, all_logits):
-                if j.done >= len(j.pending.prompt):
-                    self._prefilling.remove(j)
-                    self._start(j, logits)
-
-    def _batchable(self) -> list[_Prefill]:
-        """The head of the prefill queue, with the requests right behind it when every one of them has a rest
-        short enough for one batched call (looking their cached prefixes up as it goes)."""
-        batch: list[_Prefill] = []
-        for job in self._prefilling:
-            if not job.looked_up:
-                self._take_cached_prefix(job)
-            if len(batch) == BATCH_PREFILL_ROWS or (
-                    self.steps.batch_length_for(len(job.pending.prompt) - job.done) is None):
-                break
-            batch.append(job)
-        return batch or [self._prefilling[0]]
-
-    def _take_cached_prefix(self, job: _Prefill) -> None:
-        """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,
-        whose logits start the reply)."""
-        job.looked_up = True
-        prompt = job.pending.prompt
-        self.stats["prompt_tokens"] += len(prompt)
-        if not self.prefix.capacity:
-            return
-        match = self.prefix.match(prompt, (len(prompt) - 1) // self.prefix.block_size)
-        if match.blocks:
-            self._state = self.steps.load_blocks(self._state, job.slots[0], list(match.blocks))
-        job.done, job.chain = match.tokens, list(match.keys)
-        job.pending.handle.cached_tokens = match.tokens
-        self.stats["prefix_hit_tokens"] += match.tokens
-
-    def _cache_prefilled_blocks(self, job: _Prefill) -> None:
-        """Put the job's newly prefilled full blocks into the pool (one device copy per run of new blocks)."""
-        if not self.prefix.capacity:
-            return
-        prompt, first = job.pending.prompt, len(job.chain)
-        targets = []
-        for block_tokens in self.prefix.blocks_of(prompt, first, job.done // self.prefix.block_size):
-            added = self.prefix.add(job.chain[-1] if job.chain else PrefixIndex.ROOT, block_tokens)
-            if added is None:
-                break
-            key, block, is_new = added
-            job.chain.append(key)
-            targets.append(block if is_new else None)
-        runs: list[tuple[int, list[int]]] = []  # (first cache block, pool blocks): consecutive new blocks
-        for i, block in enumerate(targets):  # (blocks another request cached meanwhile are in the pool already)
-            if block is None:
+            except Exception as exc:  # noqa: BLE001 - a fault before the call: the head job fails
+                head = next(iter(self.prefill_queue))
+                log.exception("prefill failed for request %s", head.request.handle.id)
+                self._abandon(head, "error", f"prefill failed: {exc}")
+                self._recover_state()
                 continue
-            if runs and runs[-1][0] + len(runs[-1][1]) == first + i:
-                runs[-1][1].append(block)
-            else:
-                runs.append((first + i, [block]))
-        for start, blocks in runs:
-            self._state = self.steps.save_blocks(self._state, job.slots[0], start, blocks)
-        if len(job.chain) > first:
-            self.prefix.touch_chain(prompt, len(job.chain))
+            spent += used
+            for job, logits in finished:
+                self._start(job, logits)
 
-    def _start(self, job: _Prefill, logits: jax.Array) -> None:
+    def _start(self, job: PrefillJob, logits: jax.Array) -> None:
         """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
-        pending, slots = job.pending, job.slots
+        pending, slots = job.request, job.slots
+        pending.handle.cached_tokens = job.cached
         params, vocab = pending.params, self.cfg.vocab_size
         try:
             row = make_row_request(
@@ -548,7 +473,7 @@ class Engine:
         """After a failed step the donated state may be gone: rebuild it (only if it is)."""
         leaves = jax.tree.leaves(self._state)
         if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
-            for job in list(self._prefilling):
+            for job in self.prefill_queue:
                 self._abandon(job, "error", "engine state was lost in a failed step")
             for slot, choice in enumerate(self._slots):
                 if isinstance(choice, _Choice):

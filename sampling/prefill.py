@@ -1,0 +1,152 @@
+"""Prefill scheduling: the queue of admitted prompts, what each takes from the prefix cache, and which prompt
+tokens the next device call computes.
+
+Host bookkeeping around ``EngineSteps``, used by the engine thread alone. ``PrefillQueue.run_one(state,
+budget)`` makes one device call — a chunk of the head prompt, or the short rests of the head and the prompts
+right behind it at once — after copying each new job's longest cached prefix into its slot, saves the newly
+prefilled full blocks into the prefix pool, and returns the prompts that are complete, with the logits of
+their last token.
+
+Why none of this moves a seeded reply's bits: prefill rows are identical whatever chunk size, alignment or
+batch computed them (``sampling/steps.py``), and only prefill fills the pool (``sampling/prefix_cache.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+
+from sampling.prefix_cache import PrefixIndex
+from sampling.steps import BATCH_PREFILL_ROWS, DecodeState, EngineSteps
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """A request whose prompt is being prefilled into ``slots[0]`` (its other slots are reserved)."""
+
+    request: Any  # the engine's pending request, handed back when the prompt is complete
+    prompt: list[int]
+    slots: list[int]
+    done: int = 0  # prompt tokens already in the slot's cache
+    cached: int = 0  # of which came from the prefix cache
+    chain: list[int] = field(default_factory=list)  # prefix-index keys of the prompt's cached blocks, in order
+    looked_up: bool = False
+
+    @property
+    def rest(self) -> int:
+        return len(self.prompt) - self.done
+
+
+class PrefillFailed(Exception):
+    """A prefill call failed: ``jobs`` were in it, ``state`` is the newest device state (possibly consumed)."""
+
+    def __init__(self, jobs: list[PrefillJob], state: DecodeState, cause: Exception):
+        super().__init__(str(cause))
+        self.jobs, self.state, self.cause = jobs, state, cause
+
+
+class PrefillQueue:
+    """Admitted prompts in arrival order; see the module docstring."""
+
+    def __init__(self, steps: EngineSteps, prefix: PrefixIndex, stats: collections.Counter):
+        self.steps, self.prefix, self.stats = steps, prefix, stats
+        self._jobs: collections.deque[PrefillJob] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[PrefillJob]:
+        return iter(list(self._jobs))
+
+    def add(self, job: PrefillJob) -> None:
+        self._jobs.append(job)
+
+    def remove(self, job: PrefillJob) -> None:
+        self._jobs.remove(job)
+
+    def run_one(self, state: DecodeState, budget: int) -> tuple[DecodeState, int, list[tuple[PrefillJob, jax.Array]]]:
+        """One prefill call of at most ``budget`` tokens (a batch of short rests is taken whole). Returns the
+        new state, the tokens computed and the completed jobs with their last-token logits (removed from the
+        queue); raises ``PrefillFailed`` naming the jobs of a failed call."""
+        batch = [self._jobs[0]]
+        try:
+            state, batch = self._take_cached_prefixes(state)
+            if len(batch) > 1:  # each job's whole rest, in one call
+                sizes = [job.rest for job in batch]
+                all_logits, state = self.steps.prefill_batch(state, [(j.slots[0], j.prompt, j.done) for j in batch])
+                self.stats["batched_prefills"] += 1
+            else:  # one chunk of the head job
+                job = batch[0]
+                sizes = [min(budget, job.rest, self.steps.buckets[-1])]
+                logits, state = self.steps.prefill_chunk(state, job.slots[0], job.prompt, job.done, sizes[0])
+                all_logits = (logits,)
+            for job, size in zip(batch, sizes):
+                job.done += size
+                state = self._save_new_blocks(state, job)
+        except Exception as exc:  # noqa: BLE001 - the engine decides what a failure ends
+            raise PrefillFailed(batch, state, exc) from exc
+        finished = []
+        for job, logits in zip(batch, all_logits):
+            if job.rest == 0:
+                self._jobs.remove(job)
+                finished.append((job, logits))
+        return state, sum(sizes), finished
+
+    def _take_cached_prefixes(self, state: DecodeState) -> tuple[DecodeState, list[PrefillJob]]:
+        """The jobs of the next call: the head, with the jobs right behind it when every one of them has a
+        rest short enough for one batched call. Each job looks its cached prefix up when first considered."""
+        batch: list[PrefillJob] = []
+        for job in self._jobs:
+            if not job.looked_up:
+                state = self._take_cached_prefix(state, job)
+            if len(batch) == BATCH_PREFILL_ROWS or self.steps.batch_length_for(job.rest) is None:
+                break
+            batch.append(job)
+        return state, batch or [self._jobs[0]]
+
+    def _take_cached_prefix(self, state: DecodeState, job: PrefillJob) -> DecodeState:
+        """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,
+        whose logits start the reply)."""
+        job.looked_up = True
+        self.stats["prompt_tokens"] += len(job.prompt)
+        if not self.prefix.capacity:
+            return state
+        match = self.prefix.match(job.prompt, (len(job.prompt) - 1) // self.prefix.block_size)
+        if match.blocks:
+            state = self.steps.load_blocks(state, job.slots[0], list(match.blocks))
+        job.done = job.cached = match.tokens
+        job.chain = list(match.keys)
+        self.stats["prefix_hit_tokens"] += match.tokens
+        return state
+
+    def _save_new_blocks(self, state: DecodeState, job: PrefillJob) -> DecodeState:
+        """Put the job's newly prefilled full blocks into the pool (one device copy per run of new blocks;
+        blocks another request cached meanwhile are in the pool already)."""
+        if not self.prefix.capacity:
+            return state
+        first = len(job.chain)
+        targets: list[int | None] = []
+        for block_tokens in self.prefix.blocks_of(job.prompt, first, job.done // self.prefix.block_size):
+            added = self.prefix.add(job.chain[-1] if job.chain else PrefixIndex.ROOT, block_tokens)
+            if added is None:  # the pool cannot hold this chain any further
+                break
+            key, block, is_new = added
+            job.chain.append(key)
+            targets.append(block if is_new else None)
+        runs: list[tuple[int, list[int]]] = []  # (first cache block, pool blocks) of consecutive new blocks
+        for i, block in enumerate(targets):
+            if block is None:
+                continue
+            if runs and runs[-1][0] + len(runs[-1][1]) == first + i:
+                runs[-1][1].append(block)
+            else:
+                runs.append((first + i, [block]))
+        for start, blocks in runs:
+            state = self.steps.save_blocks(state, job.slots[0], start, blocks)
+        if len(job.chain) > first:
+            self.prefix.touch_chain(job.prompt, len(job.chain))
+        return state
