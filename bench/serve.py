@@ -8,8 +8,9 @@ Starts llama-server (built from source by ../shared/tools/build-llama-server.sh 
 given) on the default model's GGUF (Q4_1, from the PyPI wheel), runs ../shared/tools/load_probe.py at 1, 4,
 8 and 16 streaming clients and/or ../shared/tools/prefix_probe.py (``--probe``: prompt reuse, shared
 system prompts, distinct long prompts), stops it; then the same for ``flaxchat serve --slots 16``. The
-servers never run at the same time. Each level's figures are the median of ``--repeat`` probe runs. Peak resident
-memory is each server process's VmHWM. Prints a markdown table with ratios (and writes it to ``--out``).
+servers never run at the same time. Each level's figures are the median of ``--repeat`` probe runs
+(prefix_probe.py asks the same prompts every run, so its repeats after the first measure warm caches).
+Peak resident memory is each server process's VmHWM. Prints a markdown table with ratios (and writes it to ``--out``).
 """
 
 from __future__ import annotations
