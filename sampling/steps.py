@@ -2,10 +2,10 @@
 the prefix pool, insert a choice into a slot, decode live slots.
 
 Static shapes only: ``B`` slots, a cache of ``max_len`` positions, a prefix pool of fixed-size token blocks,
-prefill buckets of powers of two, and decode *row buckets*: a decode call runs only a bucket of rows (the live slots, named by index, padded to
-the bucket size), so a lone request does not pay for every slot. Every per-request setting travels as
-data in ``DecodeState``, so nothing recompiles while serving; each trace bumps ``compiles`` so tests and
-metrics can prove it. Device state is donated on every call.
+prefill buckets of powers of two, and decode *row buckets*: a decode call runs only a bucket of rows (the
+live slots, named by index, padded to the bucket size), so a lone request does not pay for every slot.
+Every per-request setting travels as data in ``DecodeState``, so nothing recompiles while serving; each
+trace bumps ``compiles`` so tests and metrics can prove it. Device state is donated on every call.
 
 Row buckets keep the seed contract only where a row's bits do not depend on the bucket size. The model's
 and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's own reductions round
