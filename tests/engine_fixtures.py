@@ -6,6 +6,7 @@ from pathlib import Path
 
 from checkpoints.gguf_import import load_gguf
 from checkpoints.tokenizer_files import special_tokens_from_config
+from model.quant import prepare_weights
 from model.tokenizer import HFTokenizer
 from sampling.engine import Engine, EngineConfig
 from tests.gguf_writer import write_gguf
@@ -26,6 +27,13 @@ def tiny_model(folder: Path, kind: str = "llama", context: int | None = None, sh
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokenizer = HFTokenizer.from_json(json_text, special_tokens_from_config(imported.tokenizer_config, vocab))
     return imported.cfg, imported.params, tokenizer
+
+
+def with_weights(model: tuple, weights: str) -> tuple:
+    """``(cfg, params, tokenizer)`` of ``tiny_model`` with its projections in ``weights`` ("float32" or "int8")."""
+    cfg, params, tokenizer = model
+    cfg, params = prepare_weights(cfg, params, weights)
+    return cfg, params, tokenizer
 
 
 def tiny_engine(folder: Path, model: dict | None = None, **config) -> Engine:

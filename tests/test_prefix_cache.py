@@ -11,12 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from model.quant import prepare_weights
 from sampling.engine import Engine, EngineConfig
 from sampling.params import SamplingParams
 from sampling.prefix_cache import PrefixIndex
 from sampling.steps import EngineSteps
-from tests.engine_fixtures import tiny_model
+from tests.engine_fixtures import tiny_model, with_weights
 
 BLOCK = 16
 MAX_LEN = 256
@@ -79,18 +78,12 @@ def float_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("prefix"), context=MAX_LEN, shape=REAL_WIDTHS)
 
 
-def _model(float_model, weights):
-    cfg, params, tokenizer = float_model
-    cfg, params = prepare_weights(cfg, params, weights)
-    return cfg, params, tokenizer
-
-
 @pytest.mark.parametrize("weights", ["int8", "float32"])
 def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights):
     """A prompt prefilled in one chunk, and the same prompt cut at odd places into chunks of every bucket
     the engine uses: every layer's cache rows and the last token's logits must be bit-identical. This is
     what makes cached blocks interchangeable with freshly computed ones."""
-    cfg, params, _ = _model(float_model, weights)
+    cfg, params, _ = with_weights(float_model, weights)
     steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN)
     prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
     state = steps.init_state()
@@ -122,7 +115,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
 
 def test_pool_blocks_round_trip(float_model):
     """save_blocks then load_blocks into another slot reproduces the cache rows exactly."""
-    cfg, params, _ = _model(float_model, "float32")
+    cfg, params, _ = with_weights(float_model, "float32")
     steps = EngineSteps(cfg, params, 2, MAX_LEN, kv_dtype="bfloat16", pool_blocks=8, block_size=BLOCK)
     prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 3 * BLOCK).tolist()
     state = steps.init_state()
@@ -139,7 +132,7 @@ SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=77, ign
 
 
 def _engine(float_model, weights, **config):
-    cfg, params, tokenizer = _model(float_model, weights)
+    cfg, params, tokenizer = with_weights(float_model, weights)
     defaults = dict(slots=4, max_len=MAX_LEN, prefill_chunk=32, largest_prefill_bucket=64, prefix_block=BLOCK)
     return Engine(cfg, params, tokenizer, EngineConfig(**{**defaults, **config})).start()
 

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.quant import prepare_weights
 from model.transformer import Transformer, init_cache
 from sampling.engine import Engine, EngineConfig
 from sampling.params import SamplingParams
 from sampling.steps import row_buckets, smallest_row_bucket
-from tests.engine_fixtures import tiny_model
+from tests.engine_fixtures import tiny_model, with_weights
 
 SLOTS = 16
 PROMPT_LEN = 12
@@ -27,19 +26,13 @@ def float_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("buckets"))
 
 
-def _model(float_model, weights):
-    cfg, params, tokenizer = float_model
-    cfg, params = prepare_weights(cfg, params, weights)
-    return cfg, params, tokenizer
-
-
 @pytest.mark.parametrize("weights", ["int8", "float32"])
 def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
     """Fill 16 cache rows with different prompts, then decode one step with slot 5 in every bucket size the
     engine uses (and two sizes between them), with other live slots and padding rows around it: slot 5's
     logits must be bit-identical to its logits in the full 16-row step. (Every size 1..16 was checked
     once on the real model too: bench/RESULTS.md.)"""
-    cfg, params, _ = _model(float_model, weights)
+    cfg, params, _ = with_weights(float_model, weights)
     model = Transformer(cfg)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, cfg.vocab_size, size=(SLOTS, PROMPT_LEN)).astype(np.int32)
@@ -73,7 +66,7 @@ def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
 
 
 def _engine(float_model, weights, slots):
-    cfg, params, tokenizer = _model(float_model, weights)
+    cfg, params, tokenizer = with_weights(float_model, weights)
     return Engine(cfg, params, tokenizer, EngineConfig(slots=slots, max_len=128)).start()
 
 
