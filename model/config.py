@@ -68,8 +68,8 @@ class ModelConfig:
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the float weights
-    # "float32": projections in param_dtype (exact parity with transformers); "int8": per-channel int8
-    # projection weights multiplied as int8 x int8 -> int32 (model/quant.py). A runtime choice, not stored.
+    # "float32": projections in param_dtype (exact parity with transformers); "int8": projection weights in
+    # 8-bit blocks with float32 activations (model/quant.py). A runtime choice, not stored.
     weights: str = "float32"
 
     def __post_init__(self) -> None:

@@ -6,8 +6,9 @@ buffers.
 
 Layout choices, each for a measured XLA:CPU reason (see ``Transformer``): per-layer params and per-layer
 cache buffers with a Python loop over layers; each layer scatters its new keys/values into its own buffer
-(``model/kv_cache.py``) and attention reads only the cache blocks a live row needs (``model/attention.py``). Projections are float (``weights="float32"``,
-exact parity with transformers) or int8 (``model/quant.py``, batch-invariant by construction).
+(``model/kv_cache.py``) and attention reads only the cache blocks a live row needs
+(``model/attention.py``). Projections are float (``weights="float32"``, exact parity with transformers) or
+8-bit blocks (``weights="int8"``, ``model/quant.py``; a decode row's bits never depend on the other rows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from model.attention import grouped_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache, init_cache, write_layer
-from model.quant import int8_matmul
+from model.quant import BLOCK, PANEL, block_matmul, columns, padded
 from model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "param_shapes"]
@@ -64,10 +65,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """``x @ kernel (+ bias)``; with ``cfg.weights == "int8"`` the kernel is int8 with per-column scales.
+    """``x @ kernel (+ bias)``; with ``cfg.weights == "int8"`` the weights are 8-bit blocks (``model/quant.py``).
 
     The float variant's params and product are exactly ``nn.Dense``'s (so checkpoints and parity are
-    unchanged); the int8 variant is ``model.quant.int8_matmul``.
+    unchanged); the int8 variant is ``model.quant.block_matmul``.
     """
 
     features: int
@@ -76,19 +77,27 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, shape = self.cfg, (x.shape[-1], self.features)
+        cfg, fan_in = self.cfg, x.shape[-1]
         if cfg.weights == "int8":
-            kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
-            scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
-            y = int8_matmul(x, kernel, scale).astype(cfg.dtype)
+            y = block_matmul(x, *quantized_params(self, fan_in, self.features), self.features).astype(cfg.dtype)
         else:
-            kernel = self.param("kernel", nn.initializers.normal(0.02), shape, jnp.dtype(cfg.param_dtype))
+            kernel = self.param("kernel", nn.initializers.normal(0.02), (fan_in, self.features),
+                                jnp.dtype(cfg.param_dtype))
             x, kernel = x.astype(cfg.dtype), kernel.astype(cfg.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.dtype(cfg.param_dtype))
             y = y + bias.astype(cfg.dtype)
         return y
+
+
+def quantized_params(module: nn.Module, fan_in: int, features: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Declare a block-quantised ``[fan_in, features]`` matrix's params on ``module`` (``model/quant.py``'s
+    panel layout): codes, scale, offset."""
+    panels = padded(features) // PANEL
+    return (module.param("codes", nn.initializers.zeros, (panels, fan_in, PANEL), jnp.uint8),
+            module.param("scale", nn.initializers.ones, (panels, fan_in // BLOCK, PANEL), jnp.float32),
+            module.param("offset", nn.initializers.zeros, (panels, fan_in // BLOCK, PANEL), jnp.float32))
 
 
 class Embedding(nn.Module):
@@ -99,23 +108,22 @@ class Embedding(nn.Module):
     def setup(self) -> None:
         cfg, shape = self.cfg, (self.cfg.vocab_size, self.cfg.hidden_size)
         if cfg.weights == "int8":
-            self.embedding = self.param("embedding", nn.initializers.zeros, shape, jnp.int8)
-            self.scale = self.param("scale", nn.initializers.ones, (cfg.vocab_size,), jnp.float32)
+            self.codes, self.scale, self.offset = quantized_params(self, cfg.hidden_size, cfg.vocab_size)
         else:
             self.embedding = self.param("embedding", nn.initializers.normal(0.02), shape,
                                         jnp.dtype(cfg.param_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        rows = jnp.take(self.embedding, tokens, axis=0)
         if self.cfg.weights == "int8":
-            return (rows.astype(jnp.float32) * jnp.take(self.scale, tokens)[..., None]).astype(self.cfg.dtype)
-        return rows.astype(self.cfg.dtype)
+            return columns(self.codes, self.scale, self.offset, tokens).astype(self.cfg.dtype)
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         if self.cfg.weights == "int8":
-            return int8_matmul(x, self.embedding, self.scale, transposed=True)
+            return block_matmul(x, self.codes, self.scale, self.offset, self.cfg.vocab_size)
         x, table = x.astype(self.cfg.dtype), self.embedding.astype(self.cfg.dtype)
         return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+
 
 class Attention(nn.Module):
     """Grouped-query attention over this layer's cache; returns the output and the updated cache buffers."""

@@ -9,9 +9,10 @@ trace bumps ``compiles`` so tests and metrics can prove it. Device state is dona
 
 Row buckets keep the seed contract only where a row's bits do not depend on the bucket size. The model's
 and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's own reductions round
-differently for different row counts), int8 products (``model/quant.py``) are exact, and float32 products
-keep a row's bits from 2 rows up; so buckets start at 2 rows. ``tests/test_row_buckets.py`` checks every
-bucket size against the largest.
+differently for different row counts), the int8 weights' decode kernel computes each row on its own
+(``model/quant.py``), and float32 products keep a row's bits from 2 rows up; so buckets start at 1 row
+with int8 weights and at 2 with float32 (``smallest_row_bucket``). ``tests/test_row_buckets.py`` checks
+every bucket size against the largest.
 
 Prefill chunks have the same property from ``smallest_prefill_bucket`` rows up: a prompt row's keys,
 values and logits are bit-identical whatever chunk size computed it and wherever the chunk started. That is
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import kernels
 from model.config import ModelConfig
 from model.transformer import KVCache, Transformer, init_cache
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
@@ -79,22 +81,21 @@ def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:
 def smallest_row_bucket(cfg: ModelConfig) -> int:
     """The smallest decode bucket whose rows are bit-identical to the same rows in any larger bucket.
 
-    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count: int8
-    products are exact at any count, float32 ones differ at one row on XLA:CPU. One-row int8 products
-    also take a slow path there, so both start at 2.
+    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count. The int8
+    weights' kernel computes each row on its own (``model/quant.py``), so any bucket works, one row
+    included; float32 products on XLA:CPU take another path at one row, so they start at 2.
     """
-    del cfg
-    return 2
+    return 1 if cfg.weights == "int8" and kernels.available() else 2
 
 
 def smallest_prefill_bucket(cfg: ModelConfig) -> int:
     """The smallest prefill chunk whose rows are bit-identical to the same rows computed in any larger chunk.
 
     Measured on XLA:CPU (bench/RESULTS.md): a float32 ``[M, K] x [K, N]`` product's rows change between
-    M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows; int8
-    products are exact integers at any M.
+    M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows. The
+    int8 weights' kernel (``model/quant.py``) computes each row on its own, so 16 rows suffice there.
     """
-    return 16 if cfg.weights == "int8" else 64
+    return 16 if cfg.weights == "int8" and kernels.available() else 64
 
 
 BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call

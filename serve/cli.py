@@ -129,8 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = canonical_name(args.model)
     if not is_stored(name) and name == DEFAULT_MODEL:
         pull(name)
-    weights = args.weights
-    model = load_model(name, dtype=args.dtype, weights=weights)
+    model = load_model(name, dtype=args.dtype, weights=args.weights)
+    weights = model.cfg.weights
     if not model.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
     engine = Engine(model.cfg, model.params, model.tokenizer,
@@ -143,8 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine.start()
     log.info("warm-up took %.1fs (%d compiled steps)", engine.warmup_seconds, engine.compile_count)
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
+    setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype)}
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
-                         fingerprint(model.path, model.manifest), aliases=aliases)
+                         fingerprint(model.path, model.manifest, setup), aliases=aliases)
     keys, budgets = _api_keys(args)
     app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes,
                                             rate_limit_per_minute=args.rate_limit, token_budgets=budgets))
@@ -186,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--weights", choices=["float32", "int8"], default="float32",
-                   help="projection weights: the checkpoint's floats (exact parity with transformers) or int8 "
-                        "(per-channel, int8 x int8 products: faster on CPU, below the greedy-agreement bar, "
-                        "see bench/RESULTS.md)")
+    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
+                   help="projection weights: float32 (the checkpoint's floats, exact parity with transformers) or "
+                        "int8 (8-bit blocks with a CPU kernel: ~1.25 bytes per weight, see bench/RESULTS.md); "
+                        "auto = int8 on CPU where the kernel builds, else float32")
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="KV cache storage type (auto = bfloat16)")
     p.add_argument("--steps-per-call", type=int, default=1,
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
-    p.add_argument("--weights", choices=["float32", "int8"], default="float32", help="projection weights (as serve)")
+    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto", help="projection weights (as serve)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -16,13 +16,15 @@ from hypercorn.config import Config
 from quart import Quart
 
 log = logging.getLogger("flaxchat.server")
-ENGINE_BUILD = "flaxchat-0.1.0/engine-1"
+ENGINE_BUILD = "flaxchat-0.1.0/engine-2"  # engine-2: int8 weights in 8-bit blocks with their own kernel
 
 
-def fingerprint(model_dir: Path, manifest: dict) -> str:
+def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> str:
     """Identifies the weights' source (hash of the imported file, or its path), the config, the tokenizer
-    files and chat template, and the engine build, so a seeded reply can be replayed on the same setup."""
-    digest = hashlib.sha256(json.dumps({"manifest": manifest, "engine": ENGINE_BUILD}, sort_keys=True).encode())
+    files and chat template, the engine build and the numeric setup (weights mode, KV cache type), so a
+    seeded reply can be replayed on the same setup."""
+    digest = hashlib.sha256(json.dumps({"manifest": manifest, "engine": ENGINE_BUILD, "setup": setup or {}},
+                                       sort_keys=True).encode())
     for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
         path = model_dir / name
         if path.is_file():

@@ -89,9 +89,10 @@ def test_chat_template_and_tokens_equal_transformers(ours_and_reference):
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_pulled_store_generates_sensibly(default_store, weights):
     """`pull` stored an orbax checkpoint that loads without the GGUF and answers a question (also with
-    the weights quantised to int8 at load)."""
+    the weights quantised to 8-bit blocks at load)."""
     model = load_model("smollm2-135m-instruct", weights=weights)
-    assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("int8")} if weights == "int8" else set())
+    assert model.cfg.weights == weights
+    assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("uint8")} if weights == "int8" else set())
     text = render_chat(model.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
                        special_tokens={"bos_token": model.tokenizer.special.bos_token})
     out = list(SimpleGenerator(model.cfg, model.params).generate(

@@ -1,0 +1,99 @@
+"""Native CPU kernels, compiled from source on first use and registered with XLA as FFI targets.
+
+``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit block-quantised weights, each output row
+computed independently of the others (see ``model/quant.py`` for why). The shared library is built with
+the machine's C++ compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that ship with
+jaxlib, into ``$FLAXCHAT_HOME/kernels/`` under a name that includes a hash of the source, the flags and
+the jaxlib version, so a changed kernel or jaxlib is rebuilt and an unchanged one is built once.
+
+Where the kernel cannot be built (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False and
+callers use the XLA formulation instead; ``build_error()`` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+
+QMATMUL_TARGET = "flaxchat_qmatmul"
+
+_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c++17", "-w")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_supports_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _library_path() -> Path:
+    from checkpoints.store import flaxchat_home  # the store owns FLAXCHAT_HOME
+
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jax.__version__.encode())
+    return flaxchat_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
+
+
+def _build(target: Path, compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent loader sees the whole library or none
+
+
+def _load() -> None:
+    if os.environ.get("FLAXCHAT_NO_KERNELS"):
+        raise RuntimeError("disabled by FLAXCHAT_NO_KERNELS")
+    if not _cpu_supports_avx2_fma():
+        raise RuntimeError("needs an x86-64 CPU with AVX2 and FMA")
+    compiler = _compiler()
+    path = _library_path()
+    if not path.is_file():
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX)")
+        _build(path, compiler)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(library.FlaxchatQMatmul), platform="cpu")
+    _state["library"] = library
+
+
+def available() -> bool:
+    """Build (once) and register the kernels; False, with ``build_error()`` set, where that fails."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state["ok"] = True
+            except (OSError, RuntimeError) as exc:
+                _state["ok"], _state["error"] = False, str(exc)
+        return bool(_state["ok"])
+
+
+def build_error() -> str | None:
+    return _state.get("error")  # type: ignore[return-value]

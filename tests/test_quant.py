@@ -1,0 +1,94 @@
+"""int8 weights: the block format round-trips, the CPU kernel computes the product, and its rows never
+depend on the other rows of the call (the property decode buckets and prefill chunks rely on)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import kernels
+from model.quant import BLOCK, _xla_matmul, block_matmul, columns, quantize_blocks, resolve_weights
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel not built: {kernels.build_error()}")
+
+
+def dense(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, features: int) -> np.ndarray:
+    """The ``[K, N]`` float matrix the stored panels represent (numpy, independent of model/quant.py)."""
+    panels, k, width = codes.shape
+    blocks = codes.reshape(panels, k // BLOCK, BLOCK, width).astype(np.float32)
+    w = blocks * scale[:, :, None, :] + offset[:, :, None, :]
+    return w.reshape(panels, k, width).transpose(1, 0, 2).reshape(k, panels * width)[:, :features]
+
+
+@pytest.mark.parametrize("k,n", [(64, 320), (96, 48), (576, 192)])
+def test_blocks_round_trip_within_half_a_step(k, n):
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    codes, scale, offset = quantize_blocks(w)
+    assert codes.dtype == np.uint8 and codes.shape == (-(-n // 32), k, 32)
+    step = np.repeat(scale.transpose(1, 0, 2).reshape(k // BLOCK, -1)[:, :n], BLOCK, axis=0)
+    assert np.all(np.abs(dense(codes, scale, offset, n) - w) <= step / 2 * (1 + 1e-5) + 1e-9)
+
+
+def test_a_4_bit_grid_is_represented_almost_exactly():
+    """Blocks whose values lie on a 16-level grid (the default model's Q4_1 weights) come back within a
+    few float32 ulps: 255 = 15 x 17, so every grid level is an 8-bit code."""
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.001, 0.01, size=(2, 1, 64)).astype(np.float32)
+    m = rng.uniform(-0.05, 0.0, size=(2, 1, 64)).astype(np.float32)
+    q = rng.integers(0, 16, size=(2, BLOCK, 64)).astype(np.float32)
+    q[:, 0], q[:, 1] = 0, 15  # each block spans the whole grid, as Q4_1 quantisation makes it
+    w = (d * q + m).reshape(2 * BLOCK, 64)
+    back = dense(*quantize_blocks(w), 64)
+    np.testing.assert_allclose(back, w, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(w).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(64, 320), (96, 48), (576, 1536)])
+def test_kernel_matches_the_dequantised_product(k, n):
+    rng = np.random.default_rng(n)
+    codes, scale, offset = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32) * 0.05)
+    w = dense(codes, scale, offset, n).astype(np.float64)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    y = np.asarray(jax.jit(block_matmul, static_argnums=4)(jnp.asarray(x), codes, scale, offset, n))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+    xla = np.asarray(_xla_matmul(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(offset)))
+    np.testing.assert_allclose(xla[:, :n], y, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_rows_bits_do_not_depend_on_the_other_rows():
+    """Row i of a call with M rows is bit-identical to row i of a 67-row call, for every M the engine
+    might use (1..17, 64) and with different neighbours."""
+    rng = np.random.default_rng(2)
+    k, n = 576, 1536
+    codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32)))
+    x = rng.standard_normal((67, k)).astype(np.float32)
+    product = jax.jit(block_matmul, static_argnums=4)
+    full = np.asarray(product(jnp.asarray(x), codes, scale, offset, n))
+    for rows in [*range(1, 18), 64]:
+        part = np.asarray(product(jnp.asarray(x[:rows]), codes, scale, offset, n))
+        assert np.array_equal(part, full[:rows]), rows
+    shuffled = np.asarray(product(jnp.asarray(x[::-1]), codes, scale, offset, n))
+    assert np.array_equal(shuffled[::-1], full)
+
+
+@needs_kernel
+def test_embedding_columns_are_the_tables_rows():
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((100, 64)).astype(np.float32)  # [V, H]; stored as W = table.T
+    codes, scale, offset = quantize_blocks(table.T)
+    tokens = np.array([[0, 31, 32, 99]], np.int32)
+    looked_up = np.asarray(columns(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(offset), jnp.asarray(tokens)))
+    np.testing.assert_array_equal(looked_up[0], dense(codes, scale, offset, 100).T[tokens[0]])
+
+
+def test_auto_weights_pick_int8_on_cpu_only_for_whole_blocks():
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(architecture="llama", max_position_embeddings=64, vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    expected = "int8" if kernels.available() and jax.default_backend() == "cpu" else "float32"
+    assert resolve_weights("auto", cfg) == expected
+    assert resolve_weights("auto", cfg.replace(intermediate_size=170)) == "float32"
+    assert resolve_weights("float32", cfg) == "float32"
