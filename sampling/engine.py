@@ -155,6 +155,14 @@ class _Pending:
 
 
 @dataclass
+class _InFlight:
+    """A dispatched decode call: the (slot, choice) of each of its rows, and its device outputs."""
+
+    rows: list[tuple[int, Any]]
+    outs: Any
+
+
+@dataclass
 class _Choice:
     """Host bookkeeping for one choice occupying one slot."""
 
@@ -195,6 +203,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._state: DecodeState | None = None
+        self._inflight: _InFlight | None = None  # the decode call whose outputs the host has not read yet
         self.warmup_seconds: float | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject step failures here
 
@@ -302,13 +311,14 @@ class Engine:
                 while self._running and not self._waiting and self.busy_slots == 0:
                     self._lock.wait(timeout=0.1)
                 if not self._running:
+                    self._collect()  # tokens already computed still reach their streams
                     return
             try:
                 self._drop_cancelled()
                 self._admit()
                 if self.prefill_queue:
                     self._prefill()
-                if self._live_slots():
+                if self._live_slots() or self._inflight is not None:
                     self._decode()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine loop error")
@@ -426,9 +436,22 @@ class Engine:
 
     def _decode(self) -> None:
         """One decode call over the live slots (a row bucket): several steps at once unless a live choice
-        needs the host between steps (a grammar or thinking mask)."""
+        needs the host between steps (a grammar or thinking mask).
+
+        The host reads a call's outputs while the next call runs: the call is dispatched first, then the
+        previous call's tokens are turned into events. A choice that the previous tokens finish has one
+        wasted step in the call already running; its outputs are dropped (rows never affect each other, so
+        nothing else changes). Guided choices need their tokens before the next mask, so with one live the
+        engine reads each call before dispatching the next.
+        """
         live = self._live_slots()
         guided = any(self._slots[slot].guide is not None for slot in live)
+        if self._inflight is not None and (guided or not live):
+            self._collect()
+            live = self._live_slots()
+            guided = any(self._slots[slot].guide is not None for slot in live)
+        if not live:
+            return
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
@@ -438,22 +461,44 @@ class Engine:
             if masks:
                 self._state = self.steps.set_allowed(self._state, masks)
             outs, self._state = self.steps.decode(self._state, live, 1 if guided else self.config.steps_per_call)
-            host = jax.device_get(outs)
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            for slot in live:
-                self._emit(self._slots[slot], None, "", None, (), "error", f"decode step failed: {exc}")
-                self._free(slot)
-            self._recover_state()
+            self._collect()
+            self._fail([(slot, self._slots[slot]) for slot in live], f"decode step failed: {exc}")
             return
         self.stats["decode_calls"] += 1
-        self.stats[f"decode_rows_{host.tokens.shape[1]}"] += 1
+        self.stats[f"decode_rows_{self.steps.row_bucket_for(len(live))}"] += 1
+        previous, self._inflight = self._inflight, _InFlight([(slot, self._slots[slot]) for slot in live], outs)
+        if previous is not None:
+            self._collect(previous)
+        if guided:
+            self._collect()
+
+    def _collect(self, inflight: "_InFlight | None" = None) -> None:
+        """Read a decode call's outputs (default: the one in flight) and turn them into token events, for
+        the choices that still hold their slots and have not finished."""
+        if inflight is None:
+            inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        try:
+            host = jax.device_get(inflight.outs)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decode step failed")
+            self._fail(inflight.rows, f"decode step failed: {exc}")
+            return
         for step in range(host.tokens.shape[0]):
-            for column, slot in enumerate(live):
-                choice = self._slots[slot]
-                if isinstance(choice, _Choice) and not choice.finished:  # a choice that stopped ignores later steps
+            for column, (slot, choice) in enumerate(inflight.rows):
+                if self._slots[slot] is choice and not choice.finished:  # a stopped choice ignores later steps
                     self._on_token(slot, int(host.tokens[step, column]), host.logprobs[step, column],
                                    host.top_ids[step, column], host.top_logprobs[step, column])
+
+    def _fail(self, rows: list[tuple[int, "_Choice"]], error: str) -> None:
+        for slot, choice in rows:
+            if self._slots[slot] is choice and not choice.finished:
+                self._emit(choice, None, "", None, (), "error", error)
+                self._free(slot)
+        self._recover_state()
 
     def _next_masks(self) -> dict[int, np.ndarray]:
         """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""

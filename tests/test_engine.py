@@ -281,3 +281,22 @@ def test_bit_identical_when_others_make_attention_visit_more_cache_blocks(tmp_pa
         assert together == alone
     finally:
         wide.stop()
+
+
+def test_a_slot_taken_over_while_a_call_is_in_flight_gets_only_its_own_tokens(engine, tmp_path):
+    """The host reads a decode call's tokens while the next call runs, so a choice that finishes has one
+    more step in flight, and its slot may be handed to the next request before that step's tokens are
+    read. With two slots and a queue of short requests, each reply must still equal the same request run
+    alone, token for token, and stop where its own limits say."""
+    two_slots = tiny_engine(tmp_path, slots=2)
+    try:
+        requests = [(PROMPTS[i % 3], SamplingParams(max_tokens=2 + i, temperature=0.8, seed=50 + i, ignore_eos=True,
+                                                    logprobs=True)) for i in range(7)]
+        handles = [two_slots.submit(p, s) for p, s in requests]
+        for (prompt, params), handle in zip(requests, handles):
+            events = handle.result()[0]
+            assert tokens_and_logprobs(events) == tokens_and_logprobs(run(engine, prompt, params)[0])
+            assert len(tokens_and_logprobs(events)[0]) == params.max_tokens
+            assert events[-1].finish_reason == "length"
+    finally:
+        two_slots.stop()
