@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from model import kernels
 from model.kv_cache import from_storage
 from model.reductions import tree_sum
 
@@ -46,6 +49,9 @@ def grouped_attention(q, cache_k, cache_v, rows, positions, window, groups):
     ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window``; ``window`` is a static int or
     None). Returns the output and the cache buffers, passed through unchanged.
 
+    Decode (one position per row) runs the CPU kernel ``model/kernels/decode_attention.cc`` where it is
+    available; everything else, and decode on other platforms, the XLA formulation below.
+
     The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
     are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
     fully masked for a row leaves that row's running max, sum and output exactly unchanged (factor 1.0,
@@ -58,11 +64,38 @@ def grouped_attention(q, cache_k, cache_v, rows, positions, window, groups):
     donated cache parameter inside the loop and writing it after made XLA copy every layer's cache twice
     per step.)
     """
-    batch, seq, heads, dim = q.shape
-    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
-    f32 = jnp.float32
+    batch, seq, _, dim = q.shape
+    kv_heads = cache_k.shape[1]
     q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
     q = q * jnp.asarray(dim**-0.5, q.dtype)
+    if seq == 1 and kernels.available():
+        out = jax.lax.platform_dependent(q, cache_k, cache_v, rows, positions, cpu=functools.partial(
+            _decode_kernel, window=window, groups=groups), default=lambda *args: _blockwise(*args, window, groups)[0])
+        return out, cache_k, cache_v
+    return _blockwise(q, cache_k, cache_v, rows, positions, window, groups)
+
+
+def _decode_kernel(q, cache_k, cache_v, rows, positions, window, groups):
+    """One query position per row (``model/kernels/decode_attention.cc``): each row computed on its own."""
+    out = jax.ffi.ffi_call(kernels.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32), cache_k, cache_v, rows.astype(jnp.int32), positions[:, 0].astype(jnp.int32),
+        window=np.int64(window or 0))
+    return _heads_last(out.astype(q.dtype), 1, groups)
+
+
+def _heads_last(out: jax.Array, seq: int, groups: int) -> jax.Array:
+    """``[B, KV, G * T, D]`` (group-major) back to ``[B, T, H, D]``."""
+    batch, kv_heads, _, dim = out.shape
+    return out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, -1, dim)
+
+
+def _blockwise(q, cache_k, cache_v, rows, positions, window, groups):
+    """The XLA formulation: the cache read block by block with an online softmax (q already ``[B, KV, G*T,
+    D]`` and scaled); returns ``[B, T, H, D]`` and the caches."""
+    batch, kv_heads, _, dim = q.shape
+    seq = q.shape[2] // groups
+    length = cache_k.shape[2]
+    f32 = jnp.float32
     query_pos = jnp.tile(positions, (1, groups))[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as q
 
     def scores_of(keys):
@@ -105,6 +138,4 @@ def grouped_attention(q, cache_k, cache_v, rows, positions, window, groups):
              jnp.zeros((batch, kv_heads, n_rows, dim), f32))
     (_, total, acc), cache_k, cache_v = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block,
                                                           (state, cache_k, cache_v))
-    out = (acc / total).astype(q.dtype)
-    out = out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
-    return out, cache_k, cache_v
+    return _heads_last((acc / total).astype(q.dtype), seq, groups), cache_k, cache_v

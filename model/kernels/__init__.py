@@ -1,7 +1,9 @@
 """Native CPU kernels, compiled from source on first use and registered with XLA as FFI targets.
 
-``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit block-quantised weights, each output row
-computed independently of the others (see ``model/quant.py`` for why). The shared library is built with
+``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit block-quantised weights (``model/quant.py``).
+``decode_attention`` (``decode_attention.cc``): one query position per row over its KV cache
+(``model/attention.py``). Both compute each row on its own, so a row's bits never depend on the other
+rows of a call (the seed contract across decode buckets). The shared library is built with
 the machine's C++ compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that ship with
 jaxlib, into ``$FLAXCHAT_HOME/kernels/`` under a name that includes a hash of the source, the flags and
 the jaxlib version, so a changed kernel or jaxlib is rebuilt and an unchanged one is built once.
@@ -25,9 +27,13 @@ from pathlib import Path
 import jax
 
 QMATMUL_TARGET = "flaxchat_qmatmul"
+DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 
-_SOURCE = Path(__file__).with_name("qmatmul.cc")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c++17", "-w")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc"))
+_TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention"}
+# -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the
+# source spells out, on every code path.
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -52,15 +58,16 @@ def _compiler() -> str | None:
 def _library_path() -> Path:
     from checkpoints.store import flaxchat_home  # the store owns FLAXCHAT_HOME
 
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jax.__version__.encode())
-    return flaxchat_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join(_FLAGS).encode()
+                            + jax.__version__.encode())
+    return flaxchat_home() / "kernels" / f"flaxchat-kernels-{digest.hexdigest()[:16]}.so"
 
 
 def _build(target: Path, compiler: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -79,7 +86,8 @@ def _load() -> None:
             raise RuntimeError("no C++ compiler found (set CXX)")
         _build(path, compiler)
     library = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(library.FlaxchatQMatmul), platform="cpu")
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _state["library"] = library
 
 
