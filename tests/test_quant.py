@@ -92,3 +92,42 @@ def test_auto_weights_pick_int8_on_cpu_only_for_whole_blocks():
     assert resolve_weights("auto", cfg) == expected
     assert resolve_weights("auto", cfg.replace(intermediate_size=170)) == "float32"
     assert resolve_weights("float32", cfg) == "float32"
+
+
+def _python(code: str, env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+CHECK_PRODUCT = """
+import numpy as np, jax.numpy as jnp
+from model import kernels
+from model.quant import block_matmul, quantize_blocks
+w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+codes, scale, offset = quantize_blocks(w)
+y = np.asarray(block_matmul(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(offset), 48))
+blocks = codes.reshape(2, 2, 32, 32).astype(np.float32) * scale[:, :, None, :] + offset[:, :, None, :]
+dense = blocks.reshape(2, 64, 32).transpose(1, 0, 2).reshape(64, 64)[:, :48]
+np.testing.assert_allclose(y, x @ dense, rtol=1e-5, atol=1e-5)
+print(kernels.available(), kernels.build_error())
+"""
+
+
+@needs_kernel
+def test_the_kernels_build_from_source_into_an_empty_cache(tmp_path):
+    out = _python(CHECK_PRODUCT, {"FLAXCHAT_KERNEL_CACHE": str(tmp_path)})
+    assert out == "True None"
+    assert len(list(tmp_path.glob("flaxchat-kernels-*.so"))) == 1
+
+
+def test_without_the_kernels_int8_falls_back_to_the_xla_product(tmp_path):
+    out = _python(CHECK_PRODUCT, {"FLAXCHAT_NO_KERNELS": "1", "FLAXCHAT_KERNEL_CACHE": str(tmp_path)})
+    assert out == "False disabled by FLAXCHAT_NO_KERNELS"
+    assert not list(tmp_path.iterdir())

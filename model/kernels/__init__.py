@@ -5,8 +5,9 @@
 (``model/attention.py``). Both compute each row on its own, so a row's bits never depend on the other
 rows of a call (the seed contract across decode buckets). The shared library is built with
 the machine's C++ compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that ship with
-jaxlib, into ``$FLAXCHAT_HOME/kernels/`` under a name that includes a hash of the source, the flags and
-the jaxlib version, so a changed kernel or jaxlib is rebuilt and an unchanged one is built once.
+jaxlib, into ``$FLAXCHAT_KERNEL_CACHE`` (default ``~/.cache/flaxchat/kernels``, shared by every
+``FLAXCHAT_HOME``) under a name that includes a hash of the sources, the flags and the jax version, so a
+changed kernel or jax is rebuilt and an unchanged one is built once (a few seconds).
 
 Where the kernel cannot be built (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False and
 callers use the XLA formulation instead; ``build_error()`` says why.
@@ -56,11 +57,10 @@ def _compiler() -> str | None:
 
 
 def _library_path() -> Path:
-    from checkpoints.store import flaxchat_home  # the store owns FLAXCHAT_HOME
-
+    folder = Path(os.environ.get("FLAXCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "flaxchat" / "kernels")
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join(_FLAGS).encode()
                             + jax.__version__.encode())
-    return flaxchat_home() / "kernels" / f"flaxchat-kernels-{digest.hexdigest()[:16]}.so"
+    return folder.expanduser() / f"flaxchat-kernels-{digest.hexdigest()[:16]}.so"
 
 
 def _build(target: Path, compiler: str) -> None:
