@@ -33,6 +33,13 @@ PANEL = 32  # output columns per stored panel
 
 _KERNEL = "kernel"
 _EMBEDDING = "embedding"
+# Projections of the same input stored as one matrix with int8 weights (one kernel call each).
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_name(names: tuple[str, ...]) -> str:
+    """``("q_proj", "k_proj", "v_proj")`` -> ``"q_k_v_proj"``."""
+    return "_".join(name.removesuffix("_proj") for name in names) + "_proj"
 
 
 def padded(n: int) -> int:
@@ -106,7 +113,8 @@ def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
 def quantize_params(params: Any) -> Any:
     """Float params (the stored layout) -> the layout ``Transformer`` expects with ``weights='int8'``.
 
-    Each ``kernel`` ``[in, out]`` becomes ``codes``, ``scale`` and ``offset`` in panels (``quantize_blocks``);
+    Each ``kernel`` ``[in, out]`` becomes ``codes``, ``scale`` and ``offset`` in panels (``quantize_blocks``),
+    the projections of one input (``FUSED``: q/k/v, gate/up) concatenated into one matrix first;
     the embedding ``[V, H]`` is stored as the tied LM head's ``W = table.T`` ``[H, V]`` and looked up by
     column (``columns``). Norms and biases stay float32. Done on the host in numpy so the float copy never
     lives on the device.
@@ -116,9 +124,21 @@ def quantize_params(params: Any) -> Any:
         codes, scale, offset = quantize_blocks(w)
         return {"codes": jnp.asarray(codes), "scale": jnp.asarray(scale), "offset": jnp.asarray(offset)}
 
+    def fuse(tree: dict) -> dict:
+        """Concatenate each FUSED group's float kernels (and biases) along the output dimension."""
+        tree = dict(tree)
+        for names in FUSED:
+            if all(isinstance(tree.get(name), dict) and _KERNEL in tree[name] for name in names):
+                parts = [tree.pop(name) for name in names]
+                group = {_KERNEL: np.concatenate([np.asarray(p[_KERNEL], np.float32) for p in parts], axis=1)}
+                if all("bias" in p for p in parts):
+                    group["bias"] = np.concatenate([np.asarray(p["bias"], np.float32) for p in parts])
+                tree[fused_name(names)] = group
+        return tree
+
     def walk(tree: dict) -> dict:
         out: dict = {}
-        for name, value in tree.items():
+        for name, value in fuse(tree).items():
             if isinstance(value, dict):
                 out[name] = walk(value)
             elif name == _KERNEL:

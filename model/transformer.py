@@ -13,6 +13,7 @@ cache buffers with a Python loop over layers; each layer scatters its new keys/v
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from model.attention import grouped_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache, init_cache, write_layer
-from model.quant import BLOCK, PANEL, block_matmul, columns, padded
+from model.quant import BLOCK, PANEL, block_matmul, columns, fused_name, padded
 from model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "param_shapes"]
@@ -100,6 +101,17 @@ def quantized_params(module: nn.Module, fan_in: int, features: int) -> tuple[jax
             module.param("offset", nn.initializers.zeros, (panels, fan_in // BLOCK, PANEL), jnp.float32))
 
 
+def projections(x: jax.Array, cfg: ModelConfig, features: tuple[int, ...], names: tuple[str, ...],
+                use_bias: bool) -> list[jax.Array]:
+    """Several projections of the same input (q/k/v, gate/up). With int8 weights they are one fused matrix
+    (``model.quant.fused_name``): one kernel call instead of several, and the same bits, since each output
+    column is computed on its own. Must be called inside a compact module."""
+    if cfg.weights == "int8":
+        fused = Linear(sum(features), use_bias, cfg, name=fused_name(names))(x)
+        return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
+    return [Linear(n, use_bias, cfg, name=name)(x) for n, name in zip(features, names)]
+
+
 class Embedding(nn.Module):
     """Token embedding (``[V, H]``) that can also project onto the vocabulary (tied LM head)."""
 
@@ -136,9 +148,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         batch, seq, _ = x.shape
         groups = cfg.num_heads // cfg.num_kv_heads
-        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="q_proj")(x)
-        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="k_proj")(x)
-        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="v_proj")(x)
+        q, k, v = projections(x, cfg, (cfg.num_heads * cfg.head_dim, *(2 * (cfg.num_kv_heads * cfg.head_dim,))),
+                              ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias)
         q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -164,8 +175,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Linear(cfg.intermediate_size, False, cfg, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, False, cfg, name="up_proj")(x)
+        gate, up = projections(x, cfg, (cfg.intermediate_size,) * 2, ("gate_proj", "up_proj"), False)
         act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
         return Linear(cfg.hidden_size, False, cfg, name="down_proj")(act * up)
 

@@ -131,3 +131,16 @@ def test_without_the_kernels_int8_falls_back_to_the_xla_product(tmp_path):
     out = _python(CHECK_PRODUCT, {"FLAXCHAT_NO_KERNELS": "1", "FLAXCHAT_KERNEL_CACHE": str(tmp_path)})
     assert out == "False disabled by FLAXCHAT_NO_KERNELS"
     assert not list(tmp_path.iterdir())
+
+
+@needs_kernel
+def test_a_fused_matrix_gives_each_part_the_bits_it_has_alone():
+    """q/k/v and gate/up are stored as one matrix with int8 weights (one kernel call): each output column
+    is quantised and computed on its own, so every part's bits equal its own product's."""
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal((96, n)).astype(np.float32) for n in (64, 48, 48)]
+    x = jnp.asarray(rng.standard_normal((3, 96)).astype(np.float32))
+    product = jax.jit(block_matmul, static_argnums=4)
+    fused = np.asarray(product(x, *quantize_blocks(np.concatenate(parts, axis=1)), 160))
+    alone = np.concatenate([np.asarray(product(x, *quantize_blocks(w), w.shape[1])) for w in parts], axis=1)
+    assert np.array_equal(fused, alone)
