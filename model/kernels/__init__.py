@@ -31,6 +31,7 @@ QMATMUL_TARGET = "flaxchat_qmatmul"
 DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc"))
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h",))
 _TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the
 # source spells out, on every code path.
@@ -58,7 +59,7 @@ def _compiler() -> str | None:
 
 def _library_path() -> Path:
     folder = Path(os.environ.get("FLAXCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "flaxchat" / "kernels")
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join(_FLAGS).encode()
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES + _HEADERS) + " ".join(_FLAGS).encode()
                             + jax.__version__.encode())
     return folder.expanduser() / f"flaxchat-kernels-{digest.hexdigest()[:16]}.so"
 

@@ -13,14 +13,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -114,21 +112,6 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
   }
 }
 
-struct Shared {
-  Problem problem;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    std::vector<float> scores, entry;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      OneHead(problem, i / problem.kv_heads, i % problem.kv_heads, scores, entry);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> positions,
                            ffi::ResultBuffer<ffi::F32> out, int64_t window) {
@@ -142,19 +125,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   if (!bf16 && k.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("decode_attention: caches must be float32 or bfloat16 bits (uint16)");
   }
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{q.typed_data(), k.untyped_data(), v.untyped_data(), bf16, rows.typed_data(),
-                            positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[2],
-                            window};
-  shared->items = qd[0] * qd[1];
+  const Problem problem{q.typed_data(), k.untyped_data(), v.untyped_data(), bf16, rows.typed_data(),
+                        positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[2], window};
   int64_t work = 0;  // visible keys in all rows: not worth a helper when small
   for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], kd[2] - 1) + 1;
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t helpers = std::min<int64_t>({pool.num_threads(), cores - 1, shared->items - 1,
-                                             work * qd[1] * qd[2] * qd[3] / (1 << 16)});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < shared->items) _mm_pause();
+  flaxchat::ParallelFor(pool, qd[0] * qd[1], work * qd[1] * qd[2] * qd[3] / (1 << 16), [problem](int64_t item) {
+    thread_local std::vector<float> scores, entry;
+    OneHead(problem, item / problem.kv_heads, item % problem.kv_heads, scores, entry);
+  });
   return ffi::Error::Success();
 }
 

@@ -14,12 +14,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -98,23 +96,6 @@ void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
   for (; row < p.m; ++row) Tile<1>(p, panel_index, panel, row);
 }
 
-// Work shared by the calling thread and helpers from XLA's pool: panels are claimed from a counter, so
-// a helper that starts late finds nothing left and the caller never waits on queued work.
-struct Shared {
-  Problem problem;
-  int64_t panels;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    std::vector<float> buffer;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
-      Panel(problem, i, buffer);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
@@ -126,17 +107,12 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       y->element_count() != m * n) {
     return ffi::Error::InvalidArgument("qmatmul: scale/offset [N / 32, K / 32, 32], y [M, N]");
   }
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{x.typed_data(), codes.typed_data(), scale.typed_data(), offset.typed_data(),
-                            y->typed_data(), m, k, n};
-  shared->panels = panels;
-  // Small products are not worth waking a helper for; the calling thread works too.
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t worth = (m * k * n) / (1 << 18);
-  const int64_t helpers = std::min<int64_t>({pool.num_threads(), cores - 1, panels - 1, worth});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < panels) _mm_pause();
+  const Problem problem{x.typed_data(), codes.typed_data(), scale.typed_data(), offset.typed_data(),
+                        y->typed_data(), m, k, n};
+  flaxchat::ParallelFor(pool, panels, (m * k * n) / (1 << 18), [problem](int64_t panel) {
+    thread_local std::vector<float> buffer;
+    Panel(problem, panel, buffer);
+  });
   return ffi::Error::Success();
 }
 
