@@ -20,6 +20,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.transformer import KVCache, Transformer, init_cache
+from sampling.processors import categorical
 from sampling.sampler import choice_key
 
 
@@ -44,7 +45,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array) ->
     greedy = jnp.argmax(logits, axis=-1)
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
     scaled = logits / safe_t[:, None]
-    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, scaled)
+    sampled = categorical(keys, scaled)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 

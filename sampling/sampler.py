@@ -54,7 +54,7 @@ def sample(logits: jax.Array, rows: RowSettings, keys: jax.Array) -> SampleOutpu
     warped = P.top_k_mask(warped, rows.top_k)
     warped = P.top_p_mask(warped, rows.top_p)
     warped = P.min_p_mask(warped, rows.min_p)
-    sampled = jax.vmap(jax.random.categorical)(keys, warped)
+    sampled = P.categorical(keys, warped)
     tokens = jnp.where(rows.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)

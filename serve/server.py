@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from quart import Quart
 
 log = logging.getLogger("flaxchat.server")
-ENGINE_BUILD = "flaxchat-0.1.0/engine-2"  # engine-2: int8 weights in 8-bit blocks with their own kernel
+ENGINE_BUILD = "flaxchat-0.1.0/engine-3"  # engine-3: two-level categorical draw (engine-2: int8 blocks and kernel)
 
 
 def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> str:

@@ -1,6 +1,9 @@
-"""Shared test setup: CPU, float32 matmuls at full precision, deterministic torch."""
+"""Shared test setup: CPU, float32 matmuls at full precision, deterministic torch, one compilation cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests build an engine for the same tiny model and settings; each EngineSteps has its own jitted
+# functions, so without a shared cache every engine compiles the same programs again. A persistent
+# compilation cache for this session (fresh each run, as in CI; keyed by the program, so a hit is the same
+# executable) turns those repeats into loads. FLAXCHAT_TEST_JAX_CACHE names a directory to keep instead.
+_CACHE = os.environ.get("FLAXCHAT_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="flaxchat-test-jax-cache-")
+if "FLAXCHAT_TEST_JAX_CACHE" not in os.environ:
+    atexit.register(shutil.rmtree, _CACHE, True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 

@@ -125,3 +125,37 @@ def test_neutral_values_change_nothing():
     out = P.apply_presence_frequency(out, jnp.ones((2, VOCAB), jnp.int32), zeros, zeros)
     out = P.apply_temperature(out, zeros)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(logits))
+
+
+def test_two_level_draws_follow_the_softmax():
+    """200,000 draws over a 3,000-token vocabulary (three draw blocks, the last one padded) against
+    softmax: a chi-square statistic near its degrees of freedom, and masked tokens never drawn."""
+    import jax
+
+    vocab, draws = 3000, 200_000
+    logits = np.random.default_rng(1).standard_normal(vocab).astype(np.float32)
+    logits[::7] = -np.inf
+    keys = jax.random.split(jax.random.key(1), draws)
+    tokens = np.asarray(jax.jit(lambda k: P.categorical(k, jnp.broadcast_to(jnp.asarray(logits), (draws, vocab))))(keys))
+    counts = np.bincount(tokens, minlength=vocab)
+    assert counts[::7].sum() == 0
+    p = np.exp(logits - logits[np.isfinite(logits)].max())
+    p /= p.sum()
+    live = p > 0
+    expected = p[live] * draws
+    chi2 = (((counts[live] - expected) ** 2) / expected).sum()
+    dof = live.sum() - 1
+    assert abs(chi2 - dof) < 5 * np.sqrt(2 * dof), (chi2, dof)  # 5 standard deviations of chi2(dof)
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows():
+    import jax
+
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.standard_normal((16, 49152)).astype(np.float32) * 3)
+    keys = jax.random.split(jax.random.key(3), 16)
+    together = np.asarray(jax.jit(P.categorical)(keys, logits))
+    for size in (1, 2, 5, 8):
+        alone = np.asarray(jax.jit(P.categorical)(keys[:size], logits[:size]))
+        assert np.array_equal(alone, together[:size]), size
+    assert len(set(together.tolist())) > 8  # distinct rows draw distinct tokens
