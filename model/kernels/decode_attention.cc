@@ -43,26 +43,96 @@ inline float Bf16ToFloat(uint16_t bits) {
   return f;
 }
 
-// Entry t of a cache row/head as floats into `dst` (dim values).
-inline void Load(const Problem& p, const void* cache, int64_t row, int64_t head, int64_t t, float* dst) {
+// Entry t of a cache row/head as floats: a pointer into a float32 cache, or `dst` filled from bfloat16
+// bits (a bfloat16 is the top half of a float32: widen, shift left 16 — exact).
+inline const float* Entry(const Problem& p, const void* cache, int64_t row, int64_t head, int64_t t, float* dst) {
   const int64_t offset = ((row * p.kv_heads + head) * p.length + t) * p.dim;
-  if (p.bf16) {
-    const uint16_t* src = static_cast<const uint16_t*>(cache) + offset;
-    for (int64_t d = 0; d < p.dim; ++d) dst[d] = Bf16ToFloat(src[d]);
-  } else {
-    std::memcpy(dst, static_cast<const float*>(cache) + offset, p.dim * sizeof(float));
+  if (!p.bf16) return static_cast<const float*>(cache) + offset;
+  const uint16_t* src = static_cast<const uint16_t*>(cache) + offset;
+  int64_t d = 0;
+  for (; d + 8 <= p.dim; d += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
+    _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  for (; d < p.dim; ++d) dst[d] = Bf16ToFloat(src[d]);
+  return dst;
+}
+
+// Dot products of G query heads with one key, each in a fixed order: 8 lanes of FMAs over the dimension,
+// then the lanes summed as ((0+4)+(1+5))+((2+6)+(3+7)), then any tail. The G products run side by side
+// (independent chains) without changing any one of them.
+template <int G>
+inline void Dots(const float* q, int64_t dim, const float* key, float* scores, int64_t stride) {
+  __m256 acc[G];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 k = _mm256_loadu_ps(key + i);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * dim + i), k, acc[g]);
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[g]);
+    float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (int64_t j = i; j < dim; ++j) s = std::fmaf(q[g * dim + j], key[j], s);
+    scores[g * stride] = s;
   }
 }
 
-inline float Dot(const float* a, const float* b, int64_t n) {  // fixed order: lanes, then lanes summed
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; i < n; ++i) s = std::fmaf(a[i], b[i], s);
-  return s;
+constexpr int kGroupsTogether = 4;
+
+template <int G = kGroupsTogether>
+inline void DotsOf(int64_t groups, const float* q, int64_t dim, const float* key, float* scores, int64_t stride) {
+  if constexpr (G > 0) {
+    if (groups == G) return Dots<G>(q, dim, key, scores, stride);
+    DotsOf<G - 1>(groups, q, dim, key, scores, stride);
+  }
+}
+
+// out[g] = sum over t of weights[g][t] * value_t, each element one FMA chain in key order from 0. Eight
+// vectors of the dimension at a time stay in registers across all keys (a bfloat16 entry is widened in
+// registers), instead of a load and store of the output per key.
+void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, int64_t count,
+                    const float* weights, float* out, std::vector<float>& entry) {
+  constexpr int64_t kChunk = 64;  // dimension values per pass: 8 accumulators
+  const int64_t base = ((row * p.kv_heads + head) * p.length + first) * p.dim;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float* w = weights + g * count;
+    float* o = out + g * p.dim;
+    int64_t d0 = 0;
+    for (; d0 + kChunk <= p.dim; d0 += kChunk) {
+      __m256 acc[8];
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < count; ++t) {
+        const __m256 wt = _mm256_set1_ps(w[t]);
+        if (p.bf16) {
+          const uint16_t* src = static_cast<const uint16_t*>(p.v) + base + t * p.dim + d0;
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) {
+            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * v)));
+            acc[v] = _mm256_fmadd_ps(wt, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)), acc[v]);
+          }
+        } else {
+          const float* src = static_cast<const float*>(p.v) + base + t * p.dim + d0;
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(src + 8 * v), acc[v]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) _mm256_storeu_ps(o + d0 + 8 * v, acc[v]);
+    }
+    if (d0 < p.dim) {  // a dimension that is not a multiple of 64: the rest element by element, same chains
+      std::fill(o + d0, o + p.dim, 0.0f);
+      for (int64_t t = 0; t < count; ++t) {
+        const float* value = Entry(p, p.v, row, head, first + t, entry.data());
+        for (int64_t d = d0; d < p.dim; ++d) o[d] = std::fmaf(w[t], value[d], o[d]);
+      }
+    }
+  }
 }
 
 void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores, std::vector<float>& entry) {
@@ -79,10 +149,13 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
   scores.resize(p.groups * count);
   entry.resize(p.dim);
   for (int64_t t = 0; t < count; ++t) {
-    Load(p, p.k, row, h, first + t, entry.data());
-    for (int64_t g = 0; g < p.groups; ++g) scores[g * count + t] = Dot(q + g * p.dim, entry.data(), p.dim);
+    const float* key = Entry(p, p.k, row, h, first + t, entry.data());
+    for (int64_t g = 0; g < p.groups; g += kGroupsTogether) {
+      DotsOf(std::min<int64_t>(kGroupsTogether, p.groups - g), q + g * p.dim, p.dim, key,
+             scores.data() + g * count + t, count);
+    }
   }
-  std::vector<float> total(p.groups);
+  float total[64];  // groups per kv head (checked at the call)
   for (int64_t g = 0; g < p.groups; ++g) {
     float* s = scores.data() + g * count;
     float top = s[0];
@@ -93,19 +166,8 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
       sum += s[t];
     }
     total[g] = sum;
-    std::fill(out + g * p.dim, out + (g + 1) * p.dim, 0.0f);
   }
-  for (int64_t t = 0; t < count; ++t) {
-    Load(p, p.v, row, h, first + t, entry.data());
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const __m256 w = _mm256_set1_ps(scores[g * count + t]);
-      float* o = out + g * p.dim;
-      int64_t d = 0;
-      for (; d + 8 <= p.dim; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(entry.data() + d), _mm256_loadu_ps(o + d)));
-      for (; d < p.dim; ++d) o[d] = std::fmaf(scores[g * count + t], entry[d], o[d]);
-    }
-  }
+  WeightedValues(p, row, h, first, count, scores.data(), out, entry);
   for (int64_t g = 0; g < p.groups; ++g) {
     const float inverse = 1.0f / total[g];
     for (int64_t d = 0; d < p.dim; ++d) out[g * p.dim + d] *= inverse;
@@ -122,6 +184,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
     return ffi::Error::InvalidArgument("decode_attention: q [B, KV, G, D], caches [R, KV, S, D], rows/positions [B]");
   }
   const bool bf16 = k.element_type() == ffi::DataType::U16;
+  if (qd[2] > 64) return ffi::Error::InvalidArgument("decode_attention: at most 64 query heads per kv head");
   if (!bf16 && k.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("decode_attention: caches must be float32 or bfloat16 bits (uint16)");
   }
