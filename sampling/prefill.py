@@ -81,7 +81,7 @@ class PrefillQueue:
                 self.stats["batched_prefills"] += 1
             else:  # one chunk of the head job
                 job = batch[0]
-                sizes = [min(budget, job.rest, self.steps.buckets[-1])]
+                sizes = [self.steps.chunk_length(min(budget, job.rest))]
                 logits, state = self.steps.prefill_chunk(state, job.slots[0], job.prompt, job.done, sizes[0])
                 all_logits = (logits,)
             for job, size in zip(batch, sizes):
