@@ -37,6 +37,24 @@ def ours_and_reference(default_gguf):
     return imported, tokenizer, ref_model, ref_tokenizer
 
 
+@pytest.fixture(scope="module")
+def reference_greedy(ours_and_reference):
+    """transformers' greedy 32-token continuation of a prompt's ids (computed once per prompt for the module)."""
+    imported, tokenizer, ref_model, _ = ours_and_reference
+    eos = tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
+    done: dict[tuple[int, ...], list[int]] = {}
+
+    def continuation(ids: list[int]) -> list[int]:
+        if tuple(ids) not in done:
+            with torch.no_grad():
+                out = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                         eos_token_id=eos, pad_token_id=eos)
+            done[tuple(ids)] = out[0, len(ids):].tolist()
+        return done[tuple(ids)]
+
+    return continuation
+
+
 def _chat_ids(imported, tokenizer, prompt):
     text = render_chat(imported.tokenizer_config["chat_template"], [{"role": "user", "content": prompt}],
                        special_tokens={"bos_token": imported.tokenizer_config["bos_token"]})
@@ -56,18 +74,15 @@ def test_prompt_logits_close_to_transformers(ours_and_reference):
     assert diff <= 1e-3
 
 
-def test_greedy_continuations_equal_transformers(ours_and_reference):
-    imported, tokenizer, ref_model, _ = ours_and_reference
+def test_greedy_continuations_equal_transformers(ours_and_reference, reference_greedy):
+    imported, tokenizer, _, _ = ours_and_reference
     generator = SimpleGenerator(imported.cfg, imported.params)
     eos = tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
     lengths = []
     for prompt in PROMPTS:
         ids = _chat_ids(imported, tokenizer, prompt)
         ours = list(generator.generate(ids, GenerationSettings(max_tokens=32, stop_ids=frozenset({eos}))))
-        with torch.no_grad():
-            out = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                     eos_token_id=eos, pad_token_id=eos)
-        theirs = out[0, len(ids):].tolist()
+        theirs = reference_greedy(ids)
         assert ours == theirs, f"{prompt!r}: {tokenizer.decode(ours)!r} != {tokenizer.decode(theirs)!r}"
         lengths.append(len(ours))
     assert sum(n == 32 for n in lengths) >= 3, lengths  # most continuations run the full 32 tokens
@@ -101,22 +116,19 @@ def test_pulled_store_generates_sensibly(default_store, weights):
     assert out[-1] in model.tokenizer.stop_ids
 
 
-def test_engine_greedy_batch_equals_transformers(ours_and_reference):
+def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_greedy):
     """Six chat prompts at once through the batching engine (4 slots): greedy tokens equal transformers'."""
     from checkpoints.tokenizer_files import special_tokens_from_config
     from sampling.engine import Engine, EngineConfig
     from sampling.params import SamplingParams
 
-    imported, tokenizer, ref_model, _ = ours_and_reference
+    imported, tokenizer, _, _ = ours_and_reference
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokenizer = HFTokenizer(tokenizer.backend, special_tokens_from_config(imported.tokenizer_config, vocab))
     prompts = [_chat_ids(imported, tokenizer, p) for p in PROMPTS]
     with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=4, max_len=256)) as engine:
         handles = [engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)) for ids in prompts]
         results = [h.result()[0] for h in handles]
-    eos = tokenizer.special.eos_id
+    assert tokenizer.special.eos_id == tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
     for prompt, ids, events in zip(PROMPTS, prompts, results):
-        with torch.no_grad():
-            out = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=eos)
-        assert [e.token_id for e in events] == out[0, len(ids):].tolist(), prompt
+        assert [e.token_id for e in events] == reference_greedy(ids), prompt

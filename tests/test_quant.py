@@ -57,6 +57,28 @@ def test_kernel_matches_the_dequantised_product(k, n):
 
 
 @needs_kernel
+def test_calls_from_several_threads_at_once_give_the_bits_of_calls_alone():
+    """The kernels share their work with one helper thread (model/kernels/parallel.h): calls made at the
+    same time from four threads, of sizes that do and do not offer work to it, each get exactly what the
+    same call gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    k, n = 576, 1536
+    codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32)))
+    product = jax.jit(block_matmul, static_argnums=4)
+    inputs = [jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32)) for rows in (1, 2, 3, 16, 1, 7)]
+    alone = [np.asarray(product(x, codes, scale, offset, n)) for x in inputs]
+
+    def hammer(worker: int) -> bool:
+        return all(np.array_equal(np.asarray(product(inputs[i], codes, scale, offset, n)), alone[i])
+                   for _ in range(40) for i in np.random.default_rng(worker).permutation(len(inputs)))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(hammer, range(4)))
+
+
+@needs_kernel
 def test_a_rows_bits_do_not_depend_on_the_other_rows():
     """Row i of a call with M rows is bit-identical to row i of a 67-row call, for every M the engine
     might use (1..17, 64) and with different neighbours."""
