@@ -37,7 +37,7 @@ chat: pull
 	$(BIN)/flaxchat generate --prompt "$(PROMPT)"
 
 test: install-dev
-	$(BIN)/python -m pytest -q -rs --durations=10
+	$(BIN)/python -m pytest -q -rs --durations=10 -n auto --maxprocesses=2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
