@@ -366,7 +366,9 @@ def test_rate_limit_429_and_token_budget_402(tmp_path):
         assert 1 <= int(response.headers["Retry-After"]) <= 60
         assert as_key("sk-b").chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
         small = as_key("sk-small")
-        small.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=12)  # ~20 prompt + 12 > 30
+        spent = 0
+        while spent < 30:  # each reply spends its prompt and what it generated (which may stop early)
+            spent += small.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=12).usage.total_tokens
         with pytest.raises(openai.APIStatusError) as info:
             small.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2)
         assert info.value.status_code == 402 and info.value.body["code"] == "insufficient_quota"
