@@ -71,31 +71,39 @@ PanelData PanelOf(const Problem& p, int64_t panel_index) {
           p.offset + panel_index * blocks * kPanel};
 }
 
-// Rows [row, row + R) of one panel straight from the codes (few rows: each weight is used R times, so
-// converting it in registers costs less than a trip through a buffer). A block's scale and offset are
-// loaded once for its 32 values of k.
-template <int R>
-void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
+// Calls visit(k, w) for k = 0 .. K-1 with w the 32 weights W[k, panel columns] as 4 vectors, loading a
+// block's scale and offset once for its 32 values of k.
+template <typename Visit>
+inline void ForEachK(const Problem& p, int64_t panel_index, Visit visit) {
   const PanelData d = PanelOf(p, panel_index);
-  __m256 acc[R][4];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
     __m256 s[4], o[4];
     LoadBlock(d.scale + b * kPanel, d.offset + b * kPanel, s, o);
     for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
       __m256 w[4];
       Weights(d.codes + k * kPanel, s, o, w);
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(p.x + (row + r) * p.k + k);
-        #pragma GCC unroll 8
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(xv, w[v], acc[r][v]);
-      }
+      visit(k, w);
     }
   }
+}
+
+// Rows [row, row + R) of one panel straight from the codes (few rows: each weight is used R times, so
+// converting it in registers costs less than a trip through a buffer).
+template <int R>
+void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
+  __m256 acc[R][4];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
+  ForEachK(p, panel_index, [&](int64_t k, const __m256 w[4]) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(p.x + (row + r) * p.k + k);
+      #pragma GCC unroll 8
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(xv, w[v], acc[r][v]);
+    }
+  });
   #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* out = p.y + (row + r) * p.n + panel_index * kPanel;
@@ -106,17 +114,10 @@ void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
 
 // The panel's weights as floats [K, 32] (the same values DirectTile computes in registers).
 void Dequantise(const Problem& p, int64_t panel_index, float* buffer) {
-  const PanelData d = PanelOf(p, panel_index);
-  for (int64_t b = 0; b < p.k / kBlock; ++b) {
-    __m256 s[4], o[4];
-    LoadBlock(d.scale + b * kPanel, d.offset + b * kPanel, s, o);
-    for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
-      __m256 w[4];
-      Weights(d.codes + k * kPanel, s, o, w);
-      #pragma GCC unroll 8
-      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(buffer + k * kPanel + 8 * v, w[v]);
-    }
-  }
+  ForEachK(p, panel_index, [&](int64_t k, const __m256 w[4]) {
+    #pragma GCC unroll 8
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(buffer + k * kPanel + 8 * v, w[v]);
+  });
 }
 
 // Rows [row, row + R) x 16 columns (half `half` of a dequantised panel): 2R accumulators, two weight
