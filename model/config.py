@@ -68,8 +68,8 @@ class ModelConfig:
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the float weights
-    # "float32": projections in param_dtype (exact parity with transformers); "int8": projection weights in
-    # 8-bit blocks with float32 activations (model/quant.py). A runtime choice, not stored.
+    # "float32": projections in param_dtype (exact parity with transformers); "int8"/"int4": projection
+    # weights in 8-/4-bit blocks with float32 activations (model/quant.py). A runtime choice, not stored.
     weights: str = "float32"
 
     def __post_init__(self) -> None:
@@ -86,8 +86,8 @@ class ModelConfig:
             )
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
             raise ValueError("sliding_windows needs one entry per layer")
-        if self.weights not in ("float32", "int8"):
-            raise ValueError(f"weights must be 'float32' or 'int8', not {self.weights!r}")
+        if self.weights not in ("float32", "int8", "int4"):
+            raise ValueError(f"weights must be 'float32', 'int8' or 'int4', not {self.weights!r}")
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r}")
 

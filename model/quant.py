@@ -1,13 +1,21 @@
-"""8-bit weights: blocks of 32 along the input dimension, each with a float32 scale and offset.
+"""Quantised weights: blocks of 32 along the input dimension, each with a float32 scale and offset.
 
-``W[k, n] = scale[k // 32, n] * codes[k, n] + offset[k // 32, n]`` with uint8 ``codes`` (an asymmetric
-block format, like GGUF's Q4_1 but with 8-bit codes), stored in panels of 32 output columns (``codes``
-``[N / 32, K, 32]``, ``scale``/``offset`` ``[N / 32, K / 32, 32]``) so the kernel reads each panel
-contiguously. Activations stay float32. Why this format (measured on the default model,
-bench/RESULTS.md): per-channel int8 with int8 activations kept 1 of 6 greedy continuations of float32's;
-weight-only symmetric blocks of 32 (Q8_0-like) 4 of 6; asymmetric blocks 5 of 6, with the log-likelihood
-moving < 0.1 % — the default model's weights are 4-bit blocks (Q4_1), which an asymmetric 8-bit block
-represents almost exactly. 1.25 bytes per weight instead of 4.
+``W[k, n] = scale[k // 32, n] * codes[k, n] + offset[k // 32, n]`` (an asymmetric block format, like
+GGUF's Q4_1), stored in panels of 32 output columns so the kernel reads each panel contiguously:
+``scale``/``offset`` ``[N / 32, K / 32, 32]`` and codes either
+
+- ``int8``: 8-bit codes ``[N / 32, K, 32]`` (1.25 bytes per weight instead of 4), or
+- ``int4``: 4-bit codes two to a byte, ``[N / 32, K, 16]`` (byte ``j`` holds columns ``j`` and ``j + 16``
+  of its panel, low nibble first; 0.75 bytes per weight).
+
+Activations stay float32. Why this format (measured on the default model, bench/RESULTS.md): per-channel
+int8 with int8 activations kept 1 of 6 greedy continuations of float32's; weight-only symmetric blocks of
+32 (Q8_0-like) 4 of 6; asymmetric 8-bit blocks 5 of 6, with the log-likelihood moving < 0.1 %. A 4-bit
+checkpoint (GGUF Q4_0/Q4_1/Q4_K: every block of 32 is ``d * q + m`` with 16 levels) is held *exactly* by
+``int4`` — every weight of the default model comes back bit for bit — so ``auto`` picks it for such a
+checkpoint (``exactly_4_bit``), and a one-row decode step, which streams every weight byte once and runs
+at memory speed, reads 40 % fewer bytes. The tied embedding / LM head always stays 8-bit (its GGUF blocks
+are 8-bit).
 
 On CPU the product is the kernel ``model/kernels/qmatmul.cc``: it reads each weight byte once and
 computes every output as one sequential chain over ``k``, so **a row's bits do not depend on which or
@@ -26,7 +34,8 @@ import numpy as np
 
 from model import kernels
 
-WEIGHT_MODES = ("float32", "int8")  # "float32" keeps the checkpoint's floats (exact parity with transformers)
+WEIGHT_MODES = ("float32", "int8", "int4")  # "float32" keeps the checkpoint's floats (exact parity with transformers)
+QUANTISED = ("int8", "int4")
 WEIGHT_CHOICES = ("auto", *WEIGHT_MODES)
 BLOCK = 32  # weights per (scale, offset) pair along the input dimension
 PANEL = 32  # output columns per stored panel
@@ -47,12 +56,23 @@ def padded(n: int) -> int:
     return -(-n // PANEL) * PANEL
 
 
-def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``w`` ``[K, N]`` (K a multiple of BLOCK) -> codes ``[N' / 32, K, 32]`` uint8, scale and offset
-    ``[N' / 32, K / 32, 32]`` float32, N' = ``padded(N)``.
+def bits_of(weights: str) -> int:
+    """Code width of a quantised weight mode."""
+    return {"int8": 8, "int4": 4}[weights]
 
-    Per block: offset = its minimum, scale = (max - min) / 255, codes = round((w - offset) / scale).
+
+def code_bytes(bits: int) -> int:
+    """Bytes of one row ``k`` of a panel's codes."""
+    return PANEL * bits // 8
+
+
+def quantize_blocks(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w`` ``[K, N]`` (K a multiple of BLOCK) -> codes ``[N' / 32, K, code_bytes(bits)]`` uint8, scale and
+    offset ``[N' / 32, K / 32, 32]`` float32, N' = ``padded(N)``.
+
+    Per block: offset = its minimum, scale = (max - min) / (2**bits - 1), codes = round((w - offset) / scale).
     """
+    levels = (1 << bits) - 1
     w = np.asarray(w, np.float32)
     k, n = w.shape
     if k % BLOCK:
@@ -61,18 +81,45 @@ def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     panels = w.shape[1] // PANEL
     blocks = w.reshape(k // BLOCK, BLOCK, -1)
     offset = blocks.min(axis=1)
-    scale = (blocks.max(axis=1) - offset) / np.float32(255)
+    scale = (blocks.max(axis=1) - offset) / np.float32(levels)
     safe = np.where(scale == 0, np.float32(1), scale)
-    codes = np.clip(np.rint((blocks - offset[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
+    codes = np.clip(np.rint((blocks - offset[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
 
     def to_panels(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(a.shape[0], panels, PANEL).transpose(1, 0, 2))
 
-    return to_panels(codes.reshape(k, -1)), to_panels(scale.astype(np.float32)), to_panels(offset.astype(np.float32))
+    codes = to_panels(codes.reshape(k, -1))
+    if bits == 4:
+        codes = codes[..., : PANEL // 2] | (codes[..., PANEL // 2:] << 4)
+    return codes, to_panels(scale.astype(np.float32)), to_panels(offset.astype(np.float32))
+
+
+def exactly_4_bit(w: np.ndarray) -> bool:
+    """Whether 4-bit blocks (``quantize_blocks(w, 4)``'s scale, offset and codes) give back every weight of
+    ``w`` ``[K, N]`` bit for bit: true of a 4-bit checkpoint's weights (where ``scale * code`` is exact, so
+    the kernel's fma rounds once, as this check does), false of trained float weights."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    if k % BLOCK:
+        return False
+    blocks = w.reshape(k // BLOCK, BLOCK, n)
+    offset = blocks.min(axis=1, keepdims=True)
+    scale = (blocks.max(axis=1, keepdims=True) - offset) / np.float32(15)
+    codes = np.clip(np.rint((blocks - offset) / np.where(scale == 0, np.float32(1), scale)), 0, 15)
+    return bool(np.array_equal(scale * codes + offset, blocks))
+
+
+def unpacked(codes: Any) -> Any:
+    """One code per byte ``[..., K, 32]`` from either layout (numpy or jax)."""
+    if codes.shape[-1] == PANEL:
+        return codes
+    xp = jnp if isinstance(codes, jax.Array) else np
+    return xp.concatenate([codes & 15, codes >> 4], axis=-1)
 
 
 def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    """Float32 weights from codes ``[..., K]`` and scale/offset ``[..., K / 32]`` (same leading dims)."""
+    """Float32 weights from one-per-byte codes ``[..., K]`` and scale/offset ``[..., K / 32]`` (same
+    leading dims)."""
     shape = codes.shape
     blocks = codes.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK).astype(jnp.float32)
     return (blocks * scale[..., None] + offset[..., None]).reshape(shape)
@@ -82,16 +129,23 @@ def columns(codes: jax.Array, scale: jax.Array, offset: jax.Array, index: jax.Ar
     """Columns ``index`` (any shape) of the stored matrix as float32 ``[*index.shape, K]`` (an embedding
     lookup: the tied table is the LM head's ``W``)."""
     panel, lane = index // PANEL, index % PANEL
+    if codes.shape[-1] == PANEL:
+        picked = codes[panel, :, lane]
+    else:  # column j and j + 16 share a byte
+        byte = codes[panel, :, lane % (PANEL // 2)]
+        picked = jnp.where((lane < PANEL // 2)[..., None], byte & 15, byte >> 4)
     pick = lambda a: a[panel, :, lane]  # noqa: E731
-    return dequantize(pick(codes), pick(scale), pick(offset))
+    return dequantize(picked, pick(scale), pick(offset))
 
 
 def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[0] * PANEL), jnp.float32)
-    return jax.ffi.ffi_call(kernels.QMATMUL_TARGET, out)(x2, codes, scale, offset)
+    target = kernels.QMATMUL_TARGET if codes.shape[-1] == PANEL else kernels.QMATMUL4_TARGET
+    return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset)
 
 
 def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    codes = unpacked(codes)
     per_column = lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # noqa: E731  [N', K or K/32]
     w = dequantize(per_column(codes), per_column(scale), per_column(offset))  # [N', K]
     return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -110,8 +164,14 @@ def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
     return y.reshape(*lead, features)
 
 
-def quantize_params(params: Any) -> Any:
-    """Float params (the stored layout) -> the layout ``Transformer`` expects with ``weights='int8'``.
+LM_HEAD = "lm_head"
+# Code width of the embedding and LM head in both quantised modes: GGUF files keep them 8-bit or wider,
+# and the vocabulary projection decides every sampled token.
+VOCABULARY_BITS = 8
+
+
+def quantize_params(params: Any, weights: str = "int8") -> Any:
+    """Float params (the stored layout) -> the layout ``Transformer`` expects with ``weights`` (int8/int4).
 
     Each ``kernel`` ``[in, out]`` becomes ``codes``, ``scale`` and ``offset`` in panels (``quantize_blocks``),
     the projections of one input (``FUSED``: q/k/v, gate/up) concatenated into one matrix first;
@@ -119,9 +179,10 @@ def quantize_params(params: Any) -> Any:
     column (``columns``). Norms and biases stay float32. Done on the host in numpy so the float copy never
     lives on the device.
     """
+    layer_bits, head_bits = bits_of(weights), VOCABULARY_BITS
 
-    def quantized(w: np.ndarray) -> dict:
-        codes, scale, offset = quantize_blocks(w)
+    def quantized(w: np.ndarray, bits: int) -> dict:
+        codes, scale, offset = quantize_blocks(w, bits)
         return {"codes": jnp.asarray(codes), "scale": jnp.asarray(scale), "offset": jnp.asarray(offset)}
 
     def fuse(tree: dict) -> dict:
@@ -136,40 +197,64 @@ def quantize_params(params: Any) -> Any:
                 tree[fused_name(names)] = group
         return tree
 
-    def walk(tree: dict) -> dict:
+    def walk(tree: dict, bits: int) -> dict:
         out: dict = {}
         for name, value in fuse(tree).items():
             if isinstance(value, dict):
-                out[name] = walk(value)
+                out[name] = walk(value, head_bits if name == LM_HEAD else bits)
             elif name == _KERNEL:
-                out.update(quantized(np.asarray(value, np.float32)))
+                out.update(quantized(np.asarray(value, np.float32), bits))
             elif name == _EMBEDDING:
-                out.update(quantized(np.asarray(value, np.float32).T))
+                out.update(quantized(np.asarray(value, np.float32).T, head_bits))
             else:
                 out[name] = jnp.asarray(value, jnp.float32)
         return out
 
-    return walk(dict(params))
+    return walk(dict(params), layer_bits)
 
 
-def resolve_weights(choice: str, cfg: Any) -> str:
-    """``"auto"`` -> int8 where the kernel runs (CPU, built) and the model's input widths are whole blocks,
-    else float32 (accelerators multiply float weights well; the int8 fallback there dequantises)."""
+def layer_kernels(params: Any) -> list[np.ndarray]:
+    """The float projection kernels of the decoder layers (not the embedding or LM head)."""
+    found = []
+
+    def walk(tree: dict) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                if key != LM_HEAD:
+                    walk(value)
+            elif key == _KERNEL:
+                found.append(np.asarray(value, np.float32))
+
+    walk(dict(params))
+    return found
+
+
+def resolve_weights(choice: str, cfg: Any, params: Any = None) -> str:
+    """``"auto"`` -> a quantised mode where the kernel runs (CPU, built) and the model's input widths are
+    whole blocks, else float32 (accelerators multiply float weights well; the fallback there dequantises).
+    The quantised mode is int4 when every layer projection of ``params`` is exactly 4-bit blocks (a Q4
+    GGUF: nothing is lost and a decode step reads 40 % fewer bytes), else int8."""
     if choice != "auto":
         return choice
     widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
     fits = all(w % BLOCK == 0 for w in widths)
-    return "int8" if fits and jax.default_backend() == "cpu" and kernels.available() else "float32"
+    if not (fits and jax.default_backend() == "cpu" and kernels.available()):
+        return "float32"
+    if params is not None and cfg.weights == "float32":
+        projections = layer_kernels(params)
+        if projections and all(exactly_4_bit(w) for w in projections):
+            return "int4"
+    return "int8"
 
 
 def prepare_weights(cfg: Any, params: Any, weights: str) -> tuple[Any, Any]:
-    """The (config, params) pair to run with ``weights`` ("float32" keeps them; "int8" quantises; "auto" as
-    ``resolve_weights``)."""
+    """The (config, params) pair to run with ``weights`` ("float32" keeps them; "int8"/"int4" quantise;
+    "auto" as ``resolve_weights``)."""
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, not {weights!r}")
-    weights = resolve_weights(weights, cfg)
+    weights = resolve_weights(weights, cfg, params)
     if weights == cfg.weights:
         return cfg, params
     if cfg.weights != "float32":
         raise ValueError(f"params are already {cfg.weights}; load the float checkpoint to run {weights}")
-    return cfg.replace(weights=weights), quantize_params(params)
+    return cfg.replace(weights=weights), quantize_params(params, weights)

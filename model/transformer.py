@@ -8,7 +8,8 @@ Layout choices, each for a measured XLA:CPU reason (see ``Transformer``): per-la
 cache buffers with a Python loop over layers; each layer scatters its new keys/values into its own buffer
 (``model/kv_cache.py``) and attention reads only the cache blocks a live row needs
 (``model/attention.py``). Projections are float (``weights="float32"``, exact parity with transformers) or
-8-bit blocks (``weights="int8"``, ``model/quant.py``; a decode row's bits never depend on the other rows).
+8-/4-bit blocks (``weights="int8"``/``"int4"``, ``model/quant.py``; a decode row's bits never depend on the
+other rows).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from model.attention import grouped_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache, init_cache, write_layer
-from model.quant import BLOCK, PANEL, block_matmul, columns, fused_name, padded
+from model.quant import BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns, fused_name, padded
 from model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "param_shapes"]
@@ -66,21 +67,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """``x @ kernel (+ bias)``; with ``cfg.weights == "int8"`` the weights are 8-bit blocks (``model/quant.py``).
+    """``x @ kernel (+ bias)``; with ``cfg.weights`` int8/int4 the weights are 8-/4-bit blocks
+    (``model/quant.py``; ``bits`` overrides the width, for the LM head).
 
     The float variant's params and product are exactly ``nn.Dense``'s (so checkpoints and parity are
-    unchanged); the int8 variant is ``model.quant.block_matmul``.
+    unchanged); the quantised variant is ``model.quant.block_matmul``.
     """
 
     features: int
     use_bias: bool
     cfg: ModelConfig
+    bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, fan_in = self.cfg, x.shape[-1]
-        if cfg.weights == "int8":
-            y = block_matmul(x, *quantized_params(self, fan_in, self.features), self.features).astype(cfg.dtype)
+        if cfg.weights in QUANTISED:
+            bits = self.bits or bits_of(cfg.weights)
+            y = block_matmul(x, *quantized_params(self, fan_in, self.features, bits), self.features).astype(cfg.dtype)
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02), (fan_in, self.features),
                                 jnp.dtype(cfg.param_dtype))
@@ -92,21 +96,22 @@ class Linear(nn.Module):
         return y
 
 
-def quantized_params(module: nn.Module, fan_in: int, features: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantized_params(module: nn.Module, fan_in: int, features: int, bits: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Declare a block-quantised ``[fan_in, features]`` matrix's params on ``module`` (``model/quant.py``'s
     panel layout): codes, scale, offset."""
     panels = padded(features) // PANEL
-    return (module.param("codes", nn.initializers.zeros, (panels, fan_in, PANEL), jnp.uint8),
+    return (module.param("codes", nn.initializers.zeros, (panels, fan_in, code_bytes(bits)), jnp.uint8),
             module.param("scale", nn.initializers.ones, (panels, fan_in // BLOCK, PANEL), jnp.float32),
             module.param("offset", nn.initializers.zeros, (panels, fan_in // BLOCK, PANEL), jnp.float32))
 
 
 def projections(x: jax.Array, cfg: ModelConfig, features: tuple[int, ...], names: tuple[str, ...],
                 use_bias: bool) -> list[jax.Array]:
-    """Several projections of the same input (q/k/v, gate/up). With int8 weights they are one fused matrix
+    """Several projections of the same input (q/k/v, gate/up). With quantised weights they are one fused matrix
     (``model.quant.fused_name``): one kernel call instead of several, and the same bits, since each output
     column is computed on its own. Must be called inside a compact module."""
-    if cfg.weights == "int8":
+    if cfg.weights in QUANTISED:
         fused = Linear(sum(features), use_bias, cfg, name=fused_name(names))(x)
         return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
     return [Linear(n, use_bias, cfg, name=name)(x) for n, name in zip(features, names)]
@@ -119,19 +124,20 @@ class Embedding(nn.Module):
 
     def setup(self) -> None:
         cfg, shape = self.cfg, (self.cfg.vocab_size, self.cfg.hidden_size)
-        if cfg.weights == "int8":
-            self.codes, self.scale, self.offset = quantized_params(self, cfg.hidden_size, cfg.vocab_size)
+        if cfg.weights in QUANTISED:
+            self.codes, self.scale, self.offset = quantized_params(self, cfg.hidden_size, cfg.vocab_size,
+                                                                   VOCABULARY_BITS)
         else:
             self.embedding = self.param("embedding", nn.initializers.normal(0.02), shape,
                                         jnp.dtype(cfg.param_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        if self.cfg.weights == "int8":
+        if self.cfg.weights in QUANTISED:
             return columns(self.codes, self.scale, self.offset, tokens).astype(self.cfg.dtype)
         return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        if self.cfg.weights == "int8":
+        if self.cfg.weights in QUANTISED:
             return block_matmul(x, self.codes, self.scale, self.offset, self.cfg.vocab_size)
         x, table = x.astype(self.cfg.dtype), self.embedding.astype(self.cfg.dtype)
         return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
@@ -246,7 +252,7 @@ class Transformer(nn.Module):
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
-        project = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, False, cfg, name="lm_head")
+        project = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, False, cfg, VOCABULARY_BITS, name="lm_head")
         if logit_indices is None:
             logits = project(x)
         else:

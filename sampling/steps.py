@@ -9,9 +9,9 @@ trace bumps ``compiles`` so tests and metrics can prove it. Device state is dona
 
 Row buckets keep the seed contract only where a row's bits do not depend on the bucket size. The model's
 and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's own reductions round
-differently for different row counts), the int8 weights' decode kernel computes each row on its own
-(``model/quant.py``), and float32 products keep a row's bits from 2 rows up; so buckets start at 1 row
-with int8 weights and at 2 with float32 (``smallest_row_bucket``). ``tests/test_row_buckets.py`` checks
+differently for different row counts), the quantised weights' decode kernel computes each row on its
+own (``model/quant.py``), and float32 products keep a row's bits from 2 rows up; so buckets start at 1 row
+with int8/int4 weights and at 2 with float32 (``smallest_row_bucket``). ``tests/test_row_buckets.py`` checks
 every bucket size against the largest.
 
 Prefill chunks have the same property from ``smallest_prefill_bucket`` rows up: a prompt row's keys,
@@ -33,6 +33,7 @@ import numpy as np
 
 from model import kernels
 from model.config import ModelConfig
+from model.quant import QUANTISED
 from model.transformer import KVCache, Transformer, init_cache
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 
@@ -81,11 +82,11 @@ def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:
 def smallest_row_bucket(cfg: ModelConfig) -> int:
     """The smallest decode bucket whose rows are bit-identical to the same rows in any larger bucket.
 
-    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count. The int8
-    weights' kernel computes each row on its own (``model/quant.py``), so any bucket works, one row
+    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count. The
+    quantised weights' kernel computes each row on its own (``model/quant.py``), so any bucket works, one row
     included; float32 products on XLA:CPU take another path at one row, so they start at 2.
     """
-    return 1 if cfg.weights == "int8" and kernels.available() else 2
+    return 1 if cfg.weights in QUANTISED and kernels.available() else 2
 
 
 def smallest_prefill_bucket(cfg: ModelConfig) -> int:
@@ -93,9 +94,9 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
 
     Measured on XLA:CPU (bench/RESULTS.md): a float32 ``[M, K] x [K, N]`` product's rows change between
     M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows. The
-    int8 weights' kernel (``model/quant.py``) computes each row on its own, so 16 rows suffice there.
+    quantised weights' kernel (``model/quant.py``) computes each row on its own, so 16 rows suffice there.
     """
-    return 16 if cfg.weights == "int8" and kernels.available() else 64
+    return 16 if cfg.weights in QUANTISED and kernels.available() else 64
 
 
 BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call

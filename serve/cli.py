@@ -187,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto",
-                   help="projection weights: float32 (the checkpoint's floats, exact parity with transformers) or "
-                        "int8 (8-bit blocks with a CPU kernel: ~1.25 bytes per weight, see bench/RESULTS.md); "
-                        "auto = int8 on CPU where the kernel builds, else float32")
+    p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
+                   help="projection weights: float32 (the checkpoint's floats, exact parity with transformers), "
+                        "int8 (8-bit blocks with a CPU kernel: 1.25 bytes per weight, see bench/RESULTS.md) or "
+                        "int4 (4-bit blocks: 0.75 bytes per weight, exact for a Q4 GGUF, lossy otherwise); "
+                        "auto = on CPU where the kernel builds int4 if the checkpoint is exactly 4-bit, else "
+                        "int8; float32 elsewhere")
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="KV cache storage type (auto = bfloat16)")
     p.add_argument("--steps-per-call", type=int, default=1,
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
-    p.add_argument("--weights", choices=["auto", "float32", "int8"], default="auto", help="projection weights (as serve)")
+    p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
+                   help="projection weights (as serve)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -30,7 +30,7 @@ def tiny_model(folder: Path, kind: str = "llama", context: int | None = None, sh
 
 
 def with_weights(model: tuple, weights: str) -> tuple:
-    """``(cfg, params, tokenizer)`` of ``tiny_model`` with its projections in ``weights`` ("float32" or "int8")."""
+    """``(cfg, params, tokenizer)`` of ``tiny_model`` with its projections in ``weights`` ("float32", "int8" or "int4")."""
     cfg, params, tokenizer = model
     cfg, params = prepare_weights(cfg, params, weights)
     return cfg, params, tokenizer

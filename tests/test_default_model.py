@@ -104,16 +104,39 @@ def test_chat_template_and_tokens_equal_transformers(ours_and_reference):
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_pulled_store_generates_sensibly(default_store, weights):
     """`pull` stored an orbax checkpoint that loads without the GGUF and answers a question (also with
-    the weights quantised to 8-bit blocks at load)."""
+    the weights quantised to 8-bit blocks at load; 4-bit blocks hold it exactly, see below)."""
     model = load_model("smollm2-135m-instruct", weights=weights)
     assert model.cfg.weights == weights
-    assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("uint8")} if weights == "int8" else set())
+    assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("uint8")} if weights != "float32" else set())
     text = render_chat(model.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
                        special_tokens={"bos_token": model.tokenizer.special.bos_token})
     out = list(SimpleGenerator(model.cfg, model.params).generate(
         model.tokenizer.encode(text), GenerationSettings(max_tokens=20, stop_ids=model.tokenizer.stop_ids)))
     assert "Paris" in model.tokenizer.decode(out)
     assert out[-1] in model.tokenizer.stop_ids
+
+
+def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store):
+    """The default model's GGUF stores its layers as Q4_1 blocks: ``auto`` (on CPU with the kernel) takes
+    4-bit blocks, and every projection weight they hold equals the float checkpoint's, bit for bit."""
+    from model import kernels
+    from model.quant import FUSED, unpacked
+
+    floats = load_model("smollm2-135m-instruct", weights="float32").params
+    if not (kernels.available() and jax.default_backend() == "cpu"):
+        pytest.skip(f"no kernel ({kernels.build_error()}): auto is float32")
+    model = load_model("smollm2-135m-instruct", weights="auto")
+    assert model.cfg.weights == "int4"
+    layer, expected_layer = model.params["layers_7"], floats["layers_7"]
+    for block, names in (("attn", FUSED[0]), ("mlp", FUSED[1])):
+        stored = layer[block]["_".join(n.removesuffix("_proj") for n in names) + "_proj"]
+        codes = np.asarray(unpacked(np.asarray(stored["codes"])), np.float64)  # [P, K, 32]
+        p, k, _ = codes.shape
+        w = (codes.reshape(p, k // 32, 32, 32) * np.asarray(stored["scale"])[:, :, None, :]
+             + np.asarray(stored["offset"])[:, :, None, :]).astype(np.float32)
+        w = w.reshape(p, k, 32).transpose(1, 0, 2).reshape(k, -1)
+        expected = np.concatenate([np.asarray(expected_layer[block][n]["kernel"]) for n in names], axis=1)
+        np.testing.assert_array_equal(w[:, : expected.shape[1]], expected)
 
 
 def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_greedy):

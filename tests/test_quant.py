@@ -1,5 +1,6 @@
-"""int8 weights: the block format round-trips, the CPU kernel computes the product, and its rows never
-depend on the other rows of the call (the property decode buckets and prefill chunks rely on)."""
+"""Quantised weights (8- and 4-bit blocks): the block format round-trips, the CPU kernel computes the
+product, and its rows never depend on the other rows of the call (the property decode buckets and prefill
+chunks rely on)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,25 +8,37 @@ import numpy as np
 import pytest
 
 from model import kernels
-from model.quant import BLOCK, _xla_matmul, block_matmul, columns, quantize_blocks, resolve_weights
+from model.quant import (BLOCK, _xla_matmul, block_matmul, columns, exactly_4_bit, quantize_blocks,
+                         quantize_params, resolve_weights)
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel not built: {kernels.build_error()}")
 
 
+def one_code_per_byte(codes: np.ndarray) -> np.ndarray:
+    """8-bit panels as they are; 4-bit panels ``[P, K, 16]`` (byte j: column j low, j + 16 high) unpacked."""
+    codes = np.asarray(codes)
+    if codes.shape[-1] == 32:
+        return codes
+    return np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
+
+
 def dense(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, features: int) -> np.ndarray:
     """The ``[K, N]`` float matrix the stored panels represent (numpy, independent of model/quant.py)."""
+    codes = one_code_per_byte(codes)
     panels, k, width = codes.shape
     blocks = codes.reshape(panels, k // BLOCK, BLOCK, width).astype(np.float32)
     w = blocks * scale[:, :, None, :] + offset[:, :, None, :]
     return w.reshape(panels, k, width).transpose(1, 0, 2).reshape(k, panels * width)[:, :features]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("k,n", [(64, 320), (96, 48), (576, 192)])
-def test_blocks_round_trip_within_half_a_step(k, n):
+def test_blocks_round_trip_within_half_a_step(k, n, bits):
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-    codes, scale, offset = quantize_blocks(w)
-    assert codes.dtype == np.uint8 and codes.shape == (-(-n // 32), k, 32)
+    codes, scale, offset = quantize_blocks(w, bits)
+    assert codes.dtype == np.uint8 and codes.shape == (-(-n // 32), k, 32 * bits // 8)
+    assert one_code_per_byte(codes).max() == 2**bits - 1
     step = np.repeat(scale.transpose(1, 0, 2).reshape(k // BLOCK, -1)[:, :n], BLOCK, axis=0)
     assert np.all(np.abs(dense(codes, scale, offset, n) - w) <= step / 2 * (1 + 1e-5) + 1e-9)
 
@@ -43,11 +56,48 @@ def test_a_4_bit_grid_is_represented_almost_exactly():
     np.testing.assert_allclose(back, w, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(w).max())
 
 
+def _q4_grid(seed: int, k: int, n: int) -> np.ndarray:
+    """Weights as a Q4_1 file holds them: per block of 32, ``d * q + m`` with float16 ``d``, ``m``."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.001, 0.01, size=(k // BLOCK, 1, n)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.05, 0.0, size=(k // BLOCK, 1, n)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, size=(k // BLOCK, BLOCK, n)).astype(np.float32)
+    q[:, 0], q[:, 1] = 0, 15  # each block spans the whole grid, as Q4_1 quantisation makes it
+    return (d * q + m).reshape(k, n)
+
+
+def test_4_bit_blocks_hold_a_4_bit_checkpoint_exactly_and_auto_picks_them():
+    """A Q4-style weight matrix comes back bit for bit from 4-bit blocks (so ``auto`` runs such a checkpoint
+    as int4, losing nothing); trained-like float weights do not, and ``auto`` keeps 8 bits for them."""
+    w = _q4_grid(7, 96, 80)
+    assert exactly_4_bit(w)
+    np.testing.assert_array_equal(dense(*quantize_blocks(w, 4), 80), w)
+    floats = np.random.default_rng(8).standard_normal((96, 80)).astype(np.float32)
+    assert not exactly_4_bit(floats)
+
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(architecture="llama", max_position_embeddings=64, vocab_size=320, hidden_size=64,
+                      intermediate_size=160, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
+    layer = {"mlp": {"up_proj": {"kernel": _q4_grid(1, 64, 160)}, "down_proj": {"kernel": _q4_grid(2, 160, 64)}}}
+    params = {"layers_0": layer, "embed": {"embedding": floats[:, :64]}}  # the embedding is not a projection
+    if not (kernels.available() and jax.default_backend() == "cpu"):
+        pytest.skip("no kernel: auto is float32")
+    assert resolve_weights("auto", cfg, params) == "int4"
+    layer["mlp"]["down_proj"]["kernel"] = np.random.default_rng(9).standard_normal((160, 64)).astype(np.float32)
+    assert resolve_weights("auto", cfg, params) == "int8"
+    quantised = quantize_params({"embed": {"embedding": floats[:, :64]},
+                                 "layers_0": {"mlp": {"up_proj": {"kernel": w[:, :64]}}}}, "int4")
+    assert quantised["layers_0"]["mlp"]["up_proj"]["codes"].shape[-1] == 16  # projections: 4-bit
+    assert quantised["embed"]["codes"].shape[-1] == 32  # the embedding / tied LM head stays 8-bit
+
+
 @needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("k,n", [(64, 320), (96, 48), (576, 1536)])
-def test_kernel_matches_the_dequantised_product(k, n):
+def test_kernel_matches_the_dequantised_product(k, n, bits):
     rng = np.random.default_rng(n)
-    codes, scale, offset = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32) * 0.05)
+    codes, scale, offset = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32) * 0.05, bits)
     w = dense(codes, scale, offset, n).astype(np.float64)
     x = rng.standard_normal((5, k)).astype(np.float32)
     y = np.asarray(jax.jit(block_matmul, static_argnums=4)(jnp.asarray(x), codes, scale, offset, n))
@@ -79,12 +129,13 @@ def test_calls_from_several_threads_at_once_give_the_bits_of_calls_alone():
 
 
 @needs_kernel
-def test_a_rows_bits_do_not_depend_on_the_other_rows():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_rows_bits_do_not_depend_on_the_other_rows(bits):
     """Row i of a call with M rows is bit-identical to row i of a 67-row call, for every M the engine
     might use (1..17, 64) and with different neighbours."""
     rng = np.random.default_rng(2)
     k, n = 576, 1536
-    codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32)))
+    codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32), bits))
     x = rng.standard_normal((67, k)).astype(np.float32)
     product = jax.jit(block_matmul, static_argnums=4)
     full = np.asarray(product(jnp.asarray(x), codes, scale, offset, n))
@@ -96,10 +147,11 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows():
 
 
 @needs_kernel
-def test_embedding_columns_are_the_tables_rows():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_columns_are_the_tables_rows(bits):
     rng = np.random.default_rng(3)
     table = rng.standard_normal((100, 64)).astype(np.float32)  # [V, H]; stored as W = table.T
-    codes, scale, offset = quantize_blocks(table.T)
+    codes, scale, offset = quantize_blocks(table.T, bits)
     tokens = np.array([[0, 31, 32, 99]], np.int32)
     looked_up = np.asarray(columns(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(offset), jnp.asarray(tokens)))
     np.testing.assert_array_equal(looked_up[0], dense(codes, scale, offset, 100).T[tokens[0]])

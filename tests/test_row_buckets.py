@@ -26,7 +26,7 @@ def float_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("buckets"))
 
 
-@pytest.mark.parametrize("weights", ["int8", "float32"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "float32"])
 def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
     """Fill 16 cache rows with different prompts, then decode one step with slot 5 in every bucket size the
     engine uses (and two sizes between them), with other live slots and padding rows around it: slot 5's
@@ -79,7 +79,7 @@ def _tokens(events):
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None]
 
 
-@pytest.mark.parametrize("weights,slots", [("int8", 8), ("float32", 8)])
+@pytest.mark.parametrize("weights,slots", [("int8", 8), ("int4", 8), ("float32", 8)])
 def test_a_seeded_request_is_identical_alone_and_in_every_bucket(float_model, weights, slots):
     """The same seeded request alone (smallest bucket) and next to 1, 3, ... slots-1 others (every larger
     bucket): identical tokens and logprobs, and the engine really ran each bucket."""

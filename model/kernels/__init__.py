@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled from source on first use and registered with XLA as FFI targets.
 
-``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit block-quantised weights (``model/quant.py``).
+``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit or 4-bit block-quantised weights
+(``model/quant.py``).
 ``decode_attention`` (``decode_attention.cc``): one query position per row over its KV cache
 (``model/attention.py``). Both compute each row on its own, so a row's bits never depend on the other
 rows of a call (the seed contract across decode buckets). The shared library is built with
@@ -28,11 +29,13 @@ from pathlib import Path
 import jax
 
 QMATMUL_TARGET = "flaxchat_qmatmul"
+QMATMUL4_TARGET = "flaxchat_qmatmul4"
 DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h",))
-_TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention"}
+_TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4",
+            DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the
 # source spells out, on every code path.
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w")

@@ -1,6 +1,11 @@
-// y = x @ W for float32 activations x [M, K] and 8-bit block-quantised weights W [K, N]:
-//   W[k, n] = scale[k / 32, n] * code[k, n] + offset[k / 32, n]      (uint8 codes)
-// stored in panels of 32 output columns: codes [N / 32, K, 32], scale and offset [N / 32, K / 32, 32].
+// y = x @ W for float32 activations x [M, K] and block-quantised weights W [K, N]:
+//   W[k, n] = scale[k / 32, n] * code[k, n] + offset[k / 32, n]
+// stored in panels of 32 output columns, scale and offset [N / 32, K / 32, 32] (float32), and codes
+//   8-bit (FlaxchatQMatmul):  [N / 32, K, 32], byte j of row k = code[k, j];
+//   4-bit (FlaxchatQMatmul4): [N / 32, K, 16], byte j of row k = code[k, j] | code[k, j + 16] << 4.
+// A decode step at one row streams every weight byte once, so it runs at memory speed (measured ~15 GB/s
+// per core here): 4-bit codes (0.75 bytes per weight with the scales, against 1.25) are what make it
+// faster, and they hold a 4-bit checkpoint's weights (GGUF Q4_0/Q4_1/Q4_K blocks) exactly.
 //
 // Why a kernel of our own (measured, bench/RESULTS.md): XLA:CPU materialises a float copy of converted
 // weights before a dot (slower than float32 weights), or needs int8 activations (which cost quality).
@@ -42,13 +47,36 @@ struct Problem {
   int64_t m, k, n;
 };
 
-// The 32 weights W[k, panel columns] as 4 vectors, from codes at `codes` and the block's scale/offset.
-inline void Weights(const uint8_t* codes, const __m256 scale[4], const __m256 offset[4], __m256 w[4]) {
-  #pragma GCC unroll 8
-  for (int v = 0; v < 4; ++v) {
-    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * v));
-    w[v] = _mm256_fmadd_ps(scale[v], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), offset[v]);
+// Code layouts: one row k of a panel's codes -> the 32 codes as 4 vectors of 8 int32 (columns 8v..8v+7).
+struct Codes8 {
+  static constexpr int64_t kRowBytes = 32;
+  static inline void Row(const uint8_t* row, __m256i c[4]) {
+    #pragma GCC unroll 8
+    for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v)));
   }
+};
+
+struct Codes4 {
+  static constexpr int64_t kRowBytes = 16;
+  static inline void Row(const uint8_t* row, __m256i c[4]) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8)));
+    c[0] = _mm256_and_si256(a, low);
+    c[1] = _mm256_and_si256(b, low);
+    c[2] = _mm256_srli_epi32(a, 4);
+    c[3] = _mm256_srli_epi32(b, 4);
+  }
+};
+
+// The 32 weights W[k, panel columns] as 4 vectors, from a row of codes and the block's scale/offset:
+// the same fma for both layouts, so a 4-bit and an 8-bit code of the same value give the same weight.
+template <typename Codes>
+inline void Weights(const uint8_t* row, const __m256 scale[4], const __m256 offset[4], __m256 w[4]) {
+  __m256i c[4];
+  Codes::Row(row, c);
+  #pragma GCC unroll 8
+  for (int v = 0; v < 4; ++v) w[v] = _mm256_fmadd_ps(scale[v], _mm256_cvtepi32_ps(c[v]), offset[v]);
 }
 
 inline void LoadBlock(const float* scale, const float* offset, __m256 s[4], __m256 o[4]) {
@@ -60,28 +88,29 @@ inline void LoadBlock(const float* scale, const float* offset, __m256 s[4], __m2
 }
 
 struct PanelData {
-  const uint8_t* codes;  // [K, 32]
+  const uint8_t* codes;  // [K, row bytes]
   const float* scale;    // [K / 32, 32]
   const float* offset;   // [K / 32, 32]
 };
 
+template <typename Codes>
 PanelData PanelOf(const Problem& p, int64_t panel_index) {
   const int64_t blocks = p.k / kBlock;
-  return {p.codes + panel_index * p.k * kPanel, p.scale + panel_index * blocks * kPanel,
+  return {p.codes + panel_index * p.k * Codes::kRowBytes, p.scale + panel_index * blocks * kPanel,
           p.offset + panel_index * blocks * kPanel};
 }
 
 // Calls visit(k, w) for k = 0 .. K-1 with w the 32 weights W[k, panel columns] as 4 vectors, loading a
 // block's scale and offset once for its 32 values of k.
-template <typename Visit>
+template <typename Codes, typename Visit>
 inline void ForEachK(const Problem& p, int64_t panel_index, Visit visit) {
-  const PanelData d = PanelOf(p, panel_index);
+  const PanelData d = PanelOf<Codes>(p, panel_index);
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
     __m256 s[4], o[4];
     LoadBlock(d.scale + b * kPanel, d.offset + b * kPanel, s, o);
     for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
       __m256 w[4];
-      Weights(d.codes + k * kPanel, s, o, w);
+      Weights<Codes>(d.codes + k * Codes::kRowBytes, s, o, w);
       visit(k, w);
     }
   }
@@ -89,14 +118,14 @@ inline void ForEachK(const Problem& p, int64_t panel_index, Visit visit) {
 
 // Rows [row, row + R) of one panel straight from the codes (few rows: each weight is used R times, so
 // converting it in registers costs less than a trip through a buffer).
-template <int R>
+template <typename Codes, int R>
 void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
   __m256 acc[R][4];
   #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
     #pragma GCC unroll 8
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
-  ForEachK(p, panel_index, [&](int64_t k, const __m256 w[4]) {
+  ForEachK<Codes>(p, panel_index, [&](int64_t k, const __m256 w[4]) {
     #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_broadcast_ss(p.x + (row + r) * p.k + k);
@@ -113,8 +142,9 @@ void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
 }
 
 // The panel's weights as floats [K, 32] (the same values DirectTile computes in registers).
+template <typename Codes>
 void Dequantise(const Problem& p, int64_t panel_index, float* buffer) {
-  ForEachK(p, panel_index, [&](int64_t k, const __m256 w[4]) {
+  ForEachK<Codes>(p, panel_index, [&](int64_t k, const __m256 w[4]) {
     #pragma GCC unroll 8
     for (int v = 0; v < 4; ++v) _mm256_storeu_ps(buffer + k * kPanel + 8 * v, w[v]);
   });
@@ -156,13 +186,14 @@ void BufferRows(const Problem& p, int64_t panel_index, const float* panel, int64
   }
 }
 
+template <typename Codes>
 void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
   if (p.m <= 2) {
-    if (p.m == 2) return DirectTile<2>(p, panel_index, 0);
-    return DirectTile<1>(p, panel_index, 0);
+    if (p.m == 2) return DirectTile<Codes, 2>(p, panel_index, 0);
+    return DirectTile<Codes, 1>(p, panel_index, 0);
   }
   buffer.resize(p.k * kPanel);  // several rows reuse the weights: dequantise the panel once
-  Dequantise(p, panel_index, buffer.data());
+  Dequantise<Codes>(p, panel_index, buffer.data());
   for (int half = 0; half < 2; ++half) {
     for (int64_t row = 0; row < p.m; row += kTileRows) {
       BufferRows(p, panel_index, buffer.data(), row, half, std::min<int64_t>(kTileRows, p.m - row));
@@ -170,11 +201,12 @@ void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
   }
 }
 
+template <typename Codes>
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 3 || cd[1] != xd[1] || cd[2] != kPanel || xd[1] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("qmatmul: x [M, K], codes [N / 32, K, 32], K a multiple of 32");
+  if (xd.size() != 2 || cd.size() != 3 || cd[1] != xd[1] || cd[2] != Codes::kRowBytes || xd[1] % kBlock != 0) {
+    return ffi::Error::InvalidArgument("qmatmul: x [M, K], codes [N / 32, K, 32 or 16], K a multiple of 32");
   }
   const int64_t m = xd[0], k = xd[1], panels = cd[0], n = panels * kPanel;
   if (scale.element_count() != n * (k / kBlock) || offset.element_count() != n * (k / kBlock) ||
@@ -185,18 +217,21 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                         y->typed_data(), m, k, n};
   flaxchat::ParallelFor(pool, panels, (m * k * n) / (1 << 18), [problem](int64_t panel) {
     thread_local std::vector<float> buffer;
-    Panel(problem, panel, buffer);
+    Panel<Codes>(problem, panel, buffer);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatQMatmul, QMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define FLAXCHAT_QMATMUL_BINDING()                           \
+  ffi::Ffi::Bind()                                          \
+      .Ctx<ffi::ThreadPool>()                               \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::U8>>()                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatQMatmul, QMatmul<Codes8>, FLAXCHAT_QMATMUL_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatQMatmul4, QMatmul<Codes4>, FLAXCHAT_QMATMUL_BINDING());

@@ -1,9 +1,10 @@
-"""What int8 weights cost in quality: greedy agreement and log-likelihood against the float32 weights.
+"""What quantised weights cost in quality: greedy agreement and log-likelihood against the float32 weights.
 
-Usage: FLAXCHAT_HOME=... .venv/bin/python bench/int8_quality.py [--out FILE]
+Usage: FLAXCHAT_HOME=... .venv/bin/python bench/quant_quality.py [--out FILE]
 The default model, the six chat prompts of tests/test_default_model.py: do the first 16 greedy tokens of
-``--weights int8`` equal float32's? And the mean per-token log-likelihood of a fixed English passage under
-each. The speed issue's bar: >= 5 of 6 prompts agree, log-likelihood moves < 2 %.
+``--weights int8`` and ``--weights int4`` equal float32's? And the mean per-token log-likelihood of a
+fixed English passage under each. The speed issue's bar: >= 5 of 6 prompts agree, log-likelihood moves
+< 2 %.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> int:
     from tests.test_default_model import PROMPTS
 
     pull(progress=False)
-    models = {w: load_model("smollm2-135m-instruct", weights=w) for w in ("float32", "int8")}
+    quantised = ("int8", "int4")
+    models = {w: load_model("smollm2-135m-instruct", weights=w) for w in ("float32", *quantised)}
     tokenizer = models["float32"].tokenizer
     special = {"bos_token": tokenizer.special.bos_token, "eos_token": tokenizer.special.eos_token}
 
@@ -58,26 +60,29 @@ def main() -> int:
         logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
         return float(np.mean([logp[t, ids[t + 1]] for t in range(len(ids) - 1)]))
 
-    rows = []
-    for prompt in PROMPTS:
-        base, quant = greedy(models["float32"], prompt), greedy(models["int8"], prompt)
-        first_diff = next((i for i, (a, b) in enumerate(zip(base, quant)) if a != b), TOKENS)
-        rows.append((prompt, first_diff, tokenizer.decode(base), tokenizer.decode(quant)))
-    agree = sum(1 for r in rows if r[1] == TOKENS)
+    base = {prompt: greedy(models["float32"], prompt) for prompt in PROMPTS}
     ll = {w: mean_log_likelihood(m) for w, m in models.items()}
-    change = abs(ll["int8"] - ll["float32"]) / abs(ll["float32"])
-
-    lines = [
-        f"Greedy continuations ({TOKENS} tokens) equal to float32's: **{agree} of {len(rows)}** prompts "
-        f"(bar: >= 5 of 6).",
-        "",
-        "| prompt | tokens equal before the first difference | float32 | int8 |",
-        "| --- | ---: | --- | --- |",
-        *[f"| {p} | {d} | {b!r} | {q!r} |" for p, d, b, q in rows],
-        "",
-        f"Mean log-likelihood per token of a fixed {len(tokenizer.encode(PASSAGE))}-token passage: "
-        f"float32 {ll['float32']:.4f}, int8 {ll['int8']:.4f}: **{100 * change:.2f} %** change (bar: < 2 %).",
-    ]
+    lines = []
+    for mode in quantised:
+        rows = []
+        for prompt in PROMPTS:
+            quant = greedy(models[mode], prompt)
+            first_diff = next((i for i, (a, b) in enumerate(zip(base[prompt], quant)) if a != b), TOKENS)
+            rows.append((prompt, first_diff, tokenizer.decode(base[prompt]), tokenizer.decode(quant)))
+        agree = sum(1 for r in rows if r[1] == TOKENS)
+        change = abs(ll[mode] - ll["float32"]) / abs(ll["float32"])
+        lines += [
+            f"**{mode}**: greedy continuations ({TOKENS} tokens) equal to float32's: **{agree} of {len(rows)}** "
+            f"prompts (bar: >= 5 of 6).",
+            "",
+            f"| prompt | tokens equal before the first difference | float32 | {mode} |",
+            "| --- | ---: | --- | --- |",
+            *[f"| {p} | {d} | {b!r} | {q!r} |" for p, d, b, q in rows],
+            "",
+            f"Mean log-likelihood per token of a fixed {len(tokenizer.encode(PASSAGE))}-token passage: "
+            f"float32 {ll['float32']:.4f}, {mode} {ll[mode]:.4f}: **{100 * change:.2f} %** change (bar: < 2 %).",
+            "",
+        ]
     table = "\n".join(lines)
     print(table)
     if args.out:
