@@ -401,6 +401,7 @@ class Engine:
                 vocab, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
                 presence=params.presence_penalty, frequency=params.frequency_penalty,
                 repetition=params.repetition_penalty, logit_bias=dict(params.logit_bias), prompt=pending.prompt,
+                top_logprobs=params.top_logprobs if params.logprobs else 0,
             )
             stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.stop_ids)
             budget = min(params.max_tokens, self.max_len - len(pending.prompt))

@@ -74,6 +74,22 @@ def test_bit_identical_alone_or_with_others_in_any_slot(engine):
         assert together == alone, f"arrival after {delay_steps} steps changed the result"
 
 
+def test_top_alternatives_of_a_neighbour_change_nothing_for_a_row_without_them(engine):
+    """The sampler computes the top alternatives only when a live row reports them: a seeded request that
+    asks for none gets the same tokens and logprobs alone (no row wants them) as next to one that asks for
+    20 (the same program's other branch), and that neighbour gets its 20."""
+    plain = SamplingParams(**{**SEEDED.__dict__, "top_logprobs": 0})
+    alone = tokens_and_logprobs(run(engine, PROMPTS[0], plain)[0])
+    asking = engine.submit(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0.8, seed=5, ignore_eos=True,
+                                                      logprobs=True, top_logprobs=20))
+    next(iter(asking))
+    together = run(engine, PROMPTS[0], plain)[0]
+    assert tokens_and_logprobs(together) == alone
+    assert all(e.top_logprobs == () for e in together)
+    reported = [e for e in asking.result()[0] if e.token_id is not None]
+    assert reported and all(len(e.top_logprobs) == 20 for e in reported)
+
+
 def test_n_choices_differ_and_equal_each_choice_alone(engine):
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=99, n=3, ignore_eos=True, logprobs=True)
     grouped = run(engine, PROMPTS[1], params)
