@@ -120,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import ServerSettings, create_app
     from serve.chat import ServedModel
     from serve.server import fingerprint, serve_until_signalled
+    from serve.memory import release_freed_memory, resident_mb
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
@@ -133,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     weights = model.cfg.weights
     if not model.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
+    release_freed_memory()  # the float checkpoint a quantised model was made from
     engine = Engine(model.cfg, model.params, model.tokenizer,
                     EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size,
                                  steps_per_call=args.steps_per_call, kv_dtype=_kv_dtype(args.kv_dtype),
@@ -141,7 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "%d-block prefix cache)...", name, args.slots, engine.max_len, weights, engine.steps.kv_dtype,
              args.steps_per_call, engine.prefix.capacity)
     engine.start()
-    log.info("warm-up took %.1fs (%d compiled steps)", engine.warmup_seconds, engine.compile_count)
+    release_freed_memory()  # the compiler's scratch memory
+    log.info("warm-up took %.1fs (%d compiled steps); resident memory %.0f MB", engine.warmup_seconds,
+             engine.compile_count, resident_mb() or float("nan"))
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype)}
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
