@@ -215,6 +215,11 @@ class Engine:
         ll_tokenizer(self.tokenizer, self.cfg.vocab_size)  # built once, so the first constrained request
         vocab_facts(self.tokenizer, self.cfg.vocab_size)  # does not pay for them
         self._state = self.steps.warmup()
+        # The host-side helpers of a request's start run small jax ops that compile on first use (~0.3-0.7 s
+        # measured): run them once now, so the first request after start is not the slow one.
+        jax.block_until_ready(choice_key(0, 0))
+        jax.block_until_ready(make_row_request(self.cfg.vocab_size, temperature=1.0, logit_bias={0: 1.0},
+                                               prompt=[0], top_logprobs=1))
         self.warmup_seconds = time.perf_counter() - started
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)
