@@ -86,7 +86,6 @@ class EngineConfig:
     prefill_chunk: int = 128  # prompt tokens prefilled per loop iteration while other choices are decoding
     prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
     prefix_block: int = 16  # tokens per cached block
-    executable_dir: str | None = None  # compiled steps kept here across restarts (sampling/executables.py)
 
 
 _END = object()
@@ -193,8 +192,7 @@ class Engine:
         block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
         pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
         self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
-                                 config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block,
-                                 config.executable_dir)
+                                 config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
         self.stats = collections.Counter()
         self.prefix = PrefixIndex(config.prefix_block, pool_blocks)
         self.prefill_queue = PrefillQueue(self.steps, self.prefix, self.stats)

@@ -35,7 +35,6 @@ from model import kernels
 from model.config import ModelConfig
 from model.quant import QUANTISED
 from model.transformer import KVCache, Transformer, init_cache
-from sampling.executables import ExecutableStore, Program
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 
 
@@ -125,7 +124,7 @@ class EngineSteps:
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
                  largest_bucket: int = 1024, kv_dtype: str | None = None, pool_blocks: int = 0,
-                 block_size: int = 16, executable_dir: str | None = None):
+                 block_size: int = 16):
         self.cfg, self.params = cfg, params
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
         self.kv_dtype = kv_dtype or cfg.dtype
@@ -135,27 +134,20 @@ class EngineSteps:
         self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
         self.compiles = 0
-        self._prefill = Program("prefill", jax.jit(self._prefill_impl, donate_argnums=(1,)), fixed=2)
-        self._prefill_batch = Program("prefill_batch", jax.jit(self._prefill_batch_impl, donate_argnums=(1,)), fixed=2)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
         # Batched prefill shapes: their products have BATCH_PREFILL_ROWS x length rows, so they keep a row's
         # bits wherever one-prompt chunks do (>= smallest_prefill_bucket rows).
         self.batch_lengths = tuple(n for n in BATCH_PREFILL_LENGTHS
                                    if BATCH_PREFILL_ROWS * n >= smallest and n < self.buckets[-1])
-        self._insert = Program("insert", jax.jit(self._insert_impl, donate_argnums=(0,)), fixed=1)
-        self._copy_slot = Program("copy_slot", jax.jit(self._copy_slot_impl, donate_argnums=(0,)), fixed=1)
-        self._load_blocks = Program("load_blocks", jax.jit(self._load_blocks_impl, donate_argnums=(0,)), fixed=1)
-        self._save_blocks = Program("save_blocks", jax.jit(self._save_blocks_impl, donate_argnums=(0,)), fixed=1)
-        self._decode = {k: Program(f"decode{k}", jax.jit(functools.partial(self._decode_impl, k), donate_argnums=(1,)),
-                                   fixed=2)
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
+        self._load_blocks = jax.jit(self._load_blocks_impl, donate_argnums=(0,))
+        self._save_blocks = jax.jit(self._save_blocks_impl, donate_argnums=(0,))
+        self._decode = {k: jax.jit(functools.partial(self._decode_impl, k), donate_argnums=(1,))
                         for k in sorted({1, steps_per_call})}
-        self._release = Program("release", jax.jit(self._release_impl, donate_argnums=(0,)), fixed=1)
-        self._set_allowed = Program("set_allowed", jax.jit(self._set_allowed_impl, donate_argnums=(0,)), fixed=1)
-        # Warm-up loads the compiled steps from here when an earlier run stored them (a restart then traces
-        # and compiles nothing, sampling/executables.py); None: warm-up compiles them (and JAX's own cache
-        # may hold XLA's part).
-        self.executables = None if executable_dir is None else ExecutableStore(executable_dir, repr((
-            cfg, slots, max_len, steps_per_call, self.buckets, self.batch_lengths, self.row_buckets,
-            str(self.kv_dtype), pool_blocks, block_size)))
+        self._release = jax.jit(self._release_impl, donate_argnums=(0,))
+        self._set_allowed = jax.jit(self._set_allowed_impl, donate_argnums=(0,))
 
     # ---- state -----------------------------------------------------------------------------------
     def init_state(self) -> DecodeState:
@@ -425,40 +417,24 @@ class EngineSteps:
         return self._set_allowed(state, jnp.asarray(allowed), jnp.asarray(update))
 
     def warmup(self) -> DecodeState:
-        """Compile (or load, see ``executable_dir``) every prefill bucket, insert, copy, every decode bucket
-        and variant, and release now, so serving never compiles."""
-        store = self.executables
+        """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
+        so serving never compiles."""
         state = self.init_state()
         v = self.cfg.vocab_size
         row = make_row_request(v, temperature=1.0)
         for bucket in self.buckets:
-            args = (self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32), jnp.int32(0),
-                    jnp.int32(bucket))
-            self._prefill.prepare(store, *args)
-            logits, state = self._prefill(*args)
+            logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
+                                          jnp.int32(0), jnp.int32(bucket))
         for length in self.batch_lengths:
-            rows = BATCH_PREFILL_ROWS
-            args = (self.params, state, jnp.zeros(rows, jnp.int32), jnp.zeros((rows, length), jnp.int32),
-                    jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.int32))
-            self._prefill_batch.prepare(store, *args)
             _, state = self.prefill_batch(state, [(0, [0] * length, 0)])
-        self._insert.prepare(store, state, jnp.int32(0), logits, row, jax.random.key(0), jnp.int32(1))
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
-        self._copy_slot.prepare(store, state, jnp.int32(0), jnp.int32(0))
         state = self.copy_slot(state, 0, 0)
-        blocks = self._block_list([0])
-        self._save_blocks.prepare(store, state, jnp.int32(0), blocks, jnp.int32(0), jnp.int32(1))
         state = self.save_blocks(state, 0, 0, [0])
-        self._load_blocks.prepare(store, state, jnp.int32(0), blocks, jnp.int32(1))
         state = self.load_blocks(state, 1 % self.slots, [0])
-        for steps, program in self._decode.items():
+        for steps in self._decode:
             for bucket in self.row_buckets:
-                program.prepare(store, self.params, state.replace(pool=None), np.zeros(bucket, np.int32))
                 outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
-        allowed = np.full((self.slots, bitmask_words(v)), 0xFFFFFFFF, np.uint32)
-        self._set_allowed.prepare(store, state, jnp.asarray(allowed), jnp.asarray(np.zeros(self.slots, bool)))
         state = self.set_allowed(state, {})
-        self._release.prepare(store, state, jnp.int32(0))
         state = self.release(state, 0)
         jax.block_until_ready(outs)
         return state

@@ -115,7 +115,7 @@ def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, flaxchat_home, is_stored, load_model, pull
+    from checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
     from sampling.engine import Engine, EngineConfig
     from serve.app import ServerSettings, create_app
     from serve.chat import ServedModel
@@ -138,16 +138,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model.cfg, model.params, model.tokenizer,
                     EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size,
                                  steps_per_call=args.steps_per_call, kv_dtype=_kv_dtype(args.kv_dtype),
-                                 prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb,
-                                 executable_dir=str(flaxchat_home() / "executables")))
+                                 prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb))
     log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
              "%d-block prefix cache)...", name, args.slots, engine.max_len, weights, engine.steps.kv_dtype,
              args.steps_per_call, engine.prefix.capacity)
     engine.start()
     release_freed_memory()  # the compiler's scratch memory
-    store = engine.steps.executables
-    log.info("warm-up took %.1fs (%d steps traced, %d loaded from %s); resident memory %.0f MB",
-             engine.warmup_seconds, engine.compile_count, store.loaded, store.folder, resident_mb() or float("nan"))
+    log.info("warm-up took %.1fs (%d compiled steps); resident memory %.0f MB", engine.warmup_seconds,
+             engine.compile_count, resident_mb() or float("nan"))
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype)}
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
