@@ -72,18 +72,14 @@ def quantize_blocks(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarra
 
     Per block: offset = its minimum, scale = (max - min) / (2**bits - 1), codes = round((w - offset) / scale).
     """
-    levels = (1 << bits) - 1
     w = np.asarray(w, np.float32)
     k, n = w.shape
     if k % BLOCK:
-        raise ValueError(f"int8 weights need the input dimension to be a multiple of {BLOCK}, not {k}")
+        raise ValueError(f"quantised weights need the input dimension to be a multiple of {BLOCK}, not {k}")
     w = np.pad(w, ((0, 0), (0, padded(n) - n)))
     panels = w.shape[1] // PANEL
-    blocks = w.reshape(k // BLOCK, BLOCK, -1)
-    offset = blocks.min(axis=1)
-    scale = (blocks.max(axis=1) - offset) / np.float32(levels)
-    safe = np.where(scale == 0, np.float32(1), scale)
-    codes = np.clip(np.rint((blocks - offset[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
+    codes, scale, offset = _block_codes(w, bits)
+    codes, scale, offset = codes.astype(np.uint8), scale[:, 0], offset[:, 0]
 
     def to_panels(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(a.shape[0], panels, PANEL).transpose(1, 0, 2))
@@ -99,14 +95,21 @@ def exactly_4_bit(w: np.ndarray) -> bool:
     ``w`` ``[K, N]`` bit for bit: true of a 4-bit checkpoint's weights (where ``scale * code`` is exact, so
     the kernel's fma rounds once, as this check does), false of trained float weights."""
     w = np.asarray(w, np.float32)
-    k, n = w.shape
-    if k % BLOCK:
+    if w.shape[0] % BLOCK:
         return False
-    blocks = w.reshape(k // BLOCK, BLOCK, n)
+    codes, scale, offset = _block_codes(w, 4)
+    return bool(np.array_equal(scale * codes + offset, w.reshape(-1, BLOCK, w.shape[1])))
+
+
+def _block_codes(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block of ``BLOCK`` rows of ``w`` ``[K, N]``: codes ``[K / 32, 32, N]`` (float, integral), scale
+    and offset ``[K / 32, 1, N]``: offset = the block's minimum, scale = (max - min) / (2**bits - 1)."""
+    levels = (1 << bits) - 1
+    blocks = w.reshape(-1, BLOCK, w.shape[1])
     offset = blocks.min(axis=1, keepdims=True)
-    scale = (blocks.max(axis=1, keepdims=True) - offset) / np.float32(15)
-    codes = np.clip(np.rint((blocks - offset) / np.where(scale == 0, np.float32(1), scale)), 0, 15)
-    return bool(np.array_equal(scale * codes + offset, blocks))
+    scale = (blocks.max(axis=1, keepdims=True) - offset) / np.float32(levels)
+    codes = np.clip(np.rint((blocks - offset) / np.where(scale == 0, np.float32(1), scale)), 0, levels)
+    return codes, scale, offset
 
 
 def unpacked(codes: Any) -> Any:
