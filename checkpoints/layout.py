@@ -1,7 +1,8 @@
 """Map Hugging Face tensor names onto flaxchat's params pytree.
 
 Both importers (safetensors and GGUF) produce tensors under HF names and layouts (``[out, in]``
-matrices); this module is the one place that knows how they become linen params (``layers_{i}/...``).
+matrices); this module is the one place that knows how they become linen params (``layers/...``, every
+layer's tensor stacked on a leading axis).
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
         want = _get(shapes, path)
         if want is not None:
             _set(params, path, load(name, transpose, want))
-    for i in range(cfg.num_layers):
-        for path, suffix, transpose in _LAYER_TENSORS:
-            want = _get(shapes[f"layers_{i}"], path)
-            if want is not None:
-                _set(params, (f"layers_{i}",) + path, load(f"model.layers.{i}.{suffix}", transpose, want))
+    for path, suffix, transpose in _LAYER_TENSORS:
+        stacked = _get(shapes["layers"], path)
+        if stacked is not None:
+            want = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
+            layers = [load(f"model.layers.{i}.{suffix}", transpose, want) for i in range(cfg.num_layers)]
+            _set(params, ("layers",) + path, np.stack(layers))
     return jax.tree.map(lambda a, s: jax.numpy.asarray(a, dtype=s.dtype), params, shapes)

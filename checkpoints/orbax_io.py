@@ -26,26 +26,26 @@ def save_params(path: str | Path, params: Any) -> None:
         checkpointer.wait_until_finished()
 
 
-def _stacked_layout(shapes: dict, num_layers: int) -> dict:
-    """The layout stores written before per-layer params used: ``layers/...`` stacked on a leading axis."""
-    layers = {f"layers_{i}" for i in range(num_layers)}
-    stacked = {k: v for k, v in shapes.items() if k not in layers}
-    stacked["layers"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_layers, *s.shape), s.dtype, sharding=s.sharding),
-                                     shapes["layers_0"])
-    return stacked
-
-
-def _unstack(params: dict, num_layers: int) -> dict:
-    out = {k: v for k, v in params.items() if k != "layers"}
+def _per_layer_layout(shapes: dict, num_layers: int) -> dict:
+    """The layout earlier stores used: ``layers_{i}/...``, one tree per layer."""
+    out = {k: v for k, v in shapes.items() if k != "layers"}
     for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+        out[f"layers_{i}"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=s.sharding),
+                                          shapes["layers"])
+    return out
+
+
+def _stack(params: dict, num_layers: int) -> dict:
+    layers = [params[f"layers_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *layers)
     return out
 
 
 def restore_params(path: str | Path, cfg: ModelConfig) -> Any:
     """Read params back with the shapes and dtypes ``cfg`` implies (a dtype change is a cast).
 
-    Stores written with the earlier stacked layer layout are read too, and unstacked."""
+    Stores written with the per-layer layout (``layers_{i}``) are read too, and stacked."""
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(path, "orbax checkpoint directory not found")
@@ -57,8 +57,8 @@ def restore_params(path: str | Path, cfg: ModelConfig) -> Any:
             stored = checkpointer.metadata(path)
             tree = getattr(stored, "item_metadata", stored)
             names = set(tree.keys()) if hasattr(tree, "keys") else set()
-            if "layers" in names and "layers_0" not in names:
-                params = _unstack(checkpointer.restore(path, _stacked_layout(target, cfg.num_layers)), cfg.num_layers)
+            if "layers_0" in names:
+                params = _stack(checkpointer.restore(path, _per_layer_layout(target, cfg.num_layers)), cfg.num_layers)
             else:
                 params = checkpointer.restore(path, target)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:

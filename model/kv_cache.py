@@ -1,4 +1,5 @@
-"""The KV cache: one buffer per layer, rows addressed by index, bfloat16 entries stored as their bits.
+"""The KV cache: every layer's keys and values in one stacked buffer, rows addressed by index, bfloat16
+entries stored as their bits.
 
 Read by ``model/attention.py``, written by ``write_layer``; the cache goes in and out of
 ``Transformer.apply`` explicitly, so the caller owns (and donates) it.
@@ -42,52 +43,54 @@ def from_storage(bits: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values, one array per layer: ``k[layer]`` is ``[slots, kv_heads, max_len, head_dim]``.
+    """Keys and values of every layer, stacked: ``k`` is ``[layers, slots, kv_heads, max_len, head_dim]``.
 
-    One buffer per layer (not one stacked array) so each layer's attention reads and its scatter writes
-    its own buffer in place: XLA:CPU copies a slice of a stacked operand before using it. kv_heads sits
-    before max_len so attention's dot products see (row, kv_head) as batch dimensions with no transposed
-    copy. The storage dtype may be narrower than the compute dtype (bfloat16 halves the memory); entries
-    are widened to the compute dtype block by block as attention reads them.
+    The model's loop over layers carries the whole stack and addresses a layer by index: the decode
+    kernel reads the stack at an offset, a layer's scatter writes into it in place and prefill attention
+    slices only the blocks it reads, so no layer's cache is ever copied out. kv_heads sits before max_len
+    so attention's dot products see (row, kv_head) as batch dimensions with no transposed copy. The
+    storage dtype may be narrower than the compute dtype (bfloat16 halves the memory); entries are widened
+    to the compute dtype block by block as attention reads them.
 
     A row's entry at position ``p`` is valid once the row has processed position ``p``; attention masks by
     position (causal), so stale entries from a slot's previous occupant are never read.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k.shape[3]
 
     @property
     def slots(self) -> int:
-        return self.k[0].shape[0]
+        return self.k.shape[1]
 
     @property
     def dtype(self) -> Any:
         """The entries' type (a bfloat16 cache is stored as uint16 bits, see ``storage_dtype``)."""
-        return jnp.dtype(jnp.bfloat16) if self.k[0].dtype == _BITS else self.k[0].dtype
+        return jnp.dtype(jnp.bfloat16) if self.k.dtype == _BITS else self.k.dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
+        return self.k.nbytes + self.v.nbytes
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = storage_dtype(dtype or cfg.dtype)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def write_layer(cache: jax.Array, new: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter one layer's new keys or values ``[B, T, KV, D]`` into cache rows ``rows`` at ``positions``.
+def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, rows: jax.Array, positions: jax.Array
+                ) -> jax.Array:
+    """Scatter layer ``layer``'s new keys or values ``[B, T, KV, D]`` into the stacked cache's rows ``rows``
+    at ``positions``.
 
     Done in place when the cache is donated. Rows or positions past the cache are dropped (padding rows of
     a decode bucket, bucket padding past the context).
     """
-    kv_heads = cache.shape[1]
-    index = (rows[:, None, None], jnp.arange(kv_heads)[None, None, :], positions[:, :, None])
+    kv_heads = cache.shape[2]
+    index = (layer, rows[:, None, None], jnp.arange(kv_heads)[None, None, :], positions[:, :, None])
     return cache.at[index].set(to_storage(new, cache.dtype), mode="drop")

@@ -141,27 +141,36 @@ def columns(codes: jax.Array, scale: jax.Array, offset: jax.Array, index: jax.Ar
     return dequantize(picked, pick(scale), pick(offset))
 
 
-def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[0] * PANEL), jnp.float32)
+def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array
+                   ) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[1] * PANEL), jnp.float32)
     target = kernels.QMATMUL_TARGET if codes.shape[-1] == PANEL else kernels.QMATMUL4_TARGET
-    return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset)
+    return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset, layer)
 
 
-def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    codes = unpacked(codes)
+def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array
+                ) -> jax.Array:
+    codes, scale, offset = unpacked(codes[layer]), scale[layer], offset[layer]
     per_column = lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # noqa: E731  [N', K or K/32]
     w = dequantize(per_column(codes), per_column(scale), per_column(offset))  # [N', K]
     return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, features: int) -> jax.Array:
-    """``x @ W`` for float ``x`` ``[..., K]`` and block-quantised ``W`` ``[K, features]``: float32 ``[..., features]``."""
+def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, features: int,
+                 layer: jax.Array | None = None) -> jax.Array:
+    """``x @ W`` for float ``x`` ``[..., K]`` and block-quantised ``W`` ``[K, features]``: float32 ``[..., features]``.
+
+    With ``layer``, the weights are a stack ``[L, ...]`` (the decoder layers') and ``W`` is layer ``layer``'s;
+    the kernel takes the whole stack and the index, so the layer's weights are never copied out."""
+    if layer is None:
+        codes, scale, offset, layer = codes[None], scale[None], offset[None], 0
+    layer = jnp.asarray(layer, jnp.int32)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if kernels.available():
-        y = jax.lax.platform_dependent(x2, codes, scale, offset, cpu=_kernel_matmul, default=_xla_matmul)
+        y = jax.lax.platform_dependent(x2, codes, scale, offset, layer, cpu=_kernel_matmul, default=_xla_matmul)
     else:
-        y = _xla_matmul(x2, codes, scale, offset)
+        y = _xla_matmul(x2, codes, scale, offset, layer)
     if y.shape[-1] != features:
         y = y[:, :features]
     return y.reshape(*lead, features)
@@ -176,7 +185,8 @@ VOCABULARY_BITS = 8
 def quantize_params(params: Any, weights: str = "int8") -> Any:
     """Float params (the stored layout) -> the layout ``Transformer`` expects with ``weights`` (int8/int4).
 
-    Each ``kernel`` ``[in, out]`` becomes ``codes``, ``scale`` and ``offset`` in panels (``quantize_blocks``),
+    Each ``kernel`` ``[in, out]`` (or stack ``[layers, in, out]``) becomes ``codes``, ``scale`` and ``offset`` in
+    panels (``quantize_blocks``, per matrix),
     the projections of one input (``FUSED``: q/k/v, gate/up) concatenated into one matrix first;
     the embedding ``[V, H]`` is stored as the tied LM head's ``W = table.T`` ``[H, V]`` and looked up by
     column (``columns``). Norms and biases stay float32. Done on the host in numpy so the float copy never
@@ -185,8 +195,10 @@ def quantize_params(params: Any, weights: str = "int8") -> Any:
     layer_bits, head_bits = bits_of(weights), VOCABULARY_BITS
 
     def quantized(w: np.ndarray, bits: int) -> dict:
-        codes, scale, offset = quantize_blocks(w, bits)
-        return {"codes": jnp.asarray(codes), "scale": jnp.asarray(scale), "offset": jnp.asarray(offset)}
+        """``w`` ``[K, N]``, or a stack of them ``[L, K, N]`` (the decoder layers'), quantised matrix by matrix."""
+        parts = [quantize_blocks(m, bits) for m in (w if w.ndim == 3 else [w])]
+        stacked = [np.stack(arrays) if w.ndim == 3 else arrays[0] for arrays in zip(*parts)]
+        return {name: jnp.asarray(a) for name, a in zip(("codes", "scale", "offset"), stacked)}
 
     def fuse(tree: dict) -> dict:
         """Concatenate each FUSED group's float kernels (and biases) along the output dimension."""
@@ -194,9 +206,9 @@ def quantize_params(params: Any, weights: str = "int8") -> Any:
         for names in FUSED:
             if all(isinstance(tree.get(name), dict) and _KERNEL in tree[name] for name in names):
                 parts = [tree.pop(name) for name in names]
-                group = {_KERNEL: np.concatenate([np.asarray(p[_KERNEL], np.float32) for p in parts], axis=1)}
+                group = {_KERNEL: np.concatenate([np.asarray(p[_KERNEL], np.float32) for p in parts], axis=-1)}
                 if all("bias" in p for p in parts):
-                    group["bias"] = np.concatenate([np.asarray(p["bias"], np.float32) for p in parts])
+                    group["bias"] = np.concatenate([np.asarray(p["bias"], np.float32) for p in parts], axis=-1)
                 tree[fused_name(names)] = group
         return tree
 
@@ -226,7 +238,8 @@ def layer_kernels(params: Any) -> list[np.ndarray]:
                 if key != LM_HEAD:
                     walk(value)
             elif key == _KERNEL:
-                found.append(np.asarray(value, np.float32))
+                value = np.asarray(value, np.float32)
+                found.extend(value if value.ndim == 3 else [value])  # a stack of layers' matrices, or one
 
     walk(dict(params))
     return found

@@ -4,16 +4,16 @@
 explicit input and output (no mutable collections), so the caller owns device state and can donate the
 buffers.
 
-Layout choices, each for a measured XLA:CPU reason (see ``Transformer``): per-layer params and per-layer
-cache buffers with a Python loop over layers; each layer scatters its new keys/values into its own buffer
-(``model/kv_cache.py``) and attention reads only the cache blocks a live row needs
-(``model/attention.py``). Projections are float (``weights="float32"``, exact parity with transformers) or
-8-/4-bit blocks (``weights="int8"``/``"int4"``, ``model/quant.py``; a decode row's bits never depend on the
-other rows).
+Layout choices, each for a measured reason (see ``Transformer``): the decoder layers' params are stacked
+(``params["layers"]``, every leaf ``[num_layers, ...]``) and so is the cache; one ``fori_loop`` runs the
+layers, and each layer addresses its weights and cache by index. Projections are float
+(``weights="float32"``, exact parity with transformers) or 8-/4-bit blocks (``weights="int8"``/``"int4"``,
+``model/quant.py``; a decode row's bits never depend on the other rows).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -24,14 +24,24 @@ import jax.numpy as jnp
 from model.attention import grouped_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache, init_cache, write_layer
-from model.quant import BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns, fused_name, padded
+from model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
+                         fused_name, padded)
 from model.reductions import tree_mean
 
-__all__ = ["KVCache", "Transformer", "init_cache", "init_params", "param_shapes"]
+__all__ = ["KVCache", "Transformer", "init_cache", "init_params", "layer_spec", "param_shapes"]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, weight_offset: float, dtype: Any) -> jax.Array:
+    """RMSNorm computed in float32, as the reference implementations do, then cast back to ``dtype``."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(tree_mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight_offset:  # Gemma stores (scale - 1)
+        return (normed * (weight_offset + scale.astype(jnp.float32))).astype(dtype)
+    return scale.astype(dtype) * normed.astype(dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as the reference implementations do, then cast back."""
+    """``rms_norm`` with its scale as a param (the final norm)."""
 
     eps: float
     weight_offset: float = 0.0  # Gemma stores (scale - 1)
@@ -42,11 +52,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(tree_mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.weight_offset:
-            return (normed * (self.weight_offset + scale.astype(jnp.float32))).astype(self.dtype)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.weight_offset, self.dtype)
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,9 +72,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Array | None = None) -> jax.Array:
+    """``x @ W (+ bias)`` for one projection's params ``w``: a float ``kernel`` ``[in, out]`` or quantised
+    ``codes``/``scale``/``offset`` (``model/quant.py``). With ``layer``, every leaf of ``w`` is a stack over
+    the decoder layers and layer ``layer``'s matrix is used: the quantised kernel takes the whole stack and
+    the index (nothing is copied); a float kernel is indexed (XLA:CPU copies that slice, the price of the
+    float32 parity mode)."""
+    pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
+    if "codes" in w:
+        y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer).astype(cfg.dtype)
+    else:
+        x, kernel = x.astype(cfg.dtype), pick(w["kernel"]).astype(cfg.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if "bias" in w:
+        y = y + pick(w["bias"]).astype(cfg.dtype)
+    return y
+
+
 class Linear(nn.Module):
-    """``x @ kernel (+ bias)``; with ``cfg.weights`` int8/int4 the weights are 8-/4-bit blocks
-    (``model/quant.py``; ``bits`` overrides the width, for the LM head).
+    """``linear`` with its params declared (the untied LM head); ``bits`` sets the quantised code width.
 
     The float variant's params and product are exactly ``nn.Dense``'s (so checkpoints and parity are
     unchanged); the quantised variant is ``model.quant.block_matmul``.
@@ -83,38 +105,30 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, fan_in = self.cfg, x.shape[-1]
         if cfg.weights in QUANTISED:
-            bits = self.bits or bits_of(cfg.weights)
-            y = block_matmul(x, *quantized_params(self, fan_in, self.features, bits), self.features).astype(cfg.dtype)
+            codes, scale, offset = quantized_params(self, fan_in, self.features, self.bits or bits_of(cfg.weights))
+            w = {"codes": codes, "scale": scale, "offset": offset}
         else:
-            kernel = self.param("kernel", nn.initializers.normal(0.02), (fan_in, self.features),
-                                jnp.dtype(cfg.param_dtype))
-            x, kernel = x.astype(cfg.dtype), kernel.astype(cfg.dtype)
-            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            w = {"kernel": self.param("kernel", nn.initializers.normal(0.02), (fan_in, self.features),
+                                      jnp.dtype(cfg.param_dtype))}
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.dtype(cfg.param_dtype))
-            y = y + bias.astype(cfg.dtype)
-        return y
+            w["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), jnp.dtype(cfg.param_dtype))
+        return linear(x, w, self.features, cfg)
 
 
 def quantized_params(module: nn.Module, fan_in: int, features: int, bits: int
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Declare a block-quantised ``[fan_in, features]`` matrix's params on ``module`` (``model/quant.py``'s
     panel layout): codes, scale, offset."""
+    spec = quantized_spec(fan_in, features, bits)
+    return tuple(module.param(name, init, shape, dtype) for name, (shape, dtype, init) in spec.items())
+
+
+def quantized_spec(fan_in: int, features: int, bits: int) -> dict:
+    """Shapes, dtypes and initialisers of a block-quantised ``[fan_in, features]`` matrix."""
     panels = padded(features) // PANEL
-    return (module.param("codes", nn.initializers.zeros, (panels, fan_in, code_bytes(bits)), jnp.uint8),
-            module.param("scale", nn.initializers.ones, (panels, fan_in // BLOCK, PANEL), jnp.float32),
-            module.param("offset", nn.initializers.zeros, (panels, fan_in // BLOCK, PANEL), jnp.float32))
-
-
-def projections(x: jax.Array, cfg: ModelConfig, features: tuple[int, ...], names: tuple[str, ...],
-                use_bias: bool) -> list[jax.Array]:
-    """Several projections of the same input (q/k/v, gate/up). With quantised weights they are one fused matrix
-    (``model.quant.fused_name``): one kernel call instead of several, and the same bits, since each output
-    column is computed on its own. Must be called inside a compact module."""
-    if cfg.weights in QUANTISED:
-        fused = Linear(sum(features), use_bias, cfg, name=fused_name(names))(x)
-        return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
-    return [Linear(n, use_bias, cfg, name=name)(x) for n, name in zip(features, names)]
+    return {"codes": ((panels, fan_in, code_bytes(bits)), jnp.uint8, nn.initializers.zeros),
+            "scale": ((panels, fan_in // BLOCK, PANEL), jnp.float32, nn.initializers.ones),
+            "offset": ((panels, fan_in // BLOCK, PANEL), jnp.float32, nn.initializers.zeros)}
 
 
 class Embedding(nn.Module):
@@ -143,70 +157,99 @@ class Embedding(nn.Module):
         return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
 
 
-class Attention(nn.Module):
-    """Grouped-query attention over this layer's cache; returns the output and the updated cache buffers."""
+def layer_spec(cfg: ModelConfig) -> dict:
+    """One decoder layer's params as ``{name: ... (shape, dtype, initialiser)}``: the same names and shapes
+    linen submodules would give (``attn/q_proj/kernel``, ...), with quantised weights' fused projections
+    (``model.quant.fused_name``: q/k/v and gate/up as one matrix each, one kernel call instead of several,
+    the same bits since each output column is computed on its own)."""
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    hidden, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bits = bits_of(cfg.weights) if cfg.weights in QUANTISED else None
 
-    cfg: ModelConfig
-    window: int | None
+    def matrix(fan_in: int, features: int, bias: bool) -> dict:
+        if bits:
+            spec = quantized_spec(fan_in, features, bits)
+        else:
+            spec = {"kernel": ((fan_in, features), param_dtype, nn.initializers.normal(0.02))}
+        if bias:
+            spec["bias"] = ((features,), param_dtype, nn.initializers.zeros)
+        return spec
 
-    @nn.compact
-    def __call__(self, x, cache_k, cache_v, rows, cos, sin, positions):
-        cfg = self.cfg
-        batch, seq, _ = x.shape
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q, k, v = projections(x, cfg, (cfg.num_heads * cfg.head_dim, *(2 * (cfg.num_kv_heads * cfg.head_dim,))),
-                              ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias)
-        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-            q = RMSNorm(name="q_norm", **norm)(q)
-            k = RMSNorm(name="k_norm", **norm)(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+    def group(names: tuple[str, ...], fan_in: int, features: tuple[int, ...], bias: bool) -> dict:
+        if bits:
+            return {fused_name(names): matrix(fan_in, sum(features), bias)}
+        return {name: matrix(fan_in, n, bias) for name, n in zip(names, features)}
 
-        cache_k = write_layer(cache_k, k, rows, positions)
-        cache_v = write_layer(cache_v, v, rows, positions)
-        out, cache_k, cache_v = grouped_attention(q, cache_k, cache_v, rows, positions, self.window, groups)
-        out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
-        return Linear(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out), cache_k, cache_v
+    def norm(size: int, offset: float = 0.0) -> dict:
+        return {"scale": ((size,), param_dtype, nn.initializers.zeros if offset else nn.initializers.ones)}
+
+    attn = {**group(("q_proj", "k_proj", "v_proj"), hidden, (q_dim, kv_dim, kv_dim), cfg.qkv_bias),
+            "o_proj": matrix(q_dim, hidden, cfg.o_bias)}
+    if cfg.qk_norm:
+        attn.update(q_norm=norm(cfg.head_dim), k_norm=norm(cfg.head_dim))
+    mlp = {**group(("gate_proj", "up_proj"), hidden, (cfg.intermediate_size,) * 2, False),
+           "down_proj": matrix(cfg.intermediate_size, hidden, False)}
+    return {"input_norm": norm(hidden, cfg.norm_weight_offset),
+            "post_attention_norm": norm(hidden, cfg.norm_weight_offset), "attn": attn, "mlp": mlp}
 
 
-class MLP(nn.Module):
+def init_layers(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Every decoder layer's params, stacked: each leaf ``[num_layers, *shape]``."""
+    is_spec = lambda node: isinstance(node, tuple)  # noqa: E731
+    specs, treedef = jax.tree.flatten(layer_spec(cfg), is_leaf=is_spec)
+    keys = jax.random.split(rng, len(specs))
+    leaves = [init(key, (cfg.num_layers, *shape), dtype) for key, (shape, dtype, init) in zip(keys, specs)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _projections(x: jax.Array, w: dict, cfg: ModelConfig, layer: jax.Array, names: tuple[str, ...],
+                 features: tuple[int, ...]) -> list[jax.Array]:
+    """Several projections of the same input (one fused matrix with quantised weights, see ``layer_spec``)."""
+    if fused_name(names) in w:
+        fused = linear(x, w[fused_name(names)], sum(features), cfg, layer)
+        return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
+    return [linear(x, w[name], n, cfg, layer) for name, n in zip(names, features)]
+
+
+def _attention(x, w, cfg: ModelConfig, layer, window, cache_k, cache_v, rows, cos, sin, positions):
+    """Grouped-query attention of one layer over its cache; returns the output and the updated caches."""
+    batch, seq, _ = x.shape
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = _projections(x, w, cfg, layer, ("q_proj", "k_proj", "v_proj"), (q_dim, kv_dim, kv_dim))
+    q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"]["scale"][layer], cfg.rms_norm_eps, 0.0, cfg.dtype)
+        k = rms_norm(k, w["k_norm"]["scale"][layer], cfg.rms_norm_eps, 0.0, cfg.dtype)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    cache_k = write_layer(cache_k, k, layer, rows, positions)
+    cache_v = write_layer(cache_v, v, layer, rows, positions)
+    out, cache_k, cache_v = grouped_attention(q, cache_k, cache_v, layer, rows, positions, window,
+                                              cfg.num_heads // cfg.num_kv_heads)
+    return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer), cache_k, cache_v
+
+
+def _mlp(x, w, cfg: ModelConfig, layer):
     """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.cfg
-        gate, up = projections(x, cfg, (cfg.intermediate_size,) * 2, ("gate_proj", "up_proj"), False)
-        act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
-        return Linear(cfg.hidden_size, False, cfg, name="down_proj")(act * up)
+    gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (cfg.intermediate_size,) * 2)
+    act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    return linear(act * up, w["down_proj"], cfg.hidden_size, cfg, layer)
 
 
-class Block(nn.Module):
-    """One pre-norm decoder layer, with its own params and its own cache buffers."""
+def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,
+                  cache_k: jax.Array, cache_v: jax.Array, rows, cos, sin, positions):
+    """Pre-norm decoder layer ``layer`` (an int32 index into the stacked ``layers`` params and caches);
+    returns ``(x, cache_k, cache_v)``."""
+    def norm(h, name):
+        return rms_norm(h, layers[name]["scale"][layer], cfg.rms_norm_eps, cfg.norm_weight_offset, cfg.dtype)
 
-    cfg: ModelConfig
-    window: int | None
-
-    @nn.compact
-    def __call__(self, x, cache_k, cache_v, rows, cos, sin, positions):
-        cfg = self.cfg
-        norm = dict(
-            eps=cfg.rms_norm_eps,
-            weight_offset=cfg.norm_weight_offset,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-        )
-        h, cache_k, cache_v = Attention(cfg, self.window, name="attn")(
-            RMSNorm(name="input_norm", **norm)(x), cache_k, cache_v, rows, cos, sin, positions
-        )
-        x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_norm", **norm)(x))
-        return x, cache_k, cache_v
+    h, cache_k, cache_v = _attention(norm(x, "input_norm"), layers["attn"], cfg, layer, window, cache_k, cache_v,
+                                     rows, cos, sin, positions)
+    x = x + h
+    x = x + _mlp(norm(x, "post_attention_norm"), layers["mlp"], cfg, layer)
+    return x, cache_k, cache_v
 
 
 class Transformer(nn.Module):
@@ -218,9 +261,13 @@ class Transformer(nn.Module):
     sequence positions get logits, so a bucketed prefill computes the vocabulary projection for its last
     real token only.
 
-    The layers are a Python loop over per-layer params and per-layer cache buffers (not ``nn.scan`` over
-    stacked ones): XLA:CPU copied each layer's slice of stacked weights before its matmuls (~24 ms per
-    16-row step), and per-layer buffers have no slices to copy.
+    The layers are one ``fori_loop`` over stacked params and a stacked cache, each layer addressing its
+    weights and cache by index: a program traces and compiles one layer instead of ``num_layers`` (warm-up
+    was dominated by tracing thirty copies), and a call takes ~20 param buffers instead of ~400 (jax's
+    per-call argument handling). Nothing big is sliced inside the loop, since XLA:CPU copies a slice before
+    using it (~24 ms per 16-row step with ``nn.scan``'s sliced weights): the quantised kernel and the decode
+    attention kernel take the whole stack and the layer index, the cache scatter writes in place, and
+    prefill attention slices only the blocks it reads.
     """
 
     cfg: ModelConfig
@@ -243,12 +290,13 @@ class Transformer(nn.Module):
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=dtype)
         cos, sin = rope_tables(cfg, positions)
-        windows = cfg.sliding_windows or (None,) * cfg.num_layers
-        new_k, new_v = [], []
-        for i in range(cfg.num_layers):
-            x, k, v = Block(cfg, windows[i], name=f"layers_{i}")(x, cache.k[i], cache.v[i], rows, cos, sin, positions)
-            new_k.append(k)
-            new_v.append(v)
+        layers = self.param("layers", functools.partial(init_layers, cfg))
+        windows = jnp.asarray([w or 0 for w in cfg.sliding_windows] or [0] * cfg.num_layers, jnp.int32)
+
+        def one_layer(layer, carry):
+            return decoder_layer(cfg, layers, layer, windows[layer], *carry, rows, cos, sin, positions)
+
+        x, new_k, new_v = jax.lax.fori_loop(0, cfg.num_layers, one_layer, (x, cache.k, cache.v))
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
@@ -261,7 +309,7 @@ class Transformer(nn.Module):
             # not depend on how many prompts were prefilled beside it.
             x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
             logits = jnp.concatenate([project(x[b:b + 1]) for b in range(x.shape[0])])
-        return logits.astype(jnp.float32), KVCache(tuple(new_k), tuple(new_v))
+        return logits.astype(jnp.float32), KVCache(new_k, new_v)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:

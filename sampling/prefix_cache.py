@@ -6,7 +6,7 @@ a lookup walks a prompt's blocks from the start while they are cached (vLLM's ha
 exact keys instead of hashes: a Python dict compares the tuples, so there are no collisions to worry about).
 
 Why blocks and not a radix tree over tokens: the KV lives in a fixed-shape device pool
-(``[blocks, kv_heads, block_size, head_dim]`` per layer, see ``sampling/steps.py``) that jitted copies move
+(``[layers, blocks, kv_heads, block_size, head_dim]``, see ``sampling/steps.py``) that jitted copies move
 whole blocks in and out of; a block is the unit of storage, so it is the unit of lookup too, and a block
 table is a plain dict.
 

@@ -41,7 +41,7 @@ from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 @flax.struct.dataclass
 class DecodeState:
     cache: KVCache
-    pool: KVCache  # the prefix cache's blocks: k[layer] is [pool_blocks, kv_heads, block_size, head_dim]
+    pool: KVCache  # the prefix cache's blocks: k is [layers, pool_blocks, kv_heads, block_size, head_dim]
     tokens: jax.Array  # i32 [B] the next input token of each slot
     positions: jax.Array  # i32 [B] where that token goes
     steps: jax.Array  # i32 [B] index t (within the completion) of the next token to sample
@@ -194,38 +194,36 @@ class EngineSteps:
     def _copy_slot_impl(self, state: DecodeState, dst, src):
         """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
         self.compiles += 1
-        copy = lambda layer: layer.at[dst].set(layer[src])  # noqa: E731
-        cache = state.cache
-        return state.replace(cache=type(cache)(tuple(map(copy, cache.k)), tuple(map(copy, cache.v))))
+        copy = lambda layers: layers.at[:, dst].set(layers[:, src])  # noqa: E731
+        return state.replace(cache=KVCache(copy(state.cache.k), copy(state.cache.v)))
 
     def _load_blocks_impl(self, state: DecodeState, slot, blocks, count):
-        """Copy pool blocks ``blocks[:count]`` into ``slot``'s cache at positions ``[0, count * block_size)``."""
+        """Copy pool blocks ``blocks[:count]`` (every layer's) into ``slot``'s cache at positions
+        ``[0, count * block_size)``."""
         self.compiles += 1
         size = self.block_size
 
         def one(i, caches):
-            k, v = caches
-            put = lambda layer, pool: jax.lax.dynamic_update_slice(  # noqa: E731
-                layer, jax.lax.dynamic_index_in_dim(pool, blocks[i], keepdims=True), (slot, 0, i * size, 0))
-            return tuple(map(put, k, state.pool.k)), tuple(map(put, v, state.pool.v))
+            put = lambda cache, pool: jax.lax.dynamic_update_slice(  # noqa: E731
+                cache, jax.lax.dynamic_index_in_dim(pool, blocks[i], axis=1, keepdims=True), (0, slot, 0, i * size, 0))
+            return tuple(map(put, caches, (state.pool.k, state.pool.v)))
 
         k, v = jax.lax.fori_loop(0, count, one, (state.cache.k, state.cache.v))
         return state.replace(cache=KVCache(k, v))
 
     def _save_blocks_impl(self, state: DecodeState, slot, blocks, first, count):
-        """Copy ``slot``'s cache blocks ``first .. first + count - 1`` into pool blocks ``blocks[:count]``."""
+        """Copy ``slot``'s cache blocks ``first .. first + count - 1`` (every layer's) into pool blocks
+        ``blocks[:count]``."""
         self.compiles += 1
         size, cache = self.block_size, state.cache
 
         def one(i, pools):
-            k, v = pools
+            def put(pool, layers):
+                block = jax.lax.dynamic_slice(layers, (0, slot, 0, (first + i) * size, 0),
+                                              (layers.shape[0], 1, layers.shape[2], size, layers.shape[4]))
+                return jax.lax.dynamic_update_slice(pool, block, (0, blocks[i], 0, 0, 0))
 
-            def put(pool, layer):
-                block = jax.lax.dynamic_slice(layer, (slot, 0, (first + i) * size, 0),
-                                              (1, layer.shape[1], size, layer.shape[3]))
-                return jax.lax.dynamic_update_slice(pool, block, (blocks[i], 0, 0, 0))
-
-            return tuple(map(put, k, cache.k)), tuple(map(put, v, cache.v))
+            return tuple(map(put, pools, (cache.k, cache.v)))
 
         k, v = jax.lax.fori_loop(0, count, one, (state.pool.k, state.pool.v))
         return state.replace(pool=KVCache(k, v))

@@ -127,15 +127,15 @@ def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store)
         pytest.skip(f"no kernel ({kernels.build_error()}): auto is float32")
     model = load_model("smollm2-135m-instruct", weights="auto")
     assert model.cfg.weights == "int4"
-    layer, expected_layer = model.params["layers_7"], floats["layers_7"]
+    layer, expected_layer = model.params["layers"], floats["layers"]  # every leaf [layers, ...]: take layer 7
     for block, names in (("attn", FUSED[0]), ("mlp", FUSED[1])):
         stored = layer[block]["_".join(n.removesuffix("_proj") for n in names) + "_proj"]
-        codes = np.asarray(unpacked(np.asarray(stored["codes"])), np.float64)  # [P, K, 32]
+        codes = np.asarray(unpacked(np.asarray(stored["codes"][7])), np.float64)  # [P, K, 32]
         p, k, _ = codes.shape
-        w = (codes.reshape(p, k // 32, 32, 32) * np.asarray(stored["scale"])[:, :, None, :]
-             + np.asarray(stored["offset"])[:, :, None, :]).astype(np.float32)
+        w = (codes.reshape(p, k // 32, 32, 32) * np.asarray(stored["scale"][7])[:, :, None, :]
+             + np.asarray(stored["offset"][7])[:, :, None, :]).astype(np.float32)
         w = w.reshape(p, k, 32).transpose(1, 0, 2).reshape(k, -1)
-        expected = np.concatenate([np.asarray(expected_layer[block][n]["kernel"]) for n in names], axis=1)
+        expected = np.concatenate([np.asarray(expected_layer[block][n]["kernel"][7]) for n in names], axis=1)
         np.testing.assert_array_equal(w[:, : expected.shape[1]], expected)
 
 

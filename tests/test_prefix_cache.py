@@ -88,7 +88,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
     prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
     state = steps.init_state()
     reference, state = steps.prefill(state, 0, prompt)
-    reference_rows = [np.asarray(layer[0, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+    reference_rows = [np.asarray(layer[0, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
     for bucket in steps.buckets:
         for offset in (0, 7, 37):
             start, cuts = 0, []
@@ -98,7 +98,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
                 start += size
             for start, size in cuts:
                 logits, state = steps.prefill_chunk(state, 1, prompt, start, size)
-            rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+            rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
             assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), (bucket, offset)
             assert np.array_equal(np.asarray(logits), np.asarray(reference)), (bucket, offset)
     # The prompt's last tokens in a batched call (with another prompt beside it): same rows, same logits.
@@ -108,7 +108,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
         _, state = steps.prefill(state, 1, prompt[:start])
         _, state = steps.prefill(state, 0, other[:140])
         (logits, _), state = steps.prefill_batch(state, [(1, prompt, start), (0, other, 140)])
-        rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in state.cache.k + state.cache.v]
+        rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
         assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), length
         assert np.array_equal(np.asarray(logits), np.asarray(reference)), length
 
@@ -122,7 +122,7 @@ def test_pool_blocks_round_trip(float_model):
     _, state = steps.prefill(state, 0, prompt)
     state = steps.save_blocks(state, 0, 0, [5, 2, 7])
     state = steps.load_blocks(state, 1, [5, 2, 7])
-    for layer in state.cache.k + state.cache.v:
+    for layer in (*state.cache.k, *state.cache.v):
         assert np.array_equal(np.asarray(layer[0, :, : 3 * BLOCK]), np.asarray(layer[1, :, : 3 * BLOCK]))
 
 

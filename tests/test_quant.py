@@ -79,16 +79,19 @@ def test_4_bit_blocks_hold_a_4_bit_checkpoint_exactly_and_auto_picks_them():
 
     cfg = ModelConfig(architecture="llama", max_position_embeddings=64, vocab_size=320, hidden_size=64,
                       intermediate_size=160, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
-    layer = {"mlp": {"up_proj": {"kernel": _q4_grid(1, 64, 160)}, "down_proj": {"kernel": _q4_grid(2, 160, 64)}}}
-    params = {"layers_0": layer, "embed": {"embedding": floats[:, :64]}}  # the embedding is not a projection
+    layers = {"mlp": {"up_proj": {"kernel": _q4_grid(1, 64, 160)[None]},  # stacked: [layers, in, out]
+                      "down_proj": {"kernel": _q4_grid(2, 160, 64)[None]}}}
+    params = {"layers": layers, "embed": {"embedding": floats[:, :64]}}  # the embedding is not a projection
     if not (kernels.available() and jax.default_backend() == "cpu"):
         pytest.skip("no kernel: auto is float32")
     assert resolve_weights("auto", cfg, params) == "int4"
-    layer["mlp"]["down_proj"]["kernel"] = np.random.default_rng(9).standard_normal((160, 64)).astype(np.float32)
+    layers["mlp"]["down_proj"]["kernel"] = np.random.default_rng(9).standard_normal((1, 160, 64)).astype(np.float32)
     assert resolve_weights("auto", cfg, params) == "int8"
     quantised = quantize_params({"embed": {"embedding": floats[:, :64]},
-                                 "layers_0": {"mlp": {"up_proj": {"kernel": w[:, :64]}}}}, "int4")
-    assert quantised["layers_0"]["mlp"]["up_proj"]["codes"].shape[-1] == 16  # projections: 4-bit
+                                 "layers": {"mlp": {"up_proj": {"kernel": np.stack([w[:, :64]] * 2)}}}}, "int4")
+    codes = quantised["layers"]["mlp"]["up_proj"]["codes"]
+    assert codes.shape[0] == 2 and codes.shape[-1] == 16  # projections: 4-bit, one matrix per layer
+    np.testing.assert_array_equal(codes[0], quantize_blocks(w[:, :64], 4)[0])
     assert quantised["embed"]["codes"].shape[-1] == 32  # the embedding / tied LM head stays 8-bit
 
 
@@ -102,7 +105,12 @@ def test_kernel_matches_the_dequantised_product(k, n, bits):
     x = rng.standard_normal((5, k)).astype(np.float32)
     y = np.asarray(jax.jit(block_matmul, static_argnums=4)(jnp.asarray(x), codes, scale, offset, n))
     np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
-    xla = np.asarray(_xla_matmul(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(offset)))
+    # A stack of layers' matrices with the layer as an operand: the same bits as the matrix alone.
+    others = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32), bits)
+    stacked = [jnp.asarray(np.stack([a, b, a[::-1].copy()])) for a, b in zip(others, (codes, scale, offset))]
+    layered = jax.jit(block_matmul, static_argnums=4)(jnp.asarray(x), *stacked, n, jnp.int32(1))
+    assert np.array_equal(np.asarray(layered), y)
+    xla = np.asarray(_xla_matmul(jnp.asarray(x), *stacked, jnp.int32(1)))
     np.testing.assert_allclose(xla[:, :n], y, rtol=1e-5, atol=1e-5)
 
 

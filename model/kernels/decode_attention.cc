@@ -1,8 +1,10 @@
 // Decode attention: one new query position per row over that row's KV cache.
-//   q [B, KV, G, D] float32 (already scaled by D^-0.5), caches [R, KV, S, D] (float32, or bfloat16 stored
-//   as uint16 bits), rows [B] (cache row of each batch row; >= R marks a padding row), positions [B]
-//   (the query's position: keys 0..position are visible, or the last `window` of them)
-//   -> out [B, KV, G, D] float32.
+//   q [B, KV, G, D] float32 (already scaled by D^-0.5), caches [L, R, KV, S, D] (every layer's; float32, or
+//   bfloat16 stored as uint16 bits), rows [B] (cache row of each batch row; >= R marks a padding row),
+//   positions [B] (the query's position: keys 0..position are visible, or the last `window` of them;
+//   window <= 0: all), layer and window int32 scalars -> out [B, KV, G, D] float32.
+// The caches come whole with the layer as an operand so the model's loop over layers never slices a
+// layer's cache out (XLA:CPU would copy it).
 //
 // Why a kernel (profiled, bench/RESULTS.md): XLA:CPU ran the blockwise online softmax as a while loop of
 // ~20 small operations per cache block and layer, a fifth of a one-row decode step in dispatch overhead.
@@ -175,23 +177,29 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                           ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> positions,
-                           ffi::ResultBuffer<ffi::F32> out, int64_t window) {
+                           ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> window, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || kd[1] != qd[1] || kd[3] != qd[3] ||
+  if (qd.size() != 4 || kd.size() != 5 || kd[2] != qd[1] || kd[4] != qd[3] ||
       v.element_count() != k.element_count() || k.element_type() != v.element_type() || rows.element_count() != qd[0] ||
-      positions.element_count() != qd[0]) {
-    return ffi::Error::InvalidArgument("decode_attention: q [B, KV, G, D], caches [R, KV, S, D], rows/positions [B]");
+      positions.element_count() != qd[0] || layer.element_count() != 1 || window.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: q [B, KV, G, D], caches [L, R, KV, S, D], rows/positions [B], layer/window scalars");
   }
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= kd[0]) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
   const bool bf16 = k.element_type() == ffi::DataType::U16;
   if (qd[2] > 64) return ffi::Error::InvalidArgument("decode_attention: at most 64 query heads per kv head");
   if (!bf16 && k.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("decode_attention: caches must be float32 or bfloat16 bits (uint16)");
   }
-  const Problem problem{q.typed_data(), k.untyped_data(), v.untyped_data(), bf16, rows.typed_data(),
-                        positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[2], window};
+  const int64_t layer_bytes = kd[1] * kd[2] * kd[3] * kd[4] * (bf16 ? 2 : 4);
+  const Problem problem{q.typed_data(), static_cast<const char*>(k.untyped_data()) + index * layer_bytes,
+                        static_cast<const char*>(v.untyped_data()) + index * layer_bytes, bf16, rows.typed_data(),
+                        positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[3],
+                        window.typed_data()[0]};
   int64_t work = 0;  // visible keys in all rows: not worth a helper when small
-  for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], kd[2] - 1) + 1;
+  for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], kd[3] - 1) + 1;
   flaxchat::ParallelFor(pool, qd[0] * qd[1], work * qd[1] * qd[2] * qd[3] / (1 << 16), [problem](int64_t item) {
     thread_local std::vector<float> scores, entry;
     OneHead(problem, item / problem.kv_heads, item % problem.kv_heads, scores, entry);
@@ -209,5 +217,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatDecodeAttention, DecodeAttention,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window"));
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -3,6 +3,9 @@
 // stored in panels of 32 output columns, scale and offset [N / 32, K / 32, 32] (float32), and codes
 //   8-bit (FlaxchatQMatmul):  [N / 32, K, 32], byte j of row k = code[k, j];
 //   4-bit (FlaxchatQMatmul4): [N / 32, K, 16], byte j of row k = code[k, j] | code[k, j + 16] << 4.
+// The weights come stacked, one matrix per decoder layer ([L, ...] on every weight operand), with the
+// layer to use as an int32 operand: the model's loop over layers hands the kernel the whole stack and
+// its layer index, so no layer's weights are ever sliced out (XLA:CPU would copy the slice).
 // A decode step at one row streams every weight byte once, so it runs at memory speed (measured ~15 GB/s
 // per core here): 4-bit codes (0.75 bytes per weight with the scales, against 1.25) are what make it
 // faster, and they hold a 4-bit checkpoint's weights (GGUF Q4_0/Q4_1/Q4_K blocks) exactly.
@@ -203,17 +206,24 @@ void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
 
 template <typename Codes>
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
+                   ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 3 || cd[1] != xd[1] || cd[2] != Codes::kRowBytes || xd[1] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("qmatmul: x [M, K], codes [N / 32, K, 32 or 16], K a multiple of 32");
+  if (xd.size() != 2 || cd.size() != 4 || cd[2] != xd[1] || cd[3] != Codes::kRowBytes || xd[1] % kBlock != 0 ||
+      layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "qmatmul: x [M, K], codes [L, N / 32, K, 32 or 16], K a multiple of 32, layer a scalar");
   }
-  const int64_t m = xd[0], k = xd[1], panels = cd[0], n = panels * kPanel;
-  if (scale.element_count() != n * (k / kBlock) || offset.element_count() != n * (k / kBlock) ||
+  const int64_t m = xd[0], k = xd[1], layers = cd[0], panels = cd[1], n = panels * kPanel;
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= layers) return ffi::Error::InvalidArgument("qmatmul: layer out of range");
+  const int64_t scales = n * (k / kBlock);  // per layer
+  if (scale.element_count() != layers * scales || offset.element_count() != layers * scales ||
       y->element_count() != m * n) {
-    return ffi::Error::InvalidArgument("qmatmul: scale/offset [N / 32, K / 32, 32], y [M, N]");
+    return ffi::Error::InvalidArgument("qmatmul: scale/offset [L, N / 32, K / 32, 32], y [M, N]");
   }
-  const Problem problem{x.typed_data(), codes.typed_data(), scale.typed_data(), offset.typed_data(),
+  const Problem problem{x.typed_data(), codes.typed_data() + index * panels * k * Codes::kRowBytes,
+                        scale.typed_data() + index * scales, offset.typed_data() + index * scales,
                         y->typed_data(), m, k, n};
   flaxchat::ParallelFor(pool, panels, (m * k * n) / (1 << 18), [problem](int64_t panel) {
     thread_local std::vector<float> buffer;
@@ -231,6 +241,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       .Arg<ffi::Buffer<ffi::U8>>()                          \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                         \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatQMatmul, QMatmul<Codes8>, FLAXCHAT_QMATMUL_BINDING());
