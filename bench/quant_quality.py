@@ -1,10 +1,10 @@
-"""What quantised weights cost in quality: greedy agreement and log-likelihood against the float32 weights.
+"""What quantised weights and KV caches cost in quality: greedy agreement and log-likelihood against float32.
 
 Usage: FLAXCHAT_HOME=... .venv/bin/python bench/quant_quality.py [--out FILE]
 The default model, the six chat prompts of tests/test_default_model.py: do the first 16 greedy tokens of
-``--weights int8`` and ``--weights int4`` equal float32's? And the mean per-token log-likelihood of a
-fixed English passage under each. The speed issue's bar: >= 5 of 6 prompts agree, log-likelihood moves
-< 2 %.
+``--weights int8``, ``--weights int4`` and of int8/bfloat16 KV caches equal float32's (float32 weights and
+cache)? And the mean per-token log-likelihood of a fixed English passage under each. The speed issue's bar:
+>= 5 of 6 prompts agree, log-likelihood moves < 2 %.
 """
 
 from __future__ import annotations
@@ -41,32 +41,38 @@ def main() -> int:
     from tests.test_default_model import PROMPTS
 
     pull(progress=False)
-    quantised = ("int8", "int4")
-    models = {w: load_model("smollm2-135m-instruct", weights=w) for w in ("float32", *quantised)}
+    models = {w: load_model("smollm2-135m-instruct", weights=w) for w in ("float32", "int8", "int4")}
+    # (weights, KV cache storage) against (float32, float32)
+    variants = {"int8": ("int8", "float32"), "int4": ("int4", "float32"), "bfloat16 KV": ("float32", "bfloat16"),
+                "int8 KV": ("float32", "int8"), "int4 + int8 KV": ("int4", "int8")}
     tokenizer = models["float32"].tokenizer
     special = {"bos_token": tokenizer.special.bos_token, "eos_token": tokenizer.special.eos_token}
 
-    def greedy(model, prompt: str) -> list[int]:
+    def greedy(variant: tuple[str, str], prompt: str) -> list[int]:
+        model = models[variant[0]]
         ids = tokenizer.encode(render_chat(model.chat_template, [{"role": "user", "content": prompt}],
                                            special_tokens=special))
         settings = GenerationSettings(max_tokens=TOKENS, temperature=0.0, seed=0)
-        return list(SimpleGenerator(model.cfg, model.params).generate(ids, settings))
+        return list(SimpleGenerator(model.cfg, model.params, kv_dtype=variant[1]).generate(ids, settings))
 
-    def mean_log_likelihood(model) -> float:
+    def mean_log_likelihood(variant: tuple[str, str]) -> float:
+        model = models[variant[0]]
         ids = tokenizer.encode(PASSAGE)
         logits, _ = Transformer(model.cfg).apply({"params": model.params}, jnp.asarray([ids]),
-                                                 jnp.arange(len(ids))[None], init_cache(model.cfg, 1, 128))
+                                                 jnp.arange(len(ids))[None],
+                                                 init_cache(model.cfg, 1, 128, variant[1]))
         logp = np.asarray(logits[0], np.float64)
         logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
         return float(np.mean([logp[t, ids[t + 1]] for t in range(len(ids) - 1)]))
 
-    base = {prompt: greedy(models["float32"], prompt) for prompt in PROMPTS}
-    ll = {w: mean_log_likelihood(m) for w, m in models.items()}
+    reference = ("float32", "float32")
+    base = {prompt: greedy(reference, prompt) for prompt in PROMPTS}
+    ll = {"float32": mean_log_likelihood(reference)} | {mode: mean_log_likelihood(v) for mode, v in variants.items()}
     lines = []
-    for mode in quantised:
+    for mode, variant in variants.items():
         rows = []
         for prompt in PROMPTS:
-            quant = greedy(models[mode], prompt)
+            quant = greedy(variant, prompt)
             first_diff = next((i for i, (a, b) in enumerate(zip(base[prompt], quant)) if a != b), TOKENS)
             rows.append((prompt, first_diff, tokenizer.decode(base[prompt]), tokenizer.decode(quant)))
         agree = sum(1 for r in rows if r[1] == TOKENS)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import kernels
-from model.kv_cache import from_storage
+from model.kv_cache import KVCache, dequantize_entries, from_storage
 from model.reductions import tree_sum
 
 _MASK_VALUE = -1e30  # finite so a fully masked row cannot produce NaNs
@@ -26,10 +26,11 @@ def _chunk_size(length: int) -> int:
     return size
 
 
-def read_block(cache: jax.Array, layer: jax.Array, rows: jax.Array, start: jax.Array, size: int, dtype: Any
-               ) -> jax.Array:
+def read_block(cache: jax.Array, scale: jax.Array | None, layer: jax.Array, rows: jax.Array, start: jax.Array,
+               size: int, dtype: Any) -> jax.Array:
     """Positions ``[start, start + size)`` of layer ``layer``'s cache rows ``rows`` (``cache`` is the stacked
-    ``[L, slots, kv_heads, S, D]``): ``[len(rows), kv_heads, size, D]``, widened to ``dtype``.
+    ``[L, slots, kv_heads, S, D]``, ``scale`` its int8 scales or None): ``[len(rows), kv_heads, size, D]``,
+    widened to ``dtype``.
 
     A row index past the cache (a padding row of a decode bucket) is clamped: it reads some real row,
     and its result is discarded.
@@ -37,18 +38,22 @@ def read_block(cache: jax.Array, layer: jax.Array, rows: jax.Array, start: jax.A
     kv_heads, dim = cache.shape[2], cache.shape[4]
 
     def one(row):
-        return jax.lax.dynamic_slice(cache, (layer, row, 0, start, 0), (1, 1, kv_heads, size, dim))[0, 0]
+        entries = jax.lax.dynamic_slice(cache, (layer, row, 0, start, 0), (1, 1, kv_heads, size, dim))[0, 0]
+        if scale is None:
+            return from_storage(entries)
+        scales = jax.lax.dynamic_slice(scale, (layer, row, 0, start, 0), (1, 1, kv_heads, size, scale.shape[4]))[0, 0]
+        return dequantize_entries(entries, scales)
 
-    return from_storage(jax.vmap(one)(rows)).astype(dtype)
+    return jax.vmap(one)(rows).astype(dtype)
 
 
-def grouped_attention(q, cache_k, cache_v, layer, rows, positions, window, groups):
+def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups):
     """Causal (optionally sliding-window) GQA of ``q`` over the cache, which already holds this call's keys.
 
-    ``q`` ``[B, T, H, D]`` at ``positions`` ``[B, T]``; ``cache_k``/``cache_v`` the stacked
-    ``[L, slots, KV, S, D]`` caches, of which batch row ``b`` reads layer ``layer``'s row ``rows[b]``; a
-    query at position ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window`` when the
-    int32 scalar ``window`` is positive). Returns the output and the cache buffers, passed through unchanged.
+    ``q`` ``[B, T, H, D]`` at ``positions`` ``[B, T]``; ``cache`` the stacked ``[L, slots, KV, S, D]``
+    keys and values, of which batch row ``b`` reads layer ``layer``'s row ``rows[b]``; a query at position
+    ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window`` when the int32 scalar
+    ``window`` is positive). Returns the output and the cache, passed through unchanged.
 
     Decode (one position per row) runs the CPU kernel ``model/kernels/decode_attention.cc`` where it is
     available; everything else, and decode on other platforms, the XLA formulation below.
@@ -66,22 +71,26 @@ def grouped_attention(q, cache_k, cache_v, layer, rows, positions, window, group
     per step.)
     """
     batch, seq, _, dim = q.shape
-    kv_heads = cache_k.shape[2]
+    kv_heads = cache.k.shape[2]
     q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
     q = q * jnp.asarray(dim**-0.5, q.dtype)
     layer, window = jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)
     if seq == 1 and kernels.available():
-        out = jax.lax.platform_dependent(q, cache_k, cache_v, layer, rows, positions, window, cpu=functools.partial(
-            _decode_kernel, groups=groups), default=lambda *args: _blockwise(*args, groups)[0])
-        return out, cache_k, cache_v
-    return _blockwise(q, cache_k, cache_v, layer, rows, positions, window, groups)
+        out = jax.lax.platform_dependent(q, cache, layer, rows, positions, window,
+                                         cpu=functools.partial(_decode_kernel, groups=groups),
+                                         default=lambda *args: _blockwise(*args, groups)[0])
+        return out, cache
+    return _blockwise(q, cache, layer, rows, positions, window, groups)
 
 
-def _decode_kernel(q, cache_k, cache_v, layer, rows, positions, window, groups):
+def _decode_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
     """One query position per row (``model/kernels/decode_attention.cc``): each row computed on its own."""
+    no_scales = jnp.zeros((1,), jnp.float32)  # float caches: the kernel ignores the scale operands
+    k_scale = no_scales if cache.k_scale is None else cache.k_scale
+    v_scale = no_scales if cache.v_scale is None else cache.v_scale
     out = jax.ffi.ffi_call(kernels.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), cache_k, cache_v, rows.astype(jnp.int32), positions[:, 0].astype(jnp.int32),
-        layer, window)
+        q.astype(jnp.float32), cache.k, cache.v, k_scale, v_scale, rows.astype(jnp.int32),
+        positions[:, 0].astype(jnp.int32), layer, window)
     return _heads_last(out.astype(q.dtype), 1, groups)
 
 
@@ -91,12 +100,12 @@ def _heads_last(out: jax.Array, seq: int, groups: int) -> jax.Array:
     return out.reshape(batch, kv_heads, groups, seq, dim).transpose(0, 3, 1, 2, 4).reshape(batch, seq, -1, dim)
 
 
-def _blockwise(q, cache_k, cache_v, layer, rows, positions, window, groups):
+def _blockwise(q, cache: KVCache, layer, rows, positions, window, groups):
     """The XLA formulation: the cache read block by block with an online softmax (q already ``[B, KV, G*T,
-    D]`` and scaled); returns ``[B, T, H, D]`` and the caches."""
+    D]`` and scaled); returns ``[B, T, H, D]`` and the cache."""
     batch, kv_heads, _, dim = q.shape
     seq = q.shape[2] // groups
-    length = cache_k.shape[3]
+    length = cache.k.shape[3]
     f32 = jnp.float32
     query_pos = jnp.tile(positions, (1, groups))[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as q
 
@@ -125,17 +134,16 @@ def _blockwise(q, cache_k, cache_v, layer, rows, positions, window, groups):
     needed = jnp.max(positions) // chunk + 1  # blocks holding any visible entry
 
     def cache_block(i, carry):
-        state, cache_k, cache_v = carry
+        state, cache = carry
         start = i * chunk
-        keys = read_block(cache_k, layer, rows, start, chunk, q.dtype)
-        values = read_block(cache_v, layer, rows, start, chunk, q.dtype)
+        keys = read_block(cache.k, cache.k_scale, layer, rows, start, chunk, q.dtype)
+        values = read_block(cache.v, cache.v_scale, layer, rows, start, chunk, q.dtype)
         key_pos = start + jnp.arange(chunk)[None, None, None, :]
         visible = (key_pos <= query_pos) & ((window <= 0) | (key_pos > query_pos - window))
-        return block(state, keys, values, visible), cache_k, cache_v
+        return block(state, keys, values, visible), cache
 
     n_rows = q.shape[2]
     state = (jnp.full((batch, kv_heads, n_rows, 1), _MASK_VALUE, f32), jnp.zeros((batch, kv_heads, n_rows, 1), f32),
              jnp.zeros((batch, kv_heads, n_rows, dim), f32))
-    (_, total, acc), cache_k, cache_v = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block,
-                                                          (state, cache_k, cache_v))
-    return _heads_last((acc / total).astype(q.dtype), seq, groups), cache_k, cache_v
+    (_, total, acc), cache = jax.lax.fori_loop(0, jnp.minimum(needed, length // chunk), cache_block, (state, cache))
+    return _heads_last((acc / total).astype(q.dtype), seq, groups), cache

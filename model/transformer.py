@@ -211,8 +211,8 @@ def _projections(x: jax.Array, w: dict, cfg: ModelConfig, layer: jax.Array, name
     return [linear(x, w[name], n, cfg, layer) for name, n in zip(names, features)]
 
 
-def _attention(x, w, cfg: ModelConfig, layer, window, cache_k, cache_v, rows, cos, sin, positions):
-    """Grouped-query attention of one layer over its cache; returns the output and the updated caches."""
+def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos, sin, positions):
+    """Grouped-query attention of one layer over its cache; returns the output and the updated cache."""
     batch, seq, _ = x.shape
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = _projections(x, w, cfg, layer, ("q_proj", "k_proj", "v_proj"), (q_dim, kv_dim, kv_dim))
@@ -224,11 +224,9 @@ def _attention(x, w, cfg: ModelConfig, layer, window, cache_k, cache_v, rows, co
         k = rms_norm(k, w["k_norm"]["scale"][layer], cfg.rms_norm_eps, 0.0, cfg.dtype)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    cache_k = write_layer(cache_k, k, layer, rows, positions)
-    cache_v = write_layer(cache_v, v, layer, rows, positions)
-    out, cache_k, cache_v = grouped_attention(q, cache_k, cache_v, layer, rows, positions, window,
-                                              cfg.num_heads // cfg.num_kv_heads)
-    return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer), cache_k, cache_v
+    cache = write_layer(cache, k, v, layer, rows, positions)
+    out, cache = grouped_attention(q, cache, layer, rows, positions, window, cfg.num_heads // cfg.num_kv_heads)
+    return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer), cache
 
 
 def _mlp(x, w, cfg: ModelConfig, layer):
@@ -239,17 +237,16 @@ def _mlp(x, w, cfg: ModelConfig, layer):
 
 
 def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,
-                  cache_k: jax.Array, cache_v: jax.Array, rows, cos, sin, positions):
-    """Pre-norm decoder layer ``layer`` (an int32 index into the stacked ``layers`` params and caches);
-    returns ``(x, cache_k, cache_v)``."""
+                  cache: KVCache, rows, cos, sin, positions) -> tuple[jax.Array, KVCache]:
+    """Pre-norm decoder layer ``layer`` (an int32 index into the stacked ``layers`` params and cache)."""
     def norm(h, name):
         return rms_norm(h, layers[name]["scale"][layer], cfg.rms_norm_eps, cfg.norm_weight_offset, cfg.dtype)
 
-    h, cache_k, cache_v = _attention(norm(x, "input_norm"), layers["attn"], cfg, layer, window, cache_k, cache_v,
-                                     rows, cos, sin, positions)
+    h, cache = _attention(norm(x, "input_norm"), layers["attn"], cfg, layer, window, cache, rows, cos, sin,
+                          positions)
     x = x + h
     x = x + _mlp(norm(x, "post_attention_norm"), layers["mlp"], cfg, layer)
-    return x, cache_k, cache_v
+    return x, cache
 
 
 class Transformer(nn.Module):
@@ -296,7 +293,7 @@ class Transformer(nn.Module):
         def one_layer(layer, carry):
             return decoder_layer(cfg, layers, layer, windows[layer], *carry, rows, cos, sin, positions)
 
-        x, new_k, new_v = jax.lax.fori_loop(0, cfg.num_layers, one_layer, (x, cache.k, cache.v))
+        x, cache = jax.lax.fori_loop(0, cfg.num_layers, one_layer, (x, cache))
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
@@ -309,7 +306,7 @@ class Transformer(nn.Module):
             # not depend on how many prompts were prefilled beside it.
             x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
             logits = jnp.concatenate([project(x[b:b + 1]) for b in range(x.shape[0])])
-        return logits.astype(jnp.float32), KVCache(new_k, new_v)
+        return logits.astype(jnp.float32), cache
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:

@@ -63,9 +63,10 @@ class SimpleGenerator:
     ``self`` is a static jit argument hashed by identity, so each generator compiles its own steps once.
     """
 
-    def __init__(self, cfg: ModelConfig, params: Any):
+    def __init__(self, cfg: ModelConfig, params: Any, kv_dtype: str | None = None):
         self.cfg = cfg
         self.params = params
+        self.kv_dtype = kv_dtype  # KV cache storage (model/kv_cache.py); default the compute dtype
         self.model = Transformer(cfg)
 
     @partial(jax.jit, static_argnums=0, donate_argnums=(4,))
@@ -91,7 +92,7 @@ class SimpleGenerator:
         cache_len = min(bucket_length(len(prompt) + budget), limit)
         padded = np.zeros((1, bucket_length(len(prompt))), np.int32)
         padded[0, : len(prompt)] = prompt
-        cache = init_cache(self.cfg, 1, cache_len)
+        cache = init_cache(self.cfg, 1, cache_len, self.kv_dtype)
         temperature = jnp.float32(settings.temperature)
         token, cache = self._prefill(
             self.params, jnp.asarray(padded), jnp.int32(len(prompt)), cache,

@@ -34,6 +34,7 @@ import numpy as np
 from model import kernels
 from model.config import ModelConfig
 from model.quant import QUANTISED
+from model.kv_cache import entry_bytes
 from model.transformer import KVCache, Transformer, init_cache
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
 
@@ -194,8 +195,7 @@ class EngineSteps:
     def _copy_slot_impl(self, state: DecodeState, dst, src):
         """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
         self.compiles += 1
-        copy = lambda layers: layers.at[:, dst].set(layers[:, src])  # noqa: E731
-        return state.replace(cache=KVCache(copy(state.cache.k), copy(state.cache.v)))
+        return state.replace(cache=jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), state.cache))
 
     def _load_blocks_impl(self, state: DecodeState, slot, blocks, count):
         """Copy pool blocks ``blocks[:count]`` (every layer's) into ``slot``'s cache at positions
@@ -203,30 +203,31 @@ class EngineSteps:
         self.compiles += 1
         size = self.block_size
 
-        def one(i, caches):
-            put = lambda cache, pool: jax.lax.dynamic_update_slice(  # noqa: E731
-                cache, jax.lax.dynamic_index_in_dim(pool, blocks[i], axis=1, keepdims=True), (0, slot, 0, i * size, 0))
-            return tuple(map(put, caches, (state.pool.k, state.pool.v)))
+        def one(i, cache):
+            def put(buffer, pool):  # [L, slots, KV, S(, D)] <- [L, blocks, KV, size(, D)]
+                block = jax.lax.dynamic_index_in_dim(pool, blocks[i], axis=1, keepdims=True)
+                return jax.lax.dynamic_update_slice(buffer, block, (0, slot, 0, i * size) + (0,) * (buffer.ndim - 4))
 
-        k, v = jax.lax.fori_loop(0, count, one, (state.cache.k, state.cache.v))
-        return state.replace(cache=KVCache(k, v))
+            return jax.tree.map(put, cache, state.pool)
+
+        return state.replace(cache=jax.lax.fori_loop(0, count, one, state.cache))
 
     def _save_blocks_impl(self, state: DecodeState, slot, blocks, first, count):
         """Copy ``slot``'s cache blocks ``first .. first + count - 1`` (every layer's) into pool blocks
         ``blocks[:count]``."""
         self.compiles += 1
-        size, cache = self.block_size, state.cache
+        size = self.block_size
 
-        def one(i, pools):
-            def put(pool, layers):
-                block = jax.lax.dynamic_slice(layers, (0, slot, 0, (first + i) * size, 0),
-                                              (layers.shape[0], 1, layers.shape[2], size, layers.shape[4]))
-                return jax.lax.dynamic_update_slice(pool, block, (0, blocks[i], 0, 0, 0))
+        def one(i, pool):
+            def put(blocks_buffer, buffer):
+                tail = (0,) * (buffer.ndim - 4)
+                block = jax.lax.dynamic_slice(buffer, (0, slot, 0, (first + i) * size) + tail,
+                                              (buffer.shape[0], 1, buffer.shape[2], size) + buffer.shape[4:])
+                return jax.lax.dynamic_update_slice(blocks_buffer, block, (0, blocks[i], 0, 0) + tail)
 
-            return tuple(map(put, pools, (cache.k, cache.v)))
+            return jax.tree.map(put, pool, state.cache)
 
-        k, v = jax.lax.fori_loop(0, count, one, (state.pool.k, state.pool.v))
-        return state.replace(pool=KVCache(k, v))
+        return state.replace(pool=jax.lax.fori_loop(0, count, one, state.pool))
 
     def _insert_impl(self, state: DecodeState, slot, logits, row: RowRequest, choice_key, prompt_len):
         """Start a choice in ``slot`` (whose cache holds the prompt): sample its first token with
@@ -378,8 +379,7 @@ class EngineSteps:
     @staticmethod
     def pool_block_bytes(cfg: ModelConfig, kv_dtype: Any, block_size: int) -> int:
         """Device bytes of one prefix-pool block (keys and values of every layer)."""
-        per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-        return per_position * block_size * jnp.dtype(kv_dtype).itemsize
+        return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * entry_bytes(kv_dtype, cfg.head_dim)
 
     def copy_slot(self, state: DecodeState, dst: int, src: int) -> DecodeState:
         return self._copy_slot(state, jnp.int32(dst), jnp.int32(src))

@@ -8,6 +8,7 @@ with a tiny cache that evicts), for both weight modes.
 
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,17 +79,22 @@ def float_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("prefix"), context=MAX_LEN, shape=REAL_WIDTHS)
 
 
-@pytest.mark.parametrize("weights", ["int8", "float32"])
-def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights):
+def _cache_rows(state, slot, length):
+    """Every stored array of ``slot``'s first ``length`` positions (keys, values and any int8 scales)."""
+    return [np.asarray(leaf[:, slot, :, :length]) for leaf in jax.tree.leaves(state.cache)]
+
+
+@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("float32", None), ("int4", "int8")])
+def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights, kv_dtype):
     """A prompt prefilled in one chunk, and the same prompt cut at odd places into chunks of every bucket
     the engine uses: every layer's cache rows and the last token's logits must be bit-identical. This is
     what makes cached blocks interchangeable with freshly computed ones."""
     cfg, params, _ = with_weights(float_model, weights)
-    steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN)
+    steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN, kv_dtype=kv_dtype)
     prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
     state = steps.init_state()
     reference, state = steps.prefill(state, 0, prompt)
-    reference_rows = [np.asarray(layer[0, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
+    reference_rows = _cache_rows(state, 0, len(prompt))
     for bucket in steps.buckets:
         for offset in (0, 7, 37):
             start, cuts = 0, []
@@ -98,7 +104,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
                 start += size
             for start, size in cuts:
                 logits, state = steps.prefill_chunk(state, 1, prompt, start, size)
-            rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
+            rows = _cache_rows(state, 1, len(prompt))
             assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), (bucket, offset)
             assert np.array_equal(np.asarray(logits), np.asarray(reference)), (bucket, offset)
     # The prompt's last tokens in a batched call (with another prompt beside it): same rows, same logits.
@@ -108,22 +114,25 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
         _, state = steps.prefill(state, 1, prompt[:start])
         _, state = steps.prefill(state, 0, other[:140])
         (logits, _), state = steps.prefill_batch(state, [(1, prompt, start), (0, other, 140)])
-        rows = [np.asarray(layer[1, :, : len(prompt)]) for layer in (*state.cache.k, *state.cache.v)]
+        rows = _cache_rows(state, 1, len(prompt))
         assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), length
         assert np.array_equal(np.asarray(logits), np.asarray(reference)), length
 
 
-def test_pool_blocks_round_trip(float_model):
-    """save_blocks then load_blocks into another slot reproduces the cache rows exactly."""
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_pool_blocks_round_trip(float_model, kv_dtype):
+    """save_blocks then load_blocks into another slot reproduces the cache rows exactly (with their int8
+    scales)."""
     cfg, params, _ = with_weights(float_model, "float32")
-    steps = EngineSteps(cfg, params, 2, MAX_LEN, kv_dtype="bfloat16", pool_blocks=8, block_size=BLOCK)
+    steps = EngineSteps(cfg, params, 2, MAX_LEN, kv_dtype=kv_dtype, pool_blocks=8, block_size=BLOCK)
     prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 3 * BLOCK).tolist()
     state = steps.init_state()
     _, state = steps.prefill(state, 0, prompt)
     state = steps.save_blocks(state, 0, 0, [5, 2, 7])
     state = steps.load_blocks(state, 1, [5, 2, 7])
-    for layer in (*state.cache.k, *state.cache.v):
-        assert np.array_equal(np.asarray(layer[0, :, : 3 * BLOCK]), np.asarray(layer[1, :, : 3 * BLOCK]))
+    assert len(jax.tree.leaves(state.cache)) == (4 if kv_dtype == "int8" else 2)
+    for a, b in zip(_cache_rows(state, 0, 3 * BLOCK), _cache_rows(state, 1, 3 * BLOCK)):
+        assert np.array_equal(a, b) and np.any(a)
 
 
 # ---- through the engine ------------------------------------------------------------------------------
@@ -143,10 +152,11 @@ def engines(float_model):
     and shared by the tests of this module (each start compiles every step)."""
     started = {}
 
-    def get(weights, cached=True):
-        if (weights, cached) not in started:
-            started[weights, cached] = _engine(float_model, weights, **({} if cached else {"prefix_cache_mb": 0}))
-        return started[weights, cached]
+    def get(weights, cached=True, kv_dtype=None):
+        if (weights, cached, kv_dtype) not in started:
+            started[weights, cached, kv_dtype] = _engine(float_model, weights, kv_dtype=kv_dtype,
+                                                         **({} if cached else {"prefix_cache_mb": 0}))
+        return started[weights, cached, kv_dtype]
 
     yield get
     for engine in started.values():
@@ -159,17 +169,17 @@ def _reply(engine, prompt, params=SEEDED):
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None], handle.cached_tokens
 
 
-@pytest.mark.parametrize("weights", ["int8", "float32"])
-def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engines, weights):
+@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("float32", None), ("int4", "int8")])
+def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engines, weights, kv_dtype):
     rng = np.random.default_rng(3)
     system = rng.integers(3, 200, 90).tolist()  # a shared "system prompt" of 5 full blocks and a bit
     prompt = system + rng.integers(3, 200, 30).tolist()
     sibling = system + rng.integers(3, 200, 41).tolist()  # same system prompt, other question
 
-    reference, cached = _reply(engines(weights, cached=False), prompt)
+    reference, cached = _reply(engines(weights, cached=False, kv_dtype=kv_dtype), prompt)
     assert cached == 0 and len(reference) == 12
 
-    engine = engines(weights)
+    engine = engines(weights, kv_dtype=kv_dtype)
     engine.prefix.clear()  # (the engine is idle between these requests)
     cold, cached = _reply(engine, prompt)
     assert cold == reference and cached == 0

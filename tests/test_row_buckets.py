@@ -26,8 +26,8 @@ def float_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("buckets"))
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "float32"])
-def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
+@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("int4", None), ("int4", "int8"), ("float32", None)])
+def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights, kv_dtype):
     """Fill 16 cache rows with different prompts, then decode one step with slot 5 in every bucket size the
     engine uses (and two sizes between them), with other live slots and padding rows around it: slot 5's
     logits must be bit-identical to its logits in the full 16-row step. (Every size 1..16 was checked
@@ -36,7 +36,7 @@ def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
     model = Transformer(cfg)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, cfg.vocab_size, size=(SLOTS, PROMPT_LEN)).astype(np.int32)
-    cache = init_cache(cfg, SLOTS, 64)
+    cache = init_cache(cfg, SLOTS, 64, kv_dtype)
     positions = np.tile(np.arange(PROMPT_LEN, dtype=np.int32), (SLOTS, 1))
     _, cache = model.apply({"params": params}, jnp.asarray(prompts), jnp.asarray(positions), cache)
     next_tokens = rng.integers(3, cfg.vocab_size, size=SLOTS).astype(np.int32)
@@ -65,9 +65,9 @@ def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights):
                 f"{np.abs(got - reference).max()}")
 
 
-def _engine(float_model, weights, slots):
+def _engine(float_model, weights, slots, kv_dtype=None):
     cfg, params, tokenizer = with_weights(float_model, weights)
-    return Engine(cfg, params, tokenizer, EngineConfig(slots=slots, max_len=128)).start()
+    return Engine(cfg, params, tokenizer, EngineConfig(slots=slots, max_len=128, kv_dtype=kv_dtype)).start()
 
 
 SEEDED = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=77, ignore_eos=True, logprobs=True,
@@ -79,11 +79,12 @@ def _tokens(events):
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None]
 
 
-@pytest.mark.parametrize("weights,slots", [("int8", 8), ("int4", 8), ("float32", 8)])
-def test_a_seeded_request_is_identical_alone_and_in_every_bucket(float_model, weights, slots):
+@pytest.mark.parametrize("weights,slots,kv_dtype", [("int8", 8, None), ("int4", 8, None), ("int4", 8, "int8"),
+                                                    ("float32", 8, None)])
+def test_a_seeded_request_is_identical_alone_and_in_every_bucket(float_model, weights, slots, kv_dtype):
     """The same seeded request alone (smallest bucket) and next to 1, 3, ... slots-1 others (every larger
     bucket): identical tokens and logprobs, and the engine really ran each bucket."""
-    engine = _engine(float_model, weights, slots)
+    engine = _engine(float_model, weights, slots, kv_dtype)
     try:
         prompt = [5, 40, 300, 17, 17, 9]
         alone = _tokens(engine.submit(prompt, SEEDED).result()[0])

@@ -1,6 +1,6 @@
 // Decode attention: one new query position per row over that row's KV cache.
-//   q [B, KV, G, D] float32 (already scaled by D^-0.5), caches [L, R, KV, S, D] (every layer's; float32, or
-//   bfloat16 stored as uint16 bits), rows [B] (cache row of each batch row; >= R marks a padding row),
+//   q [B, KV, G, D] float32 (already scaled by D^-0.5), caches [L, R, KV, S, D] (every layer's; float32,
+//   bfloat16 stored as uint16 bits, or int8 codes with float32 scales [L, R, KV, S, groups]), rows [B] (cache row of each batch row; >= R marks a padding row),
 //   positions [B] (the query's position: keys 0..position are visible, or the last `window` of them;
 //   window <= 0: all), layer and window int32 scalars -> out [B, KV, G, D] float32.
 // The caches come whole with the layer as an operand so the model's loop over layers never slices a
@@ -27,11 +27,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+enum class Storage { kF32, kBf16, kInt8 };
+
 struct Problem {
   const float* q;
   const void* k;
   const void* v;
-  bool bf16;
+  const float* k_scale;  // int8 caches: `scale_groups` scales per entry (row, head, position); else unused
+  const float* v_scale;
+  Storage storage;
+  int64_t scale_groups, group;  // scales per entry, elements per scale (a multiple of 8)
   const int32_t* rows;
   const int32_t* positions;
   float* out;
@@ -46,12 +51,26 @@ inline float Bf16ToFloat(uint16_t bits) {
 }
 
 // Entry t of a cache row/head as floats: a pointer into a float32 cache, or `dst` filled from bfloat16
-// bits (a bfloat16 is the top half of a float32: widen, shift left 16 — exact).
-inline const float* Entry(const Problem& p, const void* cache, int64_t row, int64_t head, int64_t t, float* dst) {
-  const int64_t offset = ((row * p.kv_heads + head) * p.length + t) * p.dim;
-  if (!p.bf16) return static_cast<const float*>(cache) + offset;
-  const uint16_t* src = static_cast<const uint16_t*>(cache) + offset;
+// bits (a bfloat16 is the top half of a float32: widen, shift left 16 — exact) or from int8 codes
+// (code * scale, one rounding, as model/kv_cache.py's dequantize_entries computes it).
+inline const float* Entry(const Problem& p, const void* cache, const float* scales, int64_t row, int64_t head,
+                          int64_t t, float* dst) {
+  const int64_t entry = (row * p.kv_heads + head) * p.length + t, offset = entry * p.dim;
+  if (p.storage == Storage::kF32) return static_cast<const float*>(cache) + offset;
   int64_t d = 0;
+  if (p.storage == Storage::kInt8) {
+    const int8_t* src = static_cast<const int8_t*>(cache) + offset;
+    const float* scale = scales + entry * p.scale_groups;
+    for (int64_t g = 0; g < p.scale_groups; ++g) {
+      const __m256 s = _mm256_set1_ps(scale[g]);
+      for (const int64_t end = d + p.group; d < end; d += 8) {
+        const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
+        _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), s));
+      }
+    }
+    return dst;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(cache) + offset;
   for (; d + 8 <= p.dim; d += 8) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
     _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
@@ -107,11 +126,21 @@ void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, 
     int64_t d0 = 0;
     for (; d0 + kChunk <= p.dim; d0 += kChunk) {
       __m256 acc[8];
+      int64_t group_of[8];  // int8 caches: which scale of an entry each of the 8 vectors uses
 #pragma GCC unroll 8
-      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps(), group_of[v] = (d0 + 8 * v) / p.group;
       for (int64_t t = 0; t < count; ++t) {
         const __m256 wt = _mm256_set1_ps(w[t]);
-        if (p.bf16) {
+        if (p.storage == Storage::kInt8) {
+          const int8_t* src = static_cast<const int8_t*>(p.v) + base + t * p.dim + d0;
+          const float* scale = p.v_scale + (base / p.dim + t) * p.scale_groups;
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) {
+            const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * v)));
+            const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(scale[group_of[v]]));
+            acc[v] = _mm256_fmadd_ps(wt, value, acc[v]);
+          }
+        } else if (p.storage == Storage::kBf16) {
           const uint16_t* src = static_cast<const uint16_t*>(p.v) + base + t * p.dim + d0;
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) {
@@ -130,7 +159,7 @@ void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, 
     if (d0 < p.dim) {  // a dimension that is not a multiple of 64: the rest element by element, same chains
       std::fill(o + d0, o + p.dim, 0.0f);
       for (int64_t t = 0; t < count; ++t) {
-        const float* value = Entry(p, p.v, row, head, first + t, entry.data());
+        const float* value = Entry(p, p.v, p.v_scale, row, head, first + t, entry.data());
         for (int64_t d = d0; d < p.dim; ++d) o[d] = std::fmaf(w[t], value[d], o[d]);
       }
     }
@@ -151,7 +180,7 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
   scores.resize(p.groups * count);
   entry.resize(p.dim);
   for (int64_t t = 0; t < count; ++t) {
-    const float* key = Entry(p, p.k, row, h, first + t, entry.data());
+    const float* key = Entry(p, p.k, p.k_scale, row, h, first + t, entry.data());
     for (int64_t g = 0; g < p.groups; g += kGroupsTogether) {
       DotsOf(std::min<int64_t>(kGroupsTogether, p.groups - g), q + g * p.dim, p.dim, key,
              scores.data() + g * count + t, count);
@@ -177,8 +206,9 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                           ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer,
-                           ffi::Buffer<ffi::S32> window, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> rows,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> window,
+                           ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || kd[2] != qd[1] || kd[4] != qd[3] ||
       v.element_count() != k.element_count() || k.element_type() != v.element_type() || rows.element_count() != qd[0] ||
@@ -188,16 +218,32 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   }
   const int64_t index = layer.typed_data()[0];
   if (index < 0 || index >= kd[0]) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
-  const bool bf16 = k.element_type() == ffi::DataType::U16;
   if (qd[2] > 64) return ffi::Error::InvalidArgument("decode_attention: at most 64 query heads per kv head");
-  if (!bf16 && k.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("decode_attention: caches must be float32 or bfloat16 bits (uint16)");
+  Storage storage;
+  int64_t itemsize;
+  switch (k.element_type()) {
+    case ffi::DataType::F32: storage = Storage::kF32, itemsize = 4; break;
+    case ffi::DataType::U16: storage = Storage::kBf16, itemsize = 2; break;
+    case ffi::DataType::S8: storage = Storage::kInt8, itemsize = 1; break;
+    default: return ffi::Error::InvalidArgument("decode_attention: caches must be float32, bfloat16 bits or int8");
   }
-  const int64_t layer_bytes = kd[1] * kd[2] * kd[3] * kd[4] * (bf16 ? 2 : 4);
+  const int64_t layer_entries = kd[1] * kd[2] * kd[3];  // (row, head, position) triples of one layer
+  const auto sd = k_scale.dimensions();
+  const int64_t scale_groups = storage == Storage::kInt8 && sd.size() == 5 ? sd[4] : 1;
+  if (storage == Storage::kInt8 &&
+      (sd.size() != 5 || kd[4] % scale_groups != 0 || (kd[4] / scale_groups) % 8 != 0 ||
+       k_scale.element_count() != kd[0] * layer_entries * scale_groups ||
+       v_scale.element_count() != k_scale.element_count())) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: int8 caches need scales [L, R, KV, S, groups], groups of a multiple of 8 elements");
+  }
+  const int64_t layer_bytes = layer_entries * kd[4] * itemsize;
+  const int64_t scale_offset = storage == Storage::kInt8 ? index * layer_entries * scale_groups : 0;
   const Problem problem{q.typed_data(), static_cast<const char*>(k.untyped_data()) + index * layer_bytes,
-                        static_cast<const char*>(v.untyped_data()) + index * layer_bytes, bf16, rows.typed_data(),
-                        positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[3],
-                        window.typed_data()[0]};
+                        static_cast<const char*>(v.untyped_data()) + index * layer_bytes,
+                        k_scale.typed_data() + scale_offset, v_scale.typed_data() + scale_offset, storage,
+                        scale_groups, kd[4] / scale_groups, rows.typed_data(), positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3],
+                        kd[1], kd[3], window.typed_data()[0]};
   int64_t work = 0;  // visible keys in all rows: not worth a helper when small
   for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], kd[3] - 1) + 1;
   flaxchat::ParallelFor(pool, qd[0] * qd[1], work * qd[1] * qd[2] * qd[3] / (1 << 16), [problem](int64_t item) {
@@ -215,6 +261,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxchatDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
