@@ -42,8 +42,10 @@ def _stack(params: dict, num_layers: int) -> dict:
     return out
 
 
-def restore_params(path: str | Path, cfg: ModelConfig) -> Any:
-    """Read params back with the shapes and dtypes ``cfg`` implies (a dtype change is a cast).
+def restore_params(path: str | Path, cfg: ModelConfig, on_device: bool = True) -> Any:
+    """Read params back with the shapes and dtypes ``cfg`` implies (a dtype change is a cast); as numpy
+    arrays with ``on_device=False`` (params that will be quantised on the host: a device copy of the floats
+    would only raise the start's peak memory).
 
     Stores written with the per-layer layout (``layers_{i}``) are read too, and stacked."""
     path = Path(path).absolute()
@@ -66,4 +68,6 @@ def restore_params(path: str | Path, cfg: ModelConfig) -> Any:
     # Arrays as orbax hands them back made every jitted call ~10x slower on XLA:CPU (measured: a decode
     # step of the default model 626 ms vs 67 ms; jnp.array(a, copy=True) kept the slowness); arrays put on
     # the device afresh from host memory run at full speed.
+    if not on_device:
+        return jax.tree.map(np.asarray, params)
     return jax.tree.map(lambda a: jax.device_put(np.asarray(a)), params)

@@ -29,7 +29,7 @@ from checkpoints.hf_import import load_hf_folder
 from checkpoints.orbax_io import restore_params, save_params
 from checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
 from model.config import ModelConfig
-from model.quant import prepare_weights
+from model.quant import prepare_weights, resolve_weights
 from model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -212,8 +212,10 @@ def load_model(name: str, dtype: str | None = None, weights: str = "float32") ->
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
     cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    params = restore_params(folder / "params", cfg)
-    if dtype is not None and dtype != cfg.dtype:
+    cast = dtype is not None and dtype != cfg.dtype
+    quantising = weights != "float32" and resolve_weights(weights, cfg) != "float32"
+    params = restore_params(folder / "params", cfg, on_device=cast or not quantising)
+    if cast:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)
     cfg, params = prepare_weights(cfg, params, weights)

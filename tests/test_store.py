@@ -29,6 +29,20 @@ def test_orbax_round_trip_is_identical(tmp_path):
     assert _identical(params, restored)
 
 
+def test_a_store_in_the_per_layer_layout_is_read_and_stacked(tmp_path):
+    """Stores written before the layers were stacked hold ``layers_{i}/...``: they restore to the stacked
+    params, on the device or (for host-side quantisation) as numpy arrays."""
+    make_tiny_model("llama", tmp_path / "hf")
+    cfg, params = load_hf_folder(tmp_path / "hf")
+    per_layer = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.num_layers):
+        per_layer[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+    save_params(tmp_path / "old", per_layer)
+    assert _identical(params, restore_params(tmp_path / "old", cfg))
+    on_host = restore_params(tmp_path / "old", cfg, on_device=False)
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(on_host)) and _identical(params, on_host)
+
+
 def test_store_import_restores_without_source(tmp_path, monkeypatch):
     monkeypatch.setenv("FLAXCHAT_HOME", str(tmp_path / "home"))
     torch_model = make_tiny_model("qwen2", tmp_path / "hf")
