@@ -213,7 +213,7 @@ def load_model(name: str, dtype: str | None = None, weights: str = "float32") ->
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
     cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     cast = dtype is not None and dtype != cfg.dtype
-    quantising = weights != "float32" and resolve_weights(weights, cfg) != "float32"
+    quantising = resolve_weights(weights, cfg) != "float32"
     params = restore_params(folder / "params", cfg, on_device=cast or not quantising)
     if cast:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)

@@ -147,7 +147,7 @@ def write_layer(cache: KVCache, k: jax.Array, v: jax.Array, layer: jax.Array, ro
         return buffer.at[index].set(new, mode="drop")
 
     if cache.k_scale is None:
-        return cache.replace(k=put(cache.k, to_storage(k, cache.k.dtype)), v=put(cache.v, to_storage(v, cache.v.dtype)))
+        return KVCache(put(cache.k, to_storage(k, cache.k.dtype)), put(cache.v, to_storage(v, cache.v.dtype)))
     (k_codes, k_scale), (v_codes, v_scale) = quantize_entries(k), quantize_entries(v)
     return KVCache(put(cache.k, k_codes), put(cache.v, v_codes), put(cache.k_scale, k_scale),
                    put(cache.v_scale, v_scale))
