@@ -55,8 +55,9 @@ def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups)
     ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window`` when the int32 scalar
     ``window`` is positive). Returns the output and the cache, passed through unchanged.
 
-    Decode (one position per row) runs the CPU kernel ``model/kernels/decode_attention.cc`` where it is
-    available; everything else, and decode on other platforms, the XLA formulation below.
+    On CPU, where the kernels are built, decode (one position per row) runs
+    ``model/kernels/decode_attention.cc`` and a prompt chunk ``model/kernels/prefill_attention.cc``;
+    elsewhere the XLA formulation below runs.
 
     The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
     are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
@@ -75,23 +76,36 @@ def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups)
     q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
     q = q * jnp.asarray(dim**-0.5, q.dtype)
     layer, window = jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)
-    if seq == 1 and kernels.available():
+    if kernels.available() and (seq == 1 or dim % 16 == 0):
+        kernel = _decode_kernel if seq == 1 else _prefill_kernel
         out = jax.lax.platform_dependent(q, cache, layer, rows, positions, window,
-                                         cpu=functools.partial(_decode_kernel, groups=groups),
+                                         cpu=functools.partial(kernel, groups=groups),
                                          default=lambda *args: _blockwise(*args, groups)[0])
         return out, cache
     return _blockwise(q, cache, layer, rows, positions, window, groups)
 
 
+def _cache_operands(cache: KVCache) -> tuple[jax.Array, ...]:
+    no_scales = jnp.zeros((1,), jnp.float32)  # float caches: the kernels ignore the scale operands
+    return (cache.k, cache.v, no_scales if cache.k_scale is None else cache.k_scale,
+            no_scales if cache.v_scale is None else cache.v_scale)
+
+
 def _decode_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
     """One query position per row (``model/kernels/decode_attention.cc``): each row computed on its own."""
-    no_scales = jnp.zeros((1,), jnp.float32)  # float caches: the kernel ignores the scale operands
-    k_scale = no_scales if cache.k_scale is None else cache.k_scale
-    v_scale = no_scales if cache.v_scale is None else cache.v_scale
     out = jax.ffi.ffi_call(kernels.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), cache.k, cache.v, k_scale, v_scale, rows.astype(jnp.int32),
-        positions[:, 0].astype(jnp.int32), layer, window)
+        q.astype(jnp.float32), *_cache_operands(cache), rows.astype(jnp.int32), positions[:, 0].astype(jnp.int32),
+        layer, window)
     return _heads_last(out.astype(q.dtype), 1, groups)
+
+
+def _prefill_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
+    """A chunk of positions per row (``model/kernels/prefill_attention.cc``): each query row computed on its
+    own over cache blocks aligned to absolute positions, so a row's bits do not depend on the chunking."""
+    out = jax.ffi.ffi_call(kernels.PREFILL_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32), *_cache_operands(cache), rows.astype(jnp.int32), positions.astype(jnp.int32),
+        layer, window)
+    return _heads_last(out.astype(q.dtype), positions.shape[1], groups)
 
 
 def _heads_last(out: jax.Array, seq: int, groups: int) -> jax.Array:

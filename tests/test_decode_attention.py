@@ -16,16 +16,20 @@ LAYER = jnp.int32(2)  # the caches are every layer's: the kernel must read this 
 NO_WINDOW = jnp.int32(0)
 
 
-def inputs(kv_dtype, seed=0):
-    rng = np.random.default_rng(seed)
+def caches(kv_dtype, rng):
+    """Every layer's random keys and values, stored as ``kv_dtype`` caches are."""
     shape = (LAYERS, SLOTS, KV, LENGTH, DIM)
     k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
     if kv_dtype == "int8":
         (k, k_scale), (v, v_scale) = quantize_entries(k), quantize_entries(v)
-        cache = KVCache(k, v, k_scale, v_scale)
-    else:
-        stored = storage_dtype(kv_dtype)
-        cache = KVCache(to_storage(k, stored), to_storage(v, stored))
+        return KVCache(k, v, k_scale, v_scale)
+    stored = storage_dtype(kv_dtype)
+    return KVCache(to_storage(k, stored), to_storage(v, stored))
+
+
+def inputs(kv_dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    cache = caches(kv_dtype, rng)
     q = jnp.asarray(rng.standard_normal((5, KV, GROUPS, DIM)) * DIM**-0.5, jnp.float32)
     rows = jnp.asarray([3, 0, 5, SLOTS, 1], jnp.int32)  # SLOTS: a padding row
     positions = jnp.asarray([[0], [130], [511], [0], [257]], jnp.int32)

@@ -3,8 +3,7 @@
 //   bfloat16 stored as uint16 bits, or int8 codes with float32 scales [L, R, KV, S, groups]), rows [B] (cache row of each batch row; >= R marks a padding row),
 //   positions [B] (the query's position: keys 0..position are visible, or the last `window` of them;
 //   window <= 0: all), layer and window int32 scalars -> out [B, KV, G, D] float32.
-// The caches come whole with the layer as an operand so the model's loop over layers never slices a
-// layer's cache out (XLA:CPU would copy it).
+// The caches come whole with the layer as an operand (cache_entries.h).
 //
 // Why a kernel (profiled, bench/RESULTS.md): XLA:CPU ran the blockwise online softmax as a while loop of
 // ~20 small operations per cache block and layer, a fifth of a one-row decode step in dispatch overhead.
@@ -20,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cache_entries.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,57 +27,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-enum class Storage { kF32, kBf16, kInt8 };
+using flaxchat::Caches;
+using flaxchat::Entry;
+using flaxchat::Storage;
 
 struct Problem {
   const float* q;
-  const void* k;
-  const void* v;
-  const float* k_scale;  // int8 caches: `scale_groups` scales per entry (row, head, position); else unused
-  const float* v_scale;
-  Storage storage;
-  int64_t scale_groups, group;  // scales per entry, elements per scale (a multiple of 8)
+  Caches c;
   const int32_t* rows;
   const int32_t* positions;
   float* out;
-  int64_t batch, kv_heads, groups, dim, cache_rows, length, window;
+  int64_t batch, groups, window;
 };
-
-inline float Bf16ToFloat(uint16_t bits) {
-  uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-// Entry t of a cache row/head as floats: a pointer into a float32 cache, or `dst` filled from bfloat16
-// bits (a bfloat16 is the top half of a float32: widen, shift left 16 — exact) or from int8 codes
-// (code * scale, one rounding, as model/kv_cache.py's dequantize_entries computes it).
-inline const float* Entry(const Problem& p, const void* cache, const float* scales, int64_t row, int64_t head,
-                          int64_t t, float* dst) {
-  const int64_t entry = (row * p.kv_heads + head) * p.length + t, offset = entry * p.dim;
-  if (p.storage == Storage::kF32) return static_cast<const float*>(cache) + offset;
-  int64_t d = 0;
-  if (p.storage == Storage::kInt8) {
-    const int8_t* src = static_cast<const int8_t*>(cache) + offset;
-    const float* scale = scales + entry * p.scale_groups;
-    for (int64_t g = 0; g < p.scale_groups; ++g) {
-      const __m256 s = _mm256_set1_ps(scale[g]);
-      for (const int64_t end = d + p.group; d < end; d += 8) {
-        const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
-        _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), s));
-      }
-    }
-    return dst;
-  }
-  const uint16_t* src = static_cast<const uint16_t*>(cache) + offset;
-  for (; d + 8 <= p.dim; d += 8) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
-    _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
-  }
-  for (; d < p.dim; ++d) dst[d] = Bf16ToFloat(src[d]);
-  return dst;
-}
 
 // Dot products of G query heads with one key, each in a fixed order: 8 lanes of FMAs over the dimension,
 // then the lanes summed as ((0+4)+(1+5))+((2+6)+(3+7)), then any tail. The G products run side by side
@@ -119,36 +80,36 @@ inline void DotsOf(int64_t groups, const float* q, int64_t dim, const float* key
 void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, int64_t count,
                     const float* weights, float* out, std::vector<float>& entry) {
   constexpr int64_t kChunk = 64;  // dimension values per pass: 8 accumulators
-  const int64_t base = ((row * p.kv_heads + head) * p.length + first) * p.dim;
+  const int64_t base = ((row * p.c.kv_heads + head) * p.c.length + first) * p.c.dim;
   for (int64_t g = 0; g < p.groups; ++g) {
     const float* w = weights + g * count;
-    float* o = out + g * p.dim;
+    float* o = out + g * p.c.dim;
     int64_t d0 = 0;
-    for (; d0 + kChunk <= p.dim; d0 += kChunk) {
+    for (; d0 + kChunk <= p.c.dim; d0 += kChunk) {
       __m256 acc[8];
       int64_t group_of[8];  // int8 caches: which scale of an entry each of the 8 vectors uses
 #pragma GCC unroll 8
-      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps(), group_of[v] = (d0 + 8 * v) / p.group;
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps(), group_of[v] = (d0 + 8 * v) / p.c.group;
       for (int64_t t = 0; t < count; ++t) {
         const __m256 wt = _mm256_set1_ps(w[t]);
-        if (p.storage == Storage::kInt8) {
-          const int8_t* src = static_cast<const int8_t*>(p.v) + base + t * p.dim + d0;
-          const float* scale = p.v_scale + (base / p.dim + t) * p.scale_groups;
+        if (p.c.storage == Storage::kInt8) {
+          const int8_t* src = static_cast<const int8_t*>(p.c.v) + base + t * p.c.dim + d0;
+          const float* scale = p.c.v_scale + (base / p.c.dim + t) * p.c.scale_groups;
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) {
             const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * v)));
             const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(scale[group_of[v]]));
             acc[v] = _mm256_fmadd_ps(wt, value, acc[v]);
           }
-        } else if (p.storage == Storage::kBf16) {
-          const uint16_t* src = static_cast<const uint16_t*>(p.v) + base + t * p.dim + d0;
+        } else if (p.c.storage == Storage::kBf16) {
+          const uint16_t* src = static_cast<const uint16_t*>(p.c.v) + base + t * p.c.dim + d0;
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) {
             const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * v)));
             acc[v] = _mm256_fmadd_ps(wt, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)), acc[v]);
           }
         } else {
-          const float* src = static_cast<const float*>(p.v) + base + t * p.dim + d0;
+          const float* src = static_cast<const float*>(p.c.v) + base + t * p.c.dim + d0;
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(src + 8 * v), acc[v]);
         }
@@ -156,33 +117,33 @@ void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, 
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) _mm256_storeu_ps(o + d0 + 8 * v, acc[v]);
     }
-    if (d0 < p.dim) {  // a dimension that is not a multiple of 64: the rest element by element, same chains
-      std::fill(o + d0, o + p.dim, 0.0f);
+    if (d0 < p.c.dim) {  // a dimension that is not a multiple of 64: the rest element by element, same chains
+      std::fill(o + d0, o + p.c.dim, 0.0f);
       for (int64_t t = 0; t < count; ++t) {
-        const float* value = Entry(p, p.v, p.v_scale, row, head, first + t, entry.data());
-        for (int64_t d = d0; d < p.dim; ++d) o[d] = std::fmaf(w[t], value[d], o[d]);
+        const float* value = Entry(p.c, p.c.v, p.c.v_scale, row, head, first + t, entry.data());
+        for (int64_t d = d0; d < p.c.dim; ++d) o[d] = std::fmaf(w[t], value[d], o[d]);
       }
     }
   }
 }
 
 void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores, std::vector<float>& entry) {
-  float* out = p.out + ((b * p.kv_heads + h) * p.groups) * p.dim;
+  float* out = p.out + ((b * p.c.kv_heads + h) * p.groups) * p.c.dim;
   const int64_t row = p.rows[b];
-  if (row < 0 || row >= p.cache_rows) {  // a padding row: its output is discarded
-    std::fill(out, out + p.groups * p.dim, 0.0f);
+  if (row < 0 || row >= p.c.cache_rows) {  // a padding row: its output is discarded
+    std::fill(out, out + p.groups * p.c.dim, 0.0f);
     return;
   }
-  const int64_t last = std::min<int64_t>(p.positions[b], p.length - 1);
+  const int64_t last = std::min<int64_t>(p.positions[b], p.c.length - 1);
   const int64_t first = p.window > 0 ? std::max<int64_t>(0, last - p.window + 1) : 0;
   const int64_t count = last - first + 1;
-  const float* q = p.q + ((b * p.kv_heads + h) * p.groups) * p.dim;
+  const float* q = p.q + ((b * p.c.kv_heads + h) * p.groups) * p.c.dim;
   scores.resize(p.groups * count);
-  entry.resize(p.dim);
+  entry.resize(p.c.dim);
   for (int64_t t = 0; t < count; ++t) {
-    const float* key = Entry(p, p.k, p.k_scale, row, h, first + t, entry.data());
+    const float* key = Entry(p.c, p.c.k, p.c.k_scale, row, h, first + t, entry.data());
     for (int64_t g = 0; g < p.groups; g += kGroupsTogether) {
-      DotsOf(std::min<int64_t>(kGroupsTogether, p.groups - g), q + g * p.dim, p.dim, key,
+      DotsOf(std::min<int64_t>(kGroupsTogether, p.groups - g), q + g * p.c.dim, p.c.dim, key,
              scores.data() + g * count + t, count);
     }
   }
@@ -201,7 +162,7 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
   WeightedValues(p, row, h, first, count, scores.data(), out, entry);
   for (int64_t g = 0; g < p.groups; ++g) {
     const float inverse = 1.0f / total[g];
-    for (int64_t d = 0; d < p.dim; ++d) out[g * p.dim + d] *= inverse;
+    for (int64_t d = 0; d < p.c.dim; ++d) out[g * p.c.dim + d] *= inverse;
   }
 }
 
@@ -209,46 +170,23 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
                            ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> rows,
                            ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> window,
                            ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || kd[2] != qd[1] || kd[4] != qd[3] ||
-      v.element_count() != k.element_count() || k.element_type() != v.element_type() || rows.element_count() != qd[0] ||
-      positions.element_count() != qd[0] || layer.element_count() != 1 || window.element_count() != 1) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: q [B, KV, G, D], caches [L, R, KV, S, D], rows/positions [B], layer/window scalars");
+  Caches caches;
+  if (ffi::Error error = flaxchat::LayerOf("decode_attention", k, v, k_scale, v_scale, layer, caches); error.failure()) {
+    return error;
   }
-  const int64_t index = layer.typed_data()[0];
-  if (index < 0 || index >= kd[0]) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
+  const auto qd = q.dimensions();
+  if (qd.size() != 4 || qd[1] != caches.kv_heads || qd[3] != caches.dim || rows.element_count() != qd[0] ||
+      positions.element_count() != qd[0] || window.element_count() != 1) {
+    return ffi::Error::InvalidArgument("decode_attention: q [B, KV, G, D], rows/positions [B], window a scalar");
+  }
   if (qd[2] > 64) return ffi::Error::InvalidArgument("decode_attention: at most 64 query heads per kv head");
-  Storage storage;
-  int64_t itemsize;
-  switch (k.element_type()) {
-    case ffi::DataType::F32: storage = Storage::kF32, itemsize = 4; break;
-    case ffi::DataType::U16: storage = Storage::kBf16, itemsize = 2; break;
-    case ffi::DataType::S8: storage = Storage::kInt8, itemsize = 1; break;
-    default: return ffi::Error::InvalidArgument("decode_attention: caches must be float32, bfloat16 bits or int8");
-  }
-  const int64_t layer_entries = kd[1] * kd[2] * kd[3];  // (row, head, position) triples of one layer
-  const auto sd = k_scale.dimensions();
-  const int64_t scale_groups = storage == Storage::kInt8 && sd.size() == 5 ? sd[4] : 1;
-  if (storage == Storage::kInt8 &&
-      (sd.size() != 5 || kd[4] % scale_groups != 0 || (kd[4] / scale_groups) % 8 != 0 ||
-       k_scale.element_count() != kd[0] * layer_entries * scale_groups ||
-       v_scale.element_count() != k_scale.element_count())) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: int8 caches need scales [L, R, KV, S, groups], groups of a multiple of 8 elements");
-  }
-  const int64_t layer_bytes = layer_entries * kd[4] * itemsize;
-  const int64_t scale_offset = storage == Storage::kInt8 ? index * layer_entries * scale_groups : 0;
-  const Problem problem{q.typed_data(), static_cast<const char*>(k.untyped_data()) + index * layer_bytes,
-                        static_cast<const char*>(v.untyped_data()) + index * layer_bytes,
-                        k_scale.typed_data() + scale_offset, v_scale.typed_data() + scale_offset, storage,
-                        scale_groups, kd[4] / scale_groups, rows.typed_data(), positions.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3],
-                        kd[1], kd[3], window.typed_data()[0]};
+  const Problem problem{q.typed_data(), caches, rows.typed_data(), positions.typed_data(), out->typed_data(), qd[0],
+                        qd[2], window.typed_data()[0]};
   int64_t work = 0;  // visible keys in all rows: not worth a helper when small
-  for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], kd[3] - 1) + 1;
+  for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], caches.length - 1) + 1;
   flaxchat::ParallelFor(pool, qd[0] * qd[1], work * qd[1] * qd[2] * qd[3] / (1 << 16), [problem](int64_t item) {
     thread_local std::vector<float> scores, entry;
-    OneHead(problem, item / problem.kv_heads, item % problem.kv_heads, scores, entry);
+    OneHead(problem, item / problem.c.kv_heads, item % problem.c.kv_heads, scores, entry);
   });
   return ffi::Error::Success();
 }
