@@ -36,7 +36,7 @@ PREFILL_ATTENTION_TARGET = "flaxchat_prefill_attention"
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc",
                                                                  "prefill_attention.cc"))
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "cache_entries.h"))
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "cache_entries.h", "vector_math.h"))
 _TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4",
             DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention", PREFILL_ATTENTION_TARGET: "FlaxchatPrefillAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the

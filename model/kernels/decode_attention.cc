@@ -9,7 +9,7 @@
 // ~20 small operations per cache block and layer, a fifth of a one-row decode step in dispatch overhead.
 //
 // Batch invariance by construction: each (row, kv head) is computed alone by the same code — scores in
-// key order, the max, exponentials and their sum in key order, the weighted sum of values in key order —
+// key order, the max, exponentials and their sum in a fixed order, the weighted sum of values in key order —
 // so a row's bits depend only on its own query and cache entries, never on the other rows or the bucket.
 #include <immintrin.h>
 
@@ -21,6 +21,7 @@
 
 #include "cache_entries.h"
 #include "parallel.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -127,6 +128,29 @@ void WeightedValues(const Problem& p, int64_t row, int64_t head, int64_t first, 
   }
 }
 
+// Scores -> exp(score - max) in place, eight keys at a time; returns their sum (eight lane sums in key
+// order, then the lanes in a fixed order).
+float Softmax(float* scores, int64_t count) {
+  __m256 top = _mm256_set1_ps(scores[0]);
+  int64_t t = 0;
+  for (; t + 8 <= count; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + t));
+  float top_value = flaxchat::MaxLanes(top);
+  for (; t < count; ++t) top_value = std::max(top_value, scores[t]);
+  const __m256 shift = _mm256_set1_ps(top_value);
+  __m256 sum = _mm256_setzero_ps();
+  for (t = 0; t < count; t += 8) {
+    const int64_t n = std::min<int64_t>(8, count - t);
+    alignas(32) float lanes[8] = {};
+    std::copy(scores + t, scores + t + n, lanes);
+    alignas(32) float weights[8];
+    _mm256_store_ps(weights, flaxchat::Exp(_mm256_sub_ps(_mm256_load_ps(lanes), shift)));
+    std::fill(weights + n, weights + 8, 0.0f);
+    std::copy(weights, weights + n, scores + t);
+    sum = _mm256_add_ps(sum, _mm256_load_ps(weights));
+  }
+  return flaxchat::SumLanes(sum);
+}
+
 void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores, std::vector<float>& entry) {
   float* out = p.out + ((b * p.c.kv_heads + h) * p.groups) * p.c.dim;
   const int64_t row = p.rows[b];
@@ -148,17 +172,7 @@ void OneHead(const Problem& p, int64_t b, int64_t h, std::vector<float>& scores,
     }
   }
   float total[64];  // groups per kv head (checked at the call)
-  for (int64_t g = 0; g < p.groups; ++g) {
-    float* s = scores.data() + g * count;
-    float top = s[0];
-    for (int64_t t = 1; t < count; ++t) top = std::max(top, s[t]);
-    float sum = 0.0f;
-    for (int64_t t = 0; t < count; ++t) {
-      s[t] = std::exp(s[t] - top);
-      sum += s[t];
-    }
-    total[g] = sum;
-  }
+  for (int64_t g = 0; g < p.groups; ++g) total[g] = Softmax(scores.data() + g * count, count);
   WeightedValues(p, row, h, first, count, scores.data(), out, entry);
   for (int64_t g = 0; g < p.groups; ++g) {
     const float inverse = 1.0f / total[g];
