@@ -69,3 +69,11 @@ def test_errors_are_one_line_messages(tmp_path):
     assert "model 'nope' is not in the store" in result.stderr and "Traceback" not in result.stderr
     result = flaxchat("import", str(tmp_path / "missing.gguf"), "--name", "x", home=tmp_path)
     assert result.returncode == 1 and "missing.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_kv_cache_is_int8_by_default_only_with_quantised_weights():
+    from serve.cli import _kv_dtype
+
+    assert _kv_dtype("auto", "int4") == "int8" and _kv_dtype("auto", "int8") == "int8"
+    assert _kv_dtype("auto", "float32") == "bfloat16"  # the parity setting keeps a float cache
+    assert _kv_dtype("bfloat16", "int4") == "bfloat16" and _kv_dtype("float32", "float32") == "float32"
