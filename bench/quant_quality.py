@@ -2,8 +2,8 @@
 
 Usage: FLAXCHAT_HOME=... .venv/bin/python bench/quant_quality.py [--out FILE]
 The default model, the six chat prompts of tests/test_default_model.py: do the first 16 greedy tokens of
-``--weights int8``, ``--weights int4`` and of int8/bfloat16 KV caches equal float32's (float32 weights and
-cache)? And the mean per-token log-likelihood of a fixed English passage under each. The speed issue's bar:
+``--weights int8``, ``--weights int4`` (with int8 or float prompt activations) and of int8/bfloat16 KV caches
+equal float32's (float32 weights, activations and cache)? And the mean per-token log-likelihood of a fixed English passage under each. The speed issue's bar:
 >= 5 of 6 prompts agree, log-likelihood moves < 2 %.
 """
 
@@ -42,30 +42,36 @@ def main() -> int:
 
     pull(progress=False)
     models = {w: load_model("smollm2-135m-instruct", weights=w) for w in ("float32", "int8", "int4")}
-    # (weights, KV cache storage) against (float32, float32)
-    variants = {"int8": ("int8", "float32"), "int4": ("int4", "float32"), "bfloat16 KV": ("float32", "bfloat16"),
-                "int8 KV": ("float32", "int8"), "int4 + int8 KV": ("int4", "int8")}
+    # (weights, KV cache storage, prompt activations) against float32 everywhere
+    variants = {"int8": ("int8", "float32", "float32"), "int4": ("int4", "float32", "float32"),
+                "int4, int8 prompt activations": ("int4", "float32", "int8"),
+                "bfloat16 KV": ("float32", "bfloat16", "float32"), "int8 KV": ("float32", "int8", "float32"),
+                "int4 + int8 KV (the default)": ("int4", "int8", "float32"),
+                "int4 + int8 KV, int8 prompt activations": ("int4", "int8", "int8")}
     tokenizer = models["float32"].tokenizer
     special = {"bos_token": tokenizer.special.bos_token, "eos_token": tokenizer.special.eos_token}
 
-    def greedy(variant: tuple[str, str], prompt: str) -> list[int]:
+    def config(variant: tuple[str, str, str]):
+        return models[variant[0]].cfg.replace(prompt_activations=variant[2])
+
+    def greedy(variant: tuple[str, str, str], prompt: str) -> list[int]:
         model = models[variant[0]]
         ids = tokenizer.encode(render_chat(model.chat_template, [{"role": "user", "content": prompt}],
                                            special_tokens=special))
         settings = GenerationSettings(max_tokens=TOKENS, temperature=0.0, seed=0)
-        return list(SimpleGenerator(model.cfg, model.params, kv_dtype=variant[1]).generate(ids, settings))
+        return list(SimpleGenerator(config(variant), model.params, kv_dtype=variant[1]).generate(ids, settings))
 
-    def mean_log_likelihood(variant: tuple[str, str]) -> float:
+    def mean_log_likelihood(variant: tuple[str, str, str]) -> float:
         model = models[variant[0]]
         ids = tokenizer.encode(PASSAGE)
-        logits, _ = Transformer(model.cfg).apply({"params": model.params}, jnp.asarray([ids]),
+        logits, _ = Transformer(config(variant)).apply({"params": model.params}, jnp.asarray([ids]),
                                                  jnp.arange(len(ids))[None],
                                                  init_cache(model.cfg, 1, 128, variant[1]))
         logp = np.asarray(logits[0], np.float64)
         logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
         return float(np.mean([logp[t, ids[t + 1]] for t in range(len(ids) - 1)]))
 
-    reference = ("float32", "float32")
+    reference = ("float32", "float32", "float32")
     base = {prompt: greedy(reference, prompt) for prompt in PROMPTS}
     ll = {"float32": mean_log_likelihood(reference)} | {mode: mean_log_likelihood(v) for mode, v in variants.items()}
     lines = []

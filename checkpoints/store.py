@@ -204,10 +204,11 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     return path
 
 
-def load_model(name: str, dtype: str | None = None, weights: str = "float32") -> StoredModel:
+def load_model(name: str, dtype: str | None = None, weights: str = "float32",
+               prompt_activations: str = "float32") -> StoredModel:
     """Load a stored model: config, orbax params (optionally cast, optionally quantised to int8 with
     ``weights="int8"``), tokenizer and chat template. The store keeps float weights; quantisation happens
-    at load, on the host."""
+    at load, on the host. ``prompt_activations`` sets ``ModelConfig.prompt_activations``."""
     folder = model_dir(name)
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
@@ -219,6 +220,7 @@ def load_model(name: str, dtype: str | None = None, weights: str = "float32") ->
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)
     cfg, params = prepare_weights(cfg, params, weights)
+    cfg = cfg.replace(prompt_activations=prompt_activations)
     template_path = folder / "chat_template.jinja"
     return StoredModel(
         name=folder.name,

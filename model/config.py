@@ -71,6 +71,12 @@ class ModelConfig:
     # "float32": projections in param_dtype (exact parity with transformers); "int8"/"int4": projection
     # weights in 8-/4-bit blocks with float32 activations (model/quant.py). A runtime choice, not stored.
     weights: str = "float32"
+    # Prompt chunks with int4 weights on the CPU kernel: "int8" quantises the normed inputs of q/k/v and
+    # gate/up per block of 32 and sums their products in integers (twice as fast, as llama.cpp does for Q4
+    # weights; prefill ~1.4x), "float32" keeps them float. Opt-in: with the int8 KV cache it missed the
+    # quality bar (4 of 6 greedy continuations, bench/RESULTS.md). Decode steps always keep float
+    # activations. A runtime choice, not stored.
+    prompt_activations: str = "float32"
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -88,6 +94,8 @@ class ModelConfig:
             raise ValueError("sliding_windows needs one entry per layer")
         if self.weights not in ("float32", "int8", "int4"):
             raise ValueError(f"weights must be 'float32', 'int8' or 'int4', not {self.weights!r}")
+        if self.prompt_activations not in ("int8", "float32"):
+            raise ValueError(f"prompt_activations must be 'int8' or 'float32', not {self.prompt_activations!r}")
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r}")
 
@@ -120,7 +128,8 @@ class ModelConfig:
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data.pop("weights")  # how this process runs the weights, not a property of the checkpoint
+        for runtime in ("weights", "prompt_activations"):  # how this process runs, not the checkpoint's
+            data.pop(runtime)
         return data
 
     @classmethod

@@ -26,6 +26,7 @@ keep the seed contract by construction. Elsewhere, or where the kernel cannot be
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -141,10 +142,13 @@ def columns(codes: jax.Array, scale: jax.Array, offset: jax.Array, index: jax.Ar
     return dequantize(picked, pick(scale), pick(offset))
 
 
-def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array
-                   ) -> jax.Array:
+def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array,
+                   int8_activations: bool = False) -> jax.Array:
     out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[1] * PANEL), jnp.float32)
-    target = kernels.QMATMUL_TARGET if codes.shape[-1] == PANEL else kernels.QMATMUL4_TARGET
+    if codes.shape[-1] == PANEL:
+        target = kernels.QMATMUL_TARGET
+    else:
+        target = kernels.QMATMUL4_Q8_TARGET if int8_activations else kernels.QMATMUL4_TARGET
     return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset, layer)
 
 
@@ -157,18 +161,22 @@ def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
 
 
 def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, features: int,
-                 layer: jax.Array | None = None) -> jax.Array:
+                 layer: jax.Array | None = None, int8_activations: bool = False) -> jax.Array:
     """``x @ W`` for float ``x`` ``[..., K]`` and block-quantised ``W`` ``[K, features]``: float32 ``[..., features]``.
 
     With ``layer``, the weights are a stack ``[L, ...]`` (the decoder layers') and ``W`` is layer ``layer``'s;
-    the kernel takes the whole stack and the index, so the layer's weights are never copied out."""
+    the kernel takes the whole stack and the index, so the layer's weights are never copied out.
+    ``int8_activations``: with 4-bit codes on the CPU kernel, ``x`` is quantised to int8 per block of 32 and
+    the products are summed in integers (twice as fast; what prompt chunks use, see ``PROMPT_ACTIVATIONS``).
+    """
     if layer is None:
         codes, scale, offset, layer = codes[None], scale[None], offset[None], 0
     layer = jnp.asarray(layer, jnp.int32)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if kernels.available():
-        y = jax.lax.platform_dependent(x2, codes, scale, offset, layer, cpu=_kernel_matmul, default=_xla_matmul)
+        kernel = functools.partial(_kernel_matmul, int8_activations=int8_activations)
+        y = jax.lax.platform_dependent(x2, codes, scale, offset, layer, cpu=kernel, default=_xla_matmul)
     else:
         y = _xla_matmul(x2, codes, scale, offset, layer)
     if y.shape[-1] != features:

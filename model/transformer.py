@@ -72,15 +72,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Array | None = None,
+           normed_input: bool = False) -> jax.Array:
     """``x @ W (+ bias)`` for one projection's params ``w``: a float ``kernel`` ``[in, out]`` or quantised
     ``codes``/``scale``/``offset`` (``model/quant.py``). With ``layer``, every leaf of ``w`` is a stack over
     the decoder layers and layer ``layer``'s matrix is used: the quantised kernel takes the whole stack and
     the index (nothing is copied); a float kernel is indexed (XLA:CPU copies that slice, the price of the
-    float32 parity mode)."""
+    float32 parity mode). A prompt chunk (``x`` ``[B, T > 1, K]``) of a ``normed_input`` (an RMSNorm's output:
+    q/k/v and gate/up) follows ``cfg.prompt_activations``; the attention output and the MLP's hidden state,
+    with their outliers, stay float (measured: quantising them too cost the quality bar, bench/RESULTS.md)."""
     pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
     if "codes" in w:
-        y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer).astype(cfg.dtype)
+        prompt_chunk = x.ndim == 3 and x.shape[1] > 1  # decode steps have one position per row
+        int8 = normed_input and prompt_chunk and cfg.prompt_activations == "int8"
+        y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer, int8_activations=int8).astype(cfg.dtype)
     else:
         x, kernel = x.astype(cfg.dtype), pick(w["kernel"]).astype(cfg.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
@@ -204,11 +209,12 @@ def init_layers(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 def _projections(x: jax.Array, w: dict, cfg: ModelConfig, layer: jax.Array, names: tuple[str, ...],
                  features: tuple[int, ...]) -> list[jax.Array]:
-    """Several projections of the same input (one fused matrix with quantised weights, see ``layer_spec``)."""
+    """Several projections of the same normed input (one fused matrix with quantised weights, see
+    ``layer_spec``)."""
     if fused_name(names) in w:
-        fused = linear(x, w[fused_name(names)], sum(features), cfg, layer)
+        fused = linear(x, w[fused_name(names)], sum(features), cfg, layer, normed_input=True)
         return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
-    return [linear(x, w[name], n, cfg, layer) for name, n in zip(names, features)]
+    return [linear(x, w[name], n, cfg, layer, normed_input=True) for name, n in zip(names, features)]
 
 
 def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos, sin, positions):

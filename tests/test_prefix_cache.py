@@ -84,12 +84,15 @@ def _cache_rows(state, slot, length):
     return [np.asarray(leaf[:, slot, :, :length]) for leaf in jax.tree.leaves(state.cache)]
 
 
-@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("float32", None), ("int4", "int8")])
-def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights, kv_dtype):
+@pytest.mark.parametrize("weights,kv_dtype,prompt_activations", [
+    ("int8", None, "float32"), ("float32", None, "float32"), ("int4", "int8", "float32"), ("int4", "int8", "int8")])
+def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_model, weights, kv_dtype,
+                                                                        prompt_activations):
     """A prompt prefilled in one chunk, and the same prompt cut at odd places into chunks of every bucket
     the engine uses: every layer's cache rows and the last token's logits must be bit-identical. This is
     what makes cached blocks interchangeable with freshly computed ones."""
     cfg, params, _ = with_weights(float_model, weights)
+    cfg = cfg.replace(prompt_activations=prompt_activations)
     steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN, kv_dtype=kv_dtype)
     prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
     state = steps.init_state()
@@ -117,6 +120,10 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
         rows = _cache_rows(state, 1, len(prompt))
         assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), length
         assert np.array_equal(np.asarray(logits), np.asarray(reference)), length
+    if prompt_activations == "int8":  # the integer path ran: float activations give other bits
+        float_steps = EngineSteps(cfg.replace(prompt_activations="float32"), params, 2, MAX_LEN, kv_dtype=kv_dtype)
+        float_logits, _ = float_steps.prefill(float_steps.init_state(), 0, prompt)
+        assert not np.array_equal(np.asarray(float_logits), np.asarray(reference))
 
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])

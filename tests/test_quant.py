@@ -2,6 +2,8 @@
 product, and its rows never depend on the other rows of the call (the property decode buckets and prefill
 chunks rely on)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,26 @@ def test_kernel_matches_the_dequantised_product(k, n, bits):
 
 
 @needs_kernel
+@pytest.mark.parametrize("k,n", [(64, 320), (576, 1536)])
+def test_int8_activations_stay_within_their_quantisation_error(k, n):
+    """4-bit weights x activations quantised per block of 32 (absmax / 127): each output is within the
+    activations' rounding (half a step per element, times |w|) of the float product."""
+    rng = np.random.default_rng(k)
+    codes, scale, offset = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32) * 0.05, 4)
+    w = dense(codes, scale, offset, n).astype(np.float64)
+    x = rng.standard_normal((19, k)).astype(np.float32) * np.linspace(0.1, 10, k).astype(np.float32)
+    product = jax.jit(functools.partial(block_matmul, int8_activations=True), static_argnums=4)
+    y = np.asarray(product(jnp.asarray(x), codes, scale, offset, n))
+    step = np.repeat(np.abs(x).reshape(19, -1, BLOCK).max(-1) / 127, BLOCK, axis=1)  # [rows, k]
+    bound = (step / 2) @ np.abs(w) * (1 + 1e-3) + 1e-4 * np.abs(x.astype(np.float64) @ w) + 1e-4
+    assert np.all(np.abs(y - x.astype(np.float64) @ w) <= bound)
+    assert np.abs(y - x.astype(np.float64) @ w).max() > 0  # the integer path ran
+    others = quantize_blocks(rng.standard_normal((k, n)).astype(np.float32), 4)
+    stacked = [jnp.asarray(np.stack([a, b])) for a, b in zip(others, (codes, scale, offset))]
+    assert np.array_equal(np.asarray(product(jnp.asarray(x), *stacked, n, jnp.int32(1))), y)
+
+
+@needs_kernel
 def test_calls_from_several_threads_at_once_give_the_bits_of_calls_alone():
     """The kernels share their work with one helper thread (model/kernels/parallel.h): calls made at the
     same time from four threads, of sizes that do and do not offer work to it, each get exactly what the
@@ -137,15 +159,15 @@ def test_calls_from_several_threads_at_once_give_the_bits_of_calls_alone():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [8, 4])
-def test_a_rows_bits_do_not_depend_on_the_other_rows(bits):
+@pytest.mark.parametrize("bits,int8_activations", [(8, False), (4, False), (4, True)])
+def test_a_rows_bits_do_not_depend_on_the_other_rows(bits, int8_activations):
     """Row i of a call with M rows is bit-identical to row i of a 67-row call, for every M the engine
-    might use (1..17, 64) and with different neighbours."""
+    might use (1..17, 64) and with different neighbours — with int8 activations (prompt chunks) too."""
     rng = np.random.default_rng(2)
     k, n = 576, 1536
     codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32), bits))
     x = rng.standard_normal((67, k)).astype(np.float32)
-    product = jax.jit(block_matmul, static_argnums=4)
+    product = jax.jit(functools.partial(block_matmul, int8_activations=int8_activations), static_argnums=4)
     full = np.asarray(product(jnp.asarray(x), codes, scale, offset, n))
     for rows in [*range(1, 18), 64]:
         part = np.asarray(product(jnp.asarray(x[:rows]), codes, scale, offset, n))

@@ -31,13 +31,14 @@ import jax
 
 QMATMUL_TARGET = "flaxchat_qmatmul"
 QMATMUL4_TARGET = "flaxchat_qmatmul4"
+QMATMUL4_Q8_TARGET = "flaxchat_qmatmul4_q8"
 DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 PREFILL_ATTENTION_TARGET = "flaxchat_prefill_attention"
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc",
                                                                  "prefill_attention.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "cache_entries.h", "vector_math.h"))
-_TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4",
+_TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4", QMATMUL4_Q8_TARGET: "FlaxchatQMatmul4Q8",
             DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention", PREFILL_ATTENTION_TARGET: "FlaxchatPrefillAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the
 # source spells out, on every code path.
