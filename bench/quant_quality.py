@@ -47,7 +47,9 @@ def main() -> int:
                 "int4, int8 prompt activations": ("int4", "float32", "int8"),
                 "bfloat16 KV": ("float32", "bfloat16", "float32"), "int8 KV": ("float32", "int8", "float32"),
                 "int4 + int8 KV (the default)": ("int4", "int8", "float32"),
-                "int4 + int8 KV, int8 prompt activations": ("int4", "int8", "int8")}
+                "int4 + int8 KV, int8 prompt activations": ("int4", "int8", "int8"),
+                "int4 + bfloat16 KV": ("int4", "bfloat16", "float32"),
+                "int4 + bfloat16 KV, int8 prompt activations": ("int4", "bfloat16", "int8")}
     tokenizer = models["float32"].tokenizer
     special = {"bos_token": tokenizer.special.bos_token, "eos_token": tokenizer.special.eos_token}
 
