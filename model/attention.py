@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model import kernels
 from model.kv_cache import KVCache, dequantize_entries, from_storage

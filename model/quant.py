@@ -8,8 +8,9 @@ GGUF's Q4_1), stored in panels of 32 output columns so the kernel reads each pan
 - ``int4``: 4-bit codes two to a byte, ``[N / 32, K, 16]`` (byte ``j`` holds columns ``j`` and ``j + 16``
   of its panel, low nibble first; 0.75 bytes per weight).
 
-Activations stay float32. Why this format (measured on the default model, bench/RESULTS.md): per-channel
-int8 with int8 activations kept 1 of 6 greedy continuations of float32's; weight-only symmetric blocks of
+Activations stay float32 (prompt chunks may opt into int8 ones: ``ModelConfig.prompt_activations``).
+Why this format (measured on the default model, bench/RESULTS.md): per-channel int8 with int8 activations
+kept 1 of 6 greedy continuations of float32's; weight-only symmetric blocks of
 32 (Q8_0-like) 4 of 6; asymmetric 8-bit blocks 5 of 6, with the log-likelihood moving < 0.1 %. A 4-bit
 checkpoint (GGUF Q4_0/Q4_1/Q4_K: every block of 32 is ``d * q + m`` with 16 levels) is held *exactly* by
 ``int4`` — every weight of the default model comes back bit for bit — so ``auto`` picks it for such a

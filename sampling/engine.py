@@ -21,6 +21,8 @@ A reply's bits do not depend on how its prompt was cut into chunks or which bloc
 prefill rows are bit-identical across chunk sizes and alignments (``sampling/steps.py``), and only prefill
 ever writes pool blocks.
 
+What callers hold (the request handle, the errors ``submit`` raises) is in ``sampling/requests.py``.
+
 Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``), the
 prefill queue (``prefill_queue``), the prefix index and the per-choice host state (detokenizers, guides);
 callers only touch the waiting queue (``_waiting``, under ``_lock``) and their ``RequestHandle``'s event
@@ -29,15 +31,13 @@ queue.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,26 +53,12 @@ from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from sampling.params import SamplingParams, TokenEvent, TokenLogprob
 from sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from sampling.prefix_cache import PrefixIndex
+from sampling.requests import (EngineError, EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle,
+                               collect_text)
 from sampling.sampler import choice_key
 from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
 
 log = logging.getLogger("flaxchat.engine")
-
-
-class EngineError(RuntimeError):
-    """Base class for errors the engine reports to callers."""
-
-
-class QueueFullError(EngineError):
-    """All slots are busy and the waiting queue is full; the server answers 503 with Retry-After."""
-
-
-class PromptTooLongError(EngineError, ValueError):
-    """The prompt leaves no room for a single generated token in the context."""
-
-
-class EngineStoppedError(EngineError):
-    """The engine is not running."""
 
 
 @dataclass(frozen=True)
@@ -86,64 +72,6 @@ class EngineConfig:
     prefill_chunk: int = 128  # prompt tokens prefilled per loop iteration while other choices are decoding
     prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
     prefix_block: int = 16  # tokens per cached block
-
-
-_END = object()
-
-
-class RequestHandle:
-    """Events of one request, in order; iterate synchronously or with ``async for``. ``cancel()`` frees its slots."""
-
-    def __init__(self, request_id: int, n: int, seed: int, prompt_tokens: int):
-        self.id, self.n, self.seed, self.prompt_tokens = request_id, n, seed, prompt_tokens
-        self.cached_tokens = 0  # prompt tokens taken from the prefix cache (set before the first event)
-        self.cancelled = threading.Event()
-        self._queue: queue.Queue = queue.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._aqueue = asyncio.Queue()
-        except RuntimeError:
-            pass
-        self._open = n
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def _push(self, event: TokenEvent) -> None:
-        items = [event]
-        if event.finish_reason is not None:
-            self._open -= 1
-            if self._open == 0:
-                items.append(_END)
-        for item in items:
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-                except RuntimeError:  # the caller's loop is gone; nobody is listening
-                    pass
-            else:
-                self._queue.put(item)
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        if self._loop is not None:
-            raise RuntimeError("this handle was created in an event loop: use `async for`")
-        while (item := self._queue.get()) is not _END:
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        if self._aqueue is None:
-            raise RuntimeError("this handle was not created in an event loop: iterate it synchronously")
-        while (item := await self._aqueue.get()) is not _END:
-            yield item
-
-    def result(self) -> dict[int, list[TokenEvent]]:
-        """Block until done; the events grouped by choice (synchronous handles only)."""
-        grouped: dict[int, list[TokenEvent]] = collections.defaultdict(list)
-        for event in self:
-            grouped[event.choice].append(event)
-        return dict(grouped)
 
 
 @dataclass
@@ -585,10 +513,6 @@ class Engine:
         except Exception:  # noqa: BLE001
             log.exception("release failed")
             self._recover_state()
-
-
-def collect_text(events: list[TokenEvent]) -> str:
-    return "".join(e.text for e in events)
 
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "QueueFullError", "PromptTooLongError", "EngineError",

@@ -21,7 +21,8 @@ from typing import Any
 import jax
 
 from sampling.prefix_cache import PrefixIndex
-from sampling.steps import BATCH_PREFILL_ROWS, DecodeState, EngineSteps
+from sampling.shapes import BATCH_PREFILL_ROWS
+from sampling.steps import DecodeState, EngineSteps
 
 
 @dataclass(eq=False)

@@ -7,18 +7,7 @@ live slots, named by index, padded to the bucket size), so a lone request does n
 Every per-request setting travels as data in ``DecodeState``, so nothing recompiles while serving; each
 trace bumps ``compiles`` so tests and metrics can prove it. Device state is donated on every call.
 
-Row buckets keep the seed contract only where a row's bits do not depend on the bucket size. The model's
-and the sampler's sums run in a fixed order (``model/reductions.py``: XLA:CPU's own reductions round
-differently for different row counts), the quantised weights' decode kernel computes each row on its
-own (``model/quant.py``), and float32 products keep a row's bits from 2 rows up; so buckets start at 1 row
-with int8/int4 weights and at 2 with float32 (``smallest_row_bucket``). ``tests/test_row_buckets.py`` checks
-every bucket size against the largest.
-
-Prefill chunks have the same property from ``smallest_prefill_bucket`` rows up: a prompt row's keys,
-values and logits are bit-identical whatever chunk size computed it and wherever the chunk started. That is
-what lets the prefix cache (``sampling/prefix_cache.py``) hand a request KV blocks that another request's
-prefill computed, and lets the engine cut prompts into chunks as it likes, without moving a seeded reply's
-bits. ``tests/test_prefix_cache.py`` checks every bucket at odd alignments.
+Which shapes those are, and why each keeps a row's bits (the seed contract): ``sampling/shapes.py``.
 """
 
 from __future__ import annotations
@@ -31,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import kernels
 from model.config import ModelConfig
-from model.quant import QUANTISED
 from model.kv_cache import entry_bytes
 from model.transformer import KVCache, Transformer, init_cache
 from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
+from sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, prefill_buckets, row_buckets,
+                             smallest_prefill_bucket, smallest_row_bucket)
 
 
 @flax.struct.dataclass
@@ -70,54 +59,6 @@ class RowRequest:
 
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
-
-
-def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:
-    """Decode bucket sizes: powers of two from ``smallest`` below ``slots``, then ``slots`` itself."""
-    buckets, size = [], smallest
-    while size < slots:
-        buckets.append(size)
-        size *= 2
-    return tuple(buckets) + (slots,)
-
-
-def smallest_row_bucket(cfg: ModelConfig) -> int:
-    """The smallest decode bucket whose rows are bit-identical to the same rows in any larger bucket.
-
-    With fixed-order sums (``model/reductions.py``) only the matmuls can depend on the row count. The
-    quantised weights' kernel computes each row on its own (``model/quant.py``), so any bucket works, one row
-    included; float32 products on XLA:CPU take another path at one row, so they start at 2.
-    """
-    return 1 if cfg.weights in QUANTISED and kernels.available() else 2
-
-
-def smallest_prefill_bucket(cfg: ModelConfig) -> int:
-    """The smallest prefill chunk whose rows are bit-identical to the same rows computed in any larger chunk.
-
-    Measured on XLA:CPU (bench/RESULTS.md): a float32 ``[M, K] x [K, N]`` product's rows change between
-    M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows. The
-    quantised weights' kernel (``model/quant.py``) computes each row on its own, so 16 rows suffice there.
-    """
-    return 16 if cfg.weights in QUANTISED and kernels.available() else 64
-
-
-BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call
-BATCH_PREFILL_LENGTHS = (16, 32)  # tokens per prompt in a batched prefill call (4 x 16 = 64 rows: exact in float32)
-
-
-def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tuple[int, ...]:
-    """Powers of four from ``smallest`` up to min(max_len, largest); longer prompts go in chunks.
-
-    Every bucket is a compiled program of the whole model (seconds of warm-up each), and since a prompt can
-    be cut anywhere without moving its bits, a prompt that would waste most of a bucket is cut into the
-    largest bucket that fits and a rest instead (``EngineSteps.chunk_length``): four buckets cover what
-    seven powers of two did."""
-    buckets, size = [], smallest
-    while size < min(max_len, largest):
-        buckets.append(size)
-        size *= 4
-    buckets.append(min(max_len, largest))
-    return tuple(buckets)
 
 
 class EngineSteps:

@@ -10,7 +10,8 @@ from types import MappingProxyType
 from typing import Any
 
 from model.tokenizer import Tokenizer
-from sampling.engine import Engine, EngineStoppedError, PromptTooLongError, QueueFullError
+from sampling.engine import Engine
+from sampling.requests import EngineStoppedError, PromptTooLongError, QueueFullError
 from sampling.params import SamplingParams, TokenEvent
 from serve.chat_template import ChatTemplateError, render_chat
 from sampling.constraints import ConstraintError, json_schema_grammar

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from sampling.constraints import ConstraintError, json_schema_grammar
-from sampling.engine import collect_text
+from sampling.requests import collect_text
 from sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine
 from tests.json_schemas import SCHEMAS

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from sampling.engine import PromptTooLongError, QueueFullError, collect_text
+from sampling.requests import PromptTooLongError, QueueFullError, collect_text
 from sampling.generate import GenerationSettings, SimpleGenerator
 from sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine

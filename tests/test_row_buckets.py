@@ -14,7 +14,7 @@ import pytest
 from model.transformer import Transformer, init_cache
 from sampling.engine import Engine, EngineConfig
 from sampling.params import SamplingParams
-from sampling.steps import row_buckets, smallest_row_bucket
+from sampling.shapes import row_buckets, smallest_row_bucket
 from tests.engine_fixtures import tiny_model, with_weights
 
 SLOTS = 16

@@ -1,0 +1,91 @@
+"""What a caller of the engine holds: the handle a submitted request's events arrive on, and the errors
+``Engine.submit`` raises. Events are pushed by the engine thread and read from any thread or asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from sampling.params import TokenEvent
+
+
+class EngineError(RuntimeError):
+    """Base class for errors the engine reports to callers."""
+
+
+class QueueFullError(EngineError):
+    """All slots are busy and the waiting queue is full; the server answers 503 with Retry-After."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """The prompt leaves no room for a single generated token in the context."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is not running."""
+
+
+_END = object()
+
+
+class RequestHandle:
+    """Events of one request, in order; iterate synchronously or with ``async for``. ``cancel()`` frees its slots."""
+
+    def __init__(self, request_id: int, n: int, seed: int, prompt_tokens: int):
+        self.id, self.n, self.seed, self.prompt_tokens = request_id, n, seed, prompt_tokens
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache (set before the first event)
+        self.cancelled = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._aqueue = asyncio.Queue()
+        except RuntimeError:
+            pass
+        self._open = n
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _push(self, event: TokenEvent) -> None:
+        items = [event]
+        if event.finish_reason is not None:
+            self._open -= 1
+            if self._open == 0:
+                items.append(_END)
+        for item in items:
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+                except RuntimeError:  # the caller's loop is gone; nobody is listening
+                    pass
+            else:
+                self._queue.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._loop is not None:
+            raise RuntimeError("this handle was created in an event loop: use `async for`")
+        while (item := self._queue.get()) is not _END:
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        if self._aqueue is None:
+            raise RuntimeError("this handle was not created in an event loop: iterate it synchronously")
+        while (item := await self._aqueue.get()) is not _END:
+            yield item
+
+    def result(self) -> dict[int, list[TokenEvent]]:
+        """Block until done; the events grouped by choice (synchronous handles only)."""
+        grouped: dict[int, list[TokenEvent]] = collections.defaultdict(list)
+        for event in self:
+            grouped[event.choice].append(event)
+        return dict(grouped)
+
+
+def collect_text(events: list[TokenEvent]) -> str:
+    return "".join(e.text for e in events)
