@@ -152,7 +152,7 @@ class Engine:
         self._thread.start()
         return self
 
-    def stop(self, cancel_pending: bool = True) -> None:
+    def stop(self) -> None:
         """Stop the loop; in-flight and waiting requests end with ``finish_reason='cancelled'``."""
         with self._lock:
             self._running = False
@@ -213,7 +213,7 @@ class Engine:
         if params.grammar is not None:
             self._new_constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        handle = RequestHandle(next(self._ids), params.n, seed, len(prompt))
+        handle = RequestHandle(next(self._ids), params.n, seed)
         with self._lock:
             if len(self._waiting) >= self.config.queue_size:
                 raise QueueFullError(f"the request queue is full ({self.config.queue_size} waiting)")

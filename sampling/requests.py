@@ -35,8 +35,8 @@ _END = object()
 class RequestHandle:
     """Events of one request, in order; iterate synchronously or with ``async for``. ``cancel()`` frees its slots."""
 
-    def __init__(self, request_id: int, n: int, seed: int, prompt_tokens: int):
-        self.id, self.n, self.seed, self.prompt_tokens = request_id, n, seed, prompt_tokens
+    def __init__(self, request_id: int, n: int, seed: int):
+        self.id, self.n, self.seed = request_id, n, seed
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache (set before the first event)
         self.cancelled = threading.Event()
         self._queue: queue.Queue = queue.Queue()

@@ -28,7 +28,6 @@ from model.tokenizer import Tokenizer
 from serve.errors import APIError
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-SYNTAXES = ("hermes", "llama3", "mistral", "generic")
 
 GENERIC_TOOL_PROMPT = """# Tools
 
