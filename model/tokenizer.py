@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
@@ -80,6 +81,14 @@ class Tokenizer(abc.ABC):
     @property
     def stop_ids(self) -> frozenset[int]:
         return self.special.stop_ids
+
+    def derived(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """A value computed once from this tokenizer (e.g. llguidance's view of it) and kept on it, so it
+        lives and dies with the tokenizer; callers serialise calls for the same key."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
 
 class HFTokenizer(Tokenizer):

@@ -45,15 +45,12 @@ class VocabFacts:
         return ids[0] if len(ids) == 1 else None
 
 
-_FACTS: dict[int, VocabFacts] = {}
 _LOCK = threading.Lock()
 
 
 def vocab_facts(tokenizer: Tokenizer, vocab_size: int) -> VocabFacts:
     with _LOCK:
-        if id(tokenizer) not in _FACTS:
-            _FACTS[id(tokenizer)] = VocabFacts(tokenizer, vocab_size)
-        return _FACTS[id(tokenizer)]
+        return tokenizer.derived(("vocab facts", vocab_size), lambda: VocabFacts(tokenizer, vocab_size))
 
 
 class StringTracker:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import llguidance
@@ -29,7 +30,6 @@ class ConstraintError(ValueError):
     """The grammar is invalid or cannot be used with this tokenizer (the server answers 400)."""
 
 
-_TOKENIZERS: dict[int, llguidance.LLTokenizer] = {}
 _LOCK = threading.Lock()
 
 
@@ -39,24 +39,23 @@ class _TokenSource:
     alike, and added tokens that are not special (Qwen's ``<think>``, ``<tool_call>``) are ordinary text."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
-        self._tokenizer = tokenizer
+        # Weakly: llguidance's view is kept on the tokenizer (Tokenizer.derived), and a strong reference back
+        # through llguidance's native object would be a cycle Python's collector cannot see.
+        self._tokenizer = weakref.ref(tokenizer)
         self.eos_token_id = tokenizer.special.eos_id
         self.bos_token_id = tokenizer.special.bos_id
         self.tokens = [tokenizer.token_bytes(i) for i in range(vocab_size)]
         self.special_token_ids = sorted(tokenizer.special_ids)
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+        return self._tokenizer().encode(text)
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
-    """llguidance's view of our tokenizer (built once per tokenizer: it costs about a second)."""
+    """llguidance's view of our tokenizer (built once per tokenizer and kept on it: it costs about a second)."""
     with _LOCK:
-        cached = _TOKENIZERS.get(id(tokenizer))
-        if cached is None:
-            cached = llguidance.LLTokenizer(TokenizerWrapper(_TokenSource(tokenizer, vocab_size)))
-            _TOKENIZERS[id(tokenizer)] = cached
-        return cached
+        return tokenizer.derived(("llguidance", vocab_size),
+                                 lambda: llguidance.LLTokenizer(TokenizerWrapper(_TokenSource(tokenizer, vocab_size))))
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:

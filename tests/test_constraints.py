@@ -110,3 +110,26 @@ def test_the_way_out_of_a_long_number_in_a_short_array_is_found(engine):
     assert path is not None
     text = prefix + engine.tokenizer.decode([t for t in path if t != facts.eos])
     jsonschema.validate(json.loads(text), SCHEMAS["array_bounds"])
+
+
+def test_per_tokenizer_facts_go_with_their_tokenizer(engine):
+    """The llguidance view and the vocabulary facts are built once per tokenizer object and vocabulary size
+    and kept on the tokenizer, so they go with it (a cache keyed by id() grew without bound and could hand a
+    new tokenizer that reuses a freed one's address the old one's facts)."""
+    import gc
+    import weakref
+
+    from model.tokenizer import HFTokenizer
+    from sampling.closing import vocab_facts
+    from sampling.constraints import ll_tokenizer
+
+    original, size = engine.tokenizer, engine.cfg.vocab_size
+    assert ll_tokenizer(original, size) is ll_tokenizer(original, size)
+    assert vocab_facts(original, size) is vocab_facts(original, size)
+    assert vocab_facts(original, size - 1) is not vocab_facts(original, size)
+    copy = HFTokenizer.from_json(original.backend.to_str(), original.special)
+    assert ll_tokenizer(copy, size) is not ll_tokenizer(original, size)
+    facts, gone = weakref.ref(vocab_facts(copy, size)), weakref.ref(copy)
+    del copy
+    gc.collect()
+    assert gone() is None and facts() is None
