@@ -168,7 +168,7 @@ def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
     With ``layer``, the weights are a stack ``[L, ...]`` (the decoder layers') and ``W`` is layer ``layer``'s;
     the kernel takes the whole stack and the index, so the layer's weights are never copied out.
     ``int8_activations``: with 4-bit codes on the CPU kernel, ``x`` is quantised to int8 per block of 32 and
-    the products are summed in integers (twice as fast; what prompt chunks use, see ``PROMPT_ACTIVATIONS``).
+    the products are summed in integers (twice as fast; prompt chunks opt in: ``ModelConfig.prompt_activations``).
     """
     if layer is None:
         codes, scale, offset, layer = codes[None], scale[None], offset[None], 0

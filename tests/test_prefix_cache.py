@@ -147,8 +147,9 @@ SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=77, ign
                         top_logprobs=3)
 
 
-def _engine(float_model, weights, **config):
+def _engine(float_model, weights, prompt_activations="float32", **config):
     cfg, params, tokenizer = with_weights(float_model, weights)
+    cfg = cfg.replace(prompt_activations=prompt_activations)
     defaults = dict(slots=4, max_len=MAX_LEN, prefill_chunk=32, largest_prefill_bucket=64, prefix_block=BLOCK)
     return Engine(cfg, params, tokenizer, EngineConfig(**{**defaults, **config})).start()
 
@@ -159,11 +160,12 @@ def engines(float_model):
     and shared by the tests of this module (each start compiles every step)."""
     started = {}
 
-    def get(weights, cached=True, kv_dtype=None):
-        if (weights, cached, kv_dtype) not in started:
-            started[weights, cached, kv_dtype] = _engine(float_model, weights, kv_dtype=kv_dtype,
-                                                         **({} if cached else {"prefix_cache_mb": 0}))
-        return started[weights, cached, kv_dtype]
+    def get(weights, cached=True, kv_dtype=None, prompt_activations="float32"):
+        key = (weights, cached, kv_dtype, prompt_activations)
+        if key not in started:
+            started[key] = _engine(float_model, weights, prompt_activations, kv_dtype=kv_dtype,
+                                   **({} if cached else {"prefix_cache_mb": 0}))
+        return started[key]
 
     yield get
     for engine in started.values():
@@ -176,17 +178,20 @@ def _reply(engine, prompt, params=SEEDED):
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None], handle.cached_tokens
 
 
-@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("float32", None), ("int4", "int8")])
-def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engines, weights, kv_dtype):
+@pytest.mark.parametrize("weights,kv_dtype,prompt_activations", [
+    ("int8", None, "float32"), ("float32", None, "float32"), ("int4", "int8", "float32"), ("int4", "int8", "int8")])
+def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engines, weights, kv_dtype,
+                                                                          prompt_activations):
     rng = np.random.default_rng(3)
     system = rng.integers(3, 200, 90).tolist()  # a shared "system prompt" of 5 full blocks and a bit
     prompt = system + rng.integers(3, 200, 30).tolist()
     sibling = system + rng.integers(3, 200, 41).tolist()  # same system prompt, other question
 
-    reference, cached = _reply(engines(weights, cached=False, kv_dtype=kv_dtype), prompt)
+    reference, cached = _reply(engines(weights, cached=False, kv_dtype=kv_dtype,
+                                       prompt_activations=prompt_activations), prompt)
     assert cached == 0 and len(reference) == 12
 
-    engine = engines(weights, kv_dtype=kv_dtype)
+    engine = engines(weights, kv_dtype=kv_dtype, prompt_activations=prompt_activations)
     engine.prefix.clear()  # (the engine is idle between these requests)
     cold, cached = _reply(engine, prompt)
     assert cold == reference and cached == 0

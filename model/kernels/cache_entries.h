@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -105,3 +106,18 @@ inline xla::ffi::Error LayerOf(const char* kernel, xla::ffi::AnyBuffer k, xla::f
 }
 
 }  // namespace flaxchat
+
+// The attention kernels' XLA binding: q, k, v, k_scale, v_scale, rows, positions, layer, window -> out.
+#define FLAXCHAT_ATTENTION_BINDING()                \
+  xla::ffi::Ffi::Bind()                            \
+      .Ctx<xla::ffi::ThreadPool>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      \
+      .Arg<xla::ffi::AnyBuffer>()                  \
+      .Arg<xla::ffi::AnyBuffer>()                  \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()

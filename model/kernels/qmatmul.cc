@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -209,6 +210,30 @@ void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
   }
 }
 
+// Checks the operands (x [M, K], codes [L, N / 32, K, row_bytes], scale/offset [L, N / 32, K / 32, 32],
+// layer a scalar, y [M, N]) and points `out` at layer `layer`'s weights.
+ffi::Error LayerProblem(const char* kernel, int64_t row_bytes, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
+                        ffi::ResultBuffer<ffi::F32>& y, Problem& out) {
+  auto error = [kernel](const char* what) { return ffi::Error::InvalidArgument(std::string(kernel) + ": " + what); };
+  const auto xd = x.dimensions(), cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || cd[2] != xd[1] || cd[3] != row_bytes || xd[1] % kBlock != 0 ||
+      layer.element_count() != 1) {
+    return error("x [M, K], codes [L, N / 32, K, 32 or 16], K a multiple of 32, layer a scalar");
+  }
+  const int64_t m = xd[0], k = xd[1], layers = cd[0], panels = cd[1], n = panels * kPanel;
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= layers) return error("layer out of range");
+  const int64_t scales = n * (k / kBlock);  // per layer
+  if (scale.element_count() != layers * scales || offset.element_count() != layers * scales ||
+      y->element_count() != m * n) {
+    return error("scale/offset [L, N / 32, K / 32, 32], y [M, N]");
+  }
+  out = Problem{x.typed_data(), codes.typed_data() + index * panels * k * row_bytes, scale.typed_data() + index * scales,
+                offset.typed_data() + index * scales, y->typed_data(), m, k, n};
+  return ffi::Error::Success();
+}
+
 // ---- Prompt chunks: int8 activations x 4-bit codes ------------------------------------------------------
 // Each row's 32-element blocks are quantised on their own: q = round(x * 127 / absmax), scale = absmax / 127,
 // with sum = scale * (sum of q) for the blocks' offsets. A block's 32 products code * q are summed exactly
@@ -348,23 +373,15 @@ void IntRows(const IntProblem& p, int64_t panel_index, const uint8_t* quads, int
 ffi::Error QMatmul4Q8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
                       ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || cd[2] != xd[1] || cd[3] != Codes4::kRowBytes || xd[1] % kBlock != 0 ||
-      layer.element_count() != 1) {
-    return ffi::Error::InvalidArgument("qmatmul4_q8: x [M, K], codes [L, N / 32, K, 16], K a multiple of 32");
+  Problem w;
+  if (ffi::Error error = LayerProblem("qmatmul4_q8", Codes4::kRowBytes, x, codes, scale, offset, layer, y, w);
+      error.failure()) {
+    return error;
   }
-  const int64_t m = xd[0], k = xd[1], layers = cd[0], panels = cd[1], n = panels * kPanel;
-  const int64_t index = layer.typed_data()[0];
-  if (index < 0 || index >= layers) return ffi::Error::InvalidArgument("qmatmul4_q8: layer out of range");
-  const int64_t scales = n * (k / kBlock);
-  if (scale.element_count() != layers * scales || offset.element_count() != layers * scales ||
-      y->element_count() != m * n) {
-    return ffi::Error::InvalidArgument("qmatmul4_q8: scale/offset [L, N / 32, K / 32, 32], y [M, N]");
-  }
+  const int64_t m = w.m, k = w.k, n = w.n, panels = n / kPanel;
   thread_local QuantisedRows rows;
   QuantiseRows(x.typed_data(), m, k, rows);
-  const IntProblem problem{&rows, scale.typed_data() + index * scales, offset.typed_data() + index * scales,
-                           codes.typed_data() + index * panels * k * Codes4::kRowBytes, y->typed_data(), m, k, n};
+  const IntProblem problem{&rows, w.scale, w.offset, w.codes, w.y, m, k, n};
   flaxchat::ParallelFor(pool, panels, (m * k * n) / (1 << 18), [problem](int64_t panel) {
     thread_local std::vector<uint8_t> quads;
     quads.resize(problem.k * kPanel);  // one byte per code
@@ -382,27 +399,16 @@ template <typename Codes>
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
                    ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || cd[2] != xd[1] || cd[3] != Codes::kRowBytes || xd[1] % kBlock != 0 ||
-      layer.element_count() != 1) {
-    return ffi::Error::InvalidArgument(
-        "qmatmul: x [M, K], codes [L, N / 32, K, 32 or 16], K a multiple of 32, layer a scalar");
+  Problem problem;
+  if (ffi::Error error = LayerProblem("qmatmul", Codes::kRowBytes, x, codes, scale, offset, layer, y, problem);
+      error.failure()) {
+    return error;
   }
-  const int64_t m = xd[0], k = xd[1], layers = cd[0], panels = cd[1], n = panels * kPanel;
-  const int64_t index = layer.typed_data()[0];
-  if (index < 0 || index >= layers) return ffi::Error::InvalidArgument("qmatmul: layer out of range");
-  const int64_t scales = n * (k / kBlock);  // per layer
-  if (scale.element_count() != layers * scales || offset.element_count() != layers * scales ||
-      y->element_count() != m * n) {
-    return ffi::Error::InvalidArgument("qmatmul: scale/offset [L, N / 32, K / 32, 32], y [M, N]");
-  }
-  const Problem problem{x.typed_data(), codes.typed_data() + index * panels * k * Codes::kRowBytes,
-                        scale.typed_data() + index * scales, offset.typed_data() + index * scales,
-                        y->typed_data(), m, k, n};
-  flaxchat::ParallelFor(pool, panels, (m * k * n) / (1 << 18), [problem](int64_t panel) {
-    thread_local std::vector<float> buffer;
-    Panel<Codes>(problem, panel, buffer);
-  });
+  flaxchat::ParallelFor(pool, problem.n / kPanel, (problem.m * problem.k * problem.n) / (1 << 18),
+                        [problem](int64_t panel) {
+                          thread_local std::vector<float> buffer;
+                          Panel<Codes>(problem, panel, buffer);
+                        });
   return ffi::Error::Success();
 }
 
