@@ -26,12 +26,12 @@ SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLengt
 
 
 def main() -> None:
-    from checkpoints.store import load_model, pull
-    from sampling.constraints import TokenConstraint, json_schema_grammar, ll_tokenizer
-    from sampling.engine import Engine, EngineConfig
-    from sampling.params import SamplingParams
-    from sampling.steps import bitmask_words
-    from serve.chat_template import render_chat
+    from flaxchat.checkpoints.store import load_model, pull
+    from flaxchat.sampling.constraints import TokenConstraint, json_schema_grammar, ll_tokenizer
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
+    from flaxchat.sampling.steps import bitmask_words
+    from flaxchat.serve.chat_template import render_chat
 
     pull(progress=False)
     model = load_model("smollm2-135m-instruct")

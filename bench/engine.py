@@ -41,9 +41,9 @@ def peak_rss_mb() -> float:
 
 
 def run_flaxchat(new_tokens: int) -> dict:
-    from checkpoints.store import load_model, pull
-    from sampling.engine import Engine, EngineConfig
-    from sampling.params import SamplingParams
+    from flaxchat.checkpoints.store import load_model, pull
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
 
     pull(progress=False)
     model = load_model("smollm2-135m-instruct")

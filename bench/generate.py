@@ -31,9 +31,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from checkpoints.store import load_model, pull
-    from sampling.generate import GenerationSettings, SimpleGenerator
-    from serve.chat_template import render_chat
+    from flaxchat.checkpoints.store import load_model, pull
+    from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+    from flaxchat.serve.chat_template import render_chat
     from tests.default_model import download_default_gguf
 
     threads = os.cpu_count() or 1

@@ -34,10 +34,10 @@ def main() -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from checkpoints.store import load_model, pull
-    from model.transformer import Transformer, init_cache
-    from sampling.generate import GenerationSettings, SimpleGenerator
-    from serve.chat_template import render_chat
+    from flaxchat.checkpoints.store import load_model, pull
+    from flaxchat.model.transformer import Transformer, init_cache
+    from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+    from flaxchat.serve.chat_template import render_chat
     from tests.test_default_model import PROMPTS
 
     pull(progress=False)

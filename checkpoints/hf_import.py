@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from checkpoints.errors import CheckpointError
-from checkpoints.layout import assemble_params
-from model.config import ModelConfig, UnsupportedModelError
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.layout import assemble_params
+from flaxchat.model.config import ModelConfig, UnsupportedModelError
 
 
 def read_hf_config(folder: Path, **overrides: Any) -> ModelConfig:

@@ -13,9 +13,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from model.config import ModelConfig
-from model.transformer import param_shapes
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.transformer import param_shapes
 
 # (params path inside one layer, HF name suffix, is a matrix that needs transposing)
 _LAYER_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from checkpoints.errors import CheckpointError
-from model.config import ModelConfig
-from model.transformer import param_shapes
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.transformer import param_shapes
 
 
 def save_params(path: str | Path, params: Any) -> None:

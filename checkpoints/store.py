@@ -23,14 +23,14 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from checkpoints.errors import CheckpointError
-from checkpoints.gguf_import import load_gguf
-from checkpoints.hf_import import load_hf_folder
-from checkpoints.orbax_io import restore_params, save_params
-from checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
-from model.config import ModelConfig
-from model.quant import prepare_weights, resolve_weights
-from model.tokenizer import Tokenizer
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.gguf_import import load_gguf
+from flaxchat.checkpoints.hf_import import load_hf_folder
+from flaxchat.checkpoints.orbax_io import restore_params, save_params
+from flaxchat.checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.quant import prepare_weights, resolve_weights
+from flaxchat.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -14,8 +14,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
-from checkpoints.errors import CheckpointError
-from model.tokenizer import HFTokenizer, SentencePieceTokenizer, SpecialTokens, Tokenizer
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.model.tokenizer import HFTokenizer, SentencePieceTokenizer, SpecialTokens, Tokenizer
 
 # Chat-turn terminators that end a generation as EOS does.
 TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")

@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model import kernels
-from model.kv_cache import KVCache, dequantize_entries, from_storage
-from model.reductions import tree_sum
+from flaxchat.model import kernels
+from flaxchat.model.kv_cache import KVCache, dequantize_entries, from_storage
+from flaxchat.model.reductions import tree_sum
 
 _MASK_VALUE = -1e30  # finite so a fully masked row cannot produce NaNs
 

@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model.config import ModelConfig
+from flaxchat.model.config import ModelConfig
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
 

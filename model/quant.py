@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import kernels
+from flaxchat.model import kernels
 
 WEIGHT_MODES = ("float32", "int8", "int4")  # "float32" keeps the checkpoint's floats (exact parity with transformers)
 QUANTISED = ("int8", "int4")

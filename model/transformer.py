@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import grouped_attention
-from model.config import ModelConfig
-from model.kv_cache import KVCache, init_cache, write_layer
-from model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
+from flaxchat.model.attention import grouped_attention
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.kv_cache import KVCache, init_cache, write_layer
+from flaxchat.model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
                          fused_name, padded)
-from model.reductions import tree_mean
+from flaxchat.model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "layer_spec", "param_shapes"]
 

@@ -14,7 +14,7 @@ import threading
 import llguidance
 import numpy as np
 
-from model.tokenizer import Tokenizer
+from flaxchat.model.tokenizer import Tokenizer
 
 WINDOW = 64  # start looking for a way out this many tokens before the end of the budget
 MARGIN = 4  # one sampled token can open a few levels at once (e.g. `[{"`)

@@ -19,11 +19,11 @@ import llguidance
 from llguidance import TokenizerWrapper
 import numpy as np
 
-from model.tokenizer import Tokenizer
-from sampling.closing import BudgetCloser, VocabFacts
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.closing import BudgetCloser, VocabFacts
 
 if TYPE_CHECKING:
-    from sampling.params import ThinkingPlan
+    from flaxchat.sampling.params import ThinkingPlan
 
 
 class ConstraintError(ValueError):

@@ -7,7 +7,7 @@ sentencepiece's leading spaces right: the window's own prefix is decoded the sam
 
 from __future__ import annotations
 
-from model.tokenizer import Tokenizer
+from flaxchat.model.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 

@@ -45,18 +45,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
-from sampling.closing import vocab_facts
-from sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
-from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
-from sampling.params import SamplingParams, TokenEvent, TokenLogprob
-from sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
-from sampling.prefix_cache import PrefixIndex
-from sampling.requests import (EngineError, EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle,
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.closing import vocab_facts
+from flaxchat.sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
+from flaxchat.sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
+from flaxchat.sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
+from flaxchat.sampling.prefix_cache import PrefixIndex
+from flaxchat.sampling.requests import (EngineError, EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle,
                                collect_text)
-from sampling.sampler import choice_key
-from sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
+from flaxchat.sampling.sampler import choice_key
+from flaxchat.sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
 
 log = logging.getLogger("flaxchat.engine")
 

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
-from model.transformer import KVCache, Transformer, init_cache
-from sampling.processors import categorical
-from sampling.sampler import choice_key
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.transformer import KVCache, Transformer, init_cache
+from flaxchat.sampling.processors import categorical
+from flaxchat.sampling.sampler import choice_key
 
 
 def bucket_length(n: int, smallest: int = 16) -> int:

@@ -20,9 +20,9 @@ from typing import Any
 
 import jax
 
-from sampling.prefix_cache import PrefixIndex
-from sampling.shapes import BATCH_PREFILL_ROWS
-from sampling.steps import DecodeState, EngineSteps
+from flaxchat.sampling.prefix_cache import PrefixIndex
+from flaxchat.sampling.shapes import BATCH_PREFILL_ROWS
+from flaxchat.sampling.steps import DecodeState, EngineSteps
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model import reductions
+from flaxchat.model import reductions
 
 NEG_INF = -jnp.inf
 

@@ -10,7 +10,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from sampling.params import TokenEvent
+from flaxchat.sampling.params import TokenEvent
 
 
 class EngineError(RuntimeError):

@@ -12,9 +12,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model import reductions
-from sampling import processors as P
-from sampling.params import MAX_TOP_LOGPROBS
+from flaxchat.model import reductions
+from flaxchat.sampling import processors as P
+from flaxchat.sampling.params import MAX_TOP_LOGPROBS
 
 
 @flax.struct.dataclass

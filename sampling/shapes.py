@@ -16,9 +16,9 @@ bits. ``tests/test_prefix_cache.py`` checks every bucket at odd alignments.
 
 from __future__ import annotations
 
-from model import kernels
-from model.config import ModelConfig
-from model.quant import QUANTISED
+from flaxchat.model import kernels
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.quant import QUANTISED
 
 
 def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
-from model.kv_cache import entry_bytes
-from model.transformer import KVCache, Transformer, init_cache
-from sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
-from sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, prefill_buckets, row_buckets,
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.kv_cache import entry_bytes
+from flaxchat.model.transformer import KVCache, Transformer, init_cache
+from flaxchat.sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
+from flaxchat.sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, prefill_buckets, row_buckets,
                              smallest_prefill_bucket, smallest_row_bucket)
 
 

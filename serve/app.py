@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serve.chat import Completion, ServedModel
-from serve.errors import APIError, from_validation_error
-from serve.limits import RateLimiter, TokenBudgets
-from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest
+from flaxchat.serve.chat import Completion, ServedModel
+from flaxchat.serve.errors import APIError, from_validation_error
+from flaxchat.serve.limits import RateLimiter, TokenBudgets
+from flaxchat.serve.metrics import Metrics
+from flaxchat.serve.protocol import ChatCompletionRequest
 
 log = logging.getLogger("flaxchat.server")
 

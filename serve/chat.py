@@ -9,20 +9,20 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from model.tokenizer import Tokenizer
-from sampling.engine import Engine
-from sampling.requests import EngineStoppedError, PromptTooLongError, QueueFullError
-from sampling.params import SamplingParams, TokenEvent
-from serve.chat_template import ChatTemplateError, render_chat
-from sampling.constraints import ConstraintError, json_schema_grammar
-from sampling.params import ThinkingPlan
-from serve.errors import APIError
-from serve.protocol import ChatCompletionRequest
-from serve.reasoning import (EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch,
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.engine import Engine
+from flaxchat.sampling.requests import EngineStoppedError, PromptTooLongError, QueueFullError
+from flaxchat.sampling.params import SamplingParams, TokenEvent
+from flaxchat.serve.chat_template import ChatTemplateError, render_chat
+from flaxchat.sampling.constraints import ConstraintError, json_schema_grammar
+from flaxchat.sampling.params import ThinkingPlan
+from flaxchat.serve.errors import APIError
+from flaxchat.serve.protocol import ChatCompletionRequest
+from flaxchat.serve.reasoning import (EFFORTS, ReasoningSetup, ReasoningSplitter, reasoning_setup, template_switch,
                              template_thinks)
-from serve.reply_text import ChoiceText, assemble_message, new_call_id
-from serve.tool_parsers import ToolCallStream
-from serve.tools import (ToolChoice, ToolSpec, check_conversation, detect_syntax, parse_tool_choice, parse_tools,
+from flaxchat.serve.reply_text import ChoiceText, assemble_message, new_call_id
+from flaxchat.serve.tool_parsers import ToolCallStream
+from flaxchat.serve.tools import (ToolChoice, ToolSpec, check_conversation, detect_syntax, parse_tool_choice, parse_tools,
                          template_messages, tool_grammar, with_generic_tools)
 
 

@@ -12,14 +12,14 @@ def _setup_jax() -> None:
     """Persistent compilation cache under FLAXCHAT_HOME so restarts reuse compiled steps."""
     import jax
 
-    from checkpoints.store import flaxchat_home
+    from flaxchat.checkpoints.store import flaxchat_home
 
     jax.config.update("jax_compilation_cache_dir", str(flaxchat_home() / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from checkpoints.store import is_stored, pull
+    from flaxchat.checkpoints.store import is_stored, pull
 
     started = time.perf_counter()
     already = is_stored(args.name)
@@ -30,7 +30,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from checkpoints.store import import_path
+    from flaxchat.checkpoints.store import import_path
 
     started = time.perf_counter()
     path = import_path(args.path, args.name)
@@ -39,7 +39,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from checkpoints.store import flaxchat_home, list_models
+    from flaxchat.checkpoints.store import flaxchat_home, list_models
 
     models = list_models()
     print("\n".join(models) if models else f"no models in {flaxchat_home()} (try `flaxchat pull`)")
@@ -47,9 +47,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
-    from sampling.generate import GenerationSettings, SimpleGenerator
-    from serve.chat_template import render_chat
+    from flaxchat.checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
+    from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+    from flaxchat.serve.chat_template import render_chat
 
     _setup_jax()
     name = canonical_name(args.model)
@@ -95,7 +95,7 @@ def _kv_dtype(choice: str, weights: str) -> str:
     weights, whose CPU kernels read int8 entries as fast as bfloat16 ones and keep the quality bar with them
     (int4 weights + int8 KV: 6 of 6 greedy continuations, log-likelihood 0.22 %, bench/RESULTS.md);
     bfloat16 otherwise (float32 weights: the parity setting, and accelerators, where no kernel reads int8)."""
-    from model.quant import QUANTISED
+    from flaxchat.model.quant import QUANTISED
 
     if choice != "auto":
         return choice
@@ -122,12 +122,12 @@ def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
-    from sampling.engine import Engine, EngineConfig
-    from serve.app import ServerSettings, create_app
-    from serve.chat import ServedModel
-    from serve.server import fingerprint, serve_until_signalled
-    from serve.memory import release_freed_memory, resident_mb
+    from flaxchat.checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.serve.app import ServerSettings, create_app
+    from flaxchat.serve.chat import ServedModel
+    from flaxchat.serve.server import fingerprint, serve_until_signalled
+    from flaxchat.serve.memory import release_freed_memory, resident_mb
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
@@ -245,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints.errors import CheckpointError
-    from checkpoints.store import PullError
-    from serve.chat_template import ChatTemplateError
+    from flaxchat.checkpoints.errors import CheckpointError
+    from flaxchat.checkpoints.store import PullError
+    from flaxchat.serve.chat_template import ChatTemplateError
 
     args = build_parser().parse_args(argv)
     try:

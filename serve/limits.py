@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from serve.errors import APIError
+from flaxchat.serve.errors import APIError
 
 
 class RateLimiter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sampling.engine import Engine
+from flaxchat.sampling.engine import Engine
 
 
 class EngineCollector:

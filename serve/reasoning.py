@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.tokenizer import Tokenizer
-from sampling.params import ThinkingPlan
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.params import ThinkingPlan
 
 EFFORTS = ("none", "minimal", "low", "medium", "high")
 THINKING_BUDGETS = {"low": 512, "medium": 2048, "high": 8192}

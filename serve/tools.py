@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from model.tokenizer import Tokenizer
-from serve.errors import APIError
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.serve.errors import APIError
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 

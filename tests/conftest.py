@@ -40,7 +40,7 @@ def default_store(tmp_path_factory):
     """A fresh FLAXCHAT_HOME with the default model pulled through `checkpoints.store.pull`."""
     import os
 
-    from checkpoints.store import pull
+    from flaxchat.checkpoints.store import pull
 
     home = tmp_path_factory.mktemp("flaxchat_home")
     previous = os.environ.get("FLAXCHAT_HOME")
@@ -48,7 +48,7 @@ def default_store(tmp_path_factory):
     try:
         pull(progress=False)
     except Exception as exc:  # noqa: BLE001 - only an unreachable registry may skip
-        from checkpoints.store import PullError
+        from flaxchat.checkpoints.store import PullError
 
         if isinstance(exc, PullError) and "could not download" in str(exc):
             pytest.skip(str(exc))

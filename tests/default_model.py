@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints.store import DEFAULT_MODEL, REGISTRY
+from flaxchat.checkpoints.store import DEFAULT_MODEL, REGISTRY
 
 
 def download_default_gguf(folder: Path) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoints.gguf_import import load_gguf
-from checkpoints.tokenizer_files import special_tokens_from_config
-from model.quant import prepare_weights
-from model.tokenizer import HFTokenizer
-from sampling.engine import Engine, EngineConfig
+from flaxchat.checkpoints.gguf_import import load_gguf
+from flaxchat.checkpoints.tokenizer_files import special_tokens_from_config
+from flaxchat.model.quant import prepare_weights
+from flaxchat.model.tokenizer import HFTokenizer
+from flaxchat.sampling.engine import Engine, EngineConfig
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import torch
 
-from model.tokenizer import BYTE_TO_UNICODE
+from flaxchat.model.tokenizer import BYTE_TO_UNICODE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

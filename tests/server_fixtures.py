@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serve.app import ServerSettings, create_app
-from serve.chat import ServedModel
-from serve.server import BackgroundServer
+from flaxchat.serve.app import ServerSettings, create_app
+from flaxchat.serve.chat import ServedModel
+from flaxchat.serve.server import BackgroundServer
 from tests.engine_fixtures import tiny_engine
 from tests.gguf_writer import CHAT_TEMPLATE
 

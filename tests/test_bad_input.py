@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from checkpoints.errors import CheckpointError
-from checkpoints.gguf_import import load_gguf
-from checkpoints.hf_import import load_hf_folder
+from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.gguf_import import load_gguf
+from flaxchat.checkpoints.hf_import import load_hf_folder
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 
@@ -152,7 +152,7 @@ def test_gguf_unsupported_quantisation(tmp_path, gguf_file):
 
 
 def test_store_import_of_bad_file_leaves_nothing(tmp_path, monkeypatch, gguf_file):
-    from checkpoints.store import import_path, is_stored, list_models
+    from flaxchat.checkpoints.store import import_path, is_stored, list_models
 
     monkeypatch.setenv("FLAXCHAT_HOME", str(tmp_path / "home"))
     broken = tmp_path / "broken.gguf"

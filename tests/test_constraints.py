@@ -5,9 +5,9 @@ import json
 import jsonschema
 import pytest
 
-from sampling.constraints import ConstraintError, json_schema_grammar
-from sampling.requests import collect_text
-from sampling.params import SamplingParams
+from flaxchat.sampling.constraints import ConstraintError, json_schema_grammar
+from flaxchat.sampling.requests import collect_text
+from flaxchat.sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine
 from tests.json_schemas import SCHEMAS
 
@@ -95,9 +95,9 @@ def test_invalid_grammar_is_refused_at_submit(engine):
 def test_the_way_out_of_a_long_number_in_a_short_array_is_found(engine):
     """Inside an integer of an array still short of minItems, "0" only lengthens the number: the closer
     must find ``,0]}`` (a reply like ``{"items":[368019153508...`` once ran out of budget unclosed)."""
-    from sampling.closing import StringTracker, closing_path, vocab_facts
-    from sampling.constraints import TokenConstraint, ll_tokenizer
-    from sampling.steps import bitmask_words
+    from flaxchat.sampling.closing import StringTracker, closing_path, vocab_facts
+    from flaxchat.sampling.constraints import TokenConstraint, ll_tokenizer
+    from flaxchat.sampling.steps import bitmask_words
 
     vocab = engine.cfg.vocab_size
     constraint = TokenConstraint(ll_tokenizer(engine.tokenizer, vocab), json_schema_grammar(SCHEMAS["array_bounds"]),
@@ -119,9 +119,9 @@ def test_per_tokenizer_facts_go_with_their_tokenizer(engine):
     import gc
     import weakref
 
-    from model.tokenizer import HFTokenizer
-    from sampling.closing import vocab_facts
-    from sampling.constraints import ll_tokenizer
+    from flaxchat.model.tokenizer import HFTokenizer
+    from flaxchat.sampling.closing import vocab_facts
+    from flaxchat.sampling.constraints import ll_tokenizer
 
     original, size = engine.tokenizer, engine.cfg.vocab_size
     assert ll_tokenizer(original, size) is ll_tokenizer(original, size)

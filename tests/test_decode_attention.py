@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import kernels
-from model.attention import _blockwise, _decode_kernel
-from model.kv_cache import SCALE_GROUP, KVCache, dequantize_entries, quantize_entries, storage_dtype, to_storage
+from flaxchat.model import kernels
+from flaxchat.model.attention import _blockwise, _decode_kernel
+from flaxchat.model.kv_cache import SCALE_GROUP, KVCache, dequantize_entries, quantize_entries, storage_dtype, to_storage
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.build_error()}")
 

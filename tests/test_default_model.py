@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.gguf_import import load_gguf
-from checkpoints.store import load_model
-from model.tokenizer import HFTokenizer, SpecialTokens
-from model.transformer import Transformer, init_cache
-from sampling.generate import GenerationSettings, SimpleGenerator
-from serve.chat_template import render_chat
+from flaxchat.checkpoints.gguf_import import load_gguf
+from flaxchat.checkpoints.store import load_model
+from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
+from flaxchat.model.transformer import Transformer, init_cache
+from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+from flaxchat.serve.chat_template import render_chat
 
 pytestmark = pytest.mark.default_model
 
@@ -119,8 +119,8 @@ def test_pulled_store_generates_sensibly(default_store, weights):
 def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store):
     """The default model's GGUF stores its layers as Q4_1 blocks: ``auto`` (on CPU with the kernel) takes
     4-bit blocks, and every projection weight they hold equals the float checkpoint's, bit for bit."""
-    from model import kernels
-    from model.quant import FUSED, unpacked
+    from flaxchat.model import kernels
+    from flaxchat.model.quant import FUSED, unpacked
 
     floats = load_model("smollm2-135m-instruct", weights="float32").params
     if not (kernels.available() and jax.default_backend() == "cpu"):
@@ -141,9 +141,9 @@ def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store)
 
 def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_greedy):
     """Six chat prompts at once through the batching engine (4 slots): greedy tokens equal transformers'."""
-    from checkpoints.tokenizer_files import special_tokens_from_config
-    from sampling.engine import Engine, EngineConfig
-    from sampling.params import SamplingParams
+    from flaxchat.checkpoints.tokenizer_files import special_tokens_from_config
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
 
     imported, tokenizer, _, _ = ours_and_reference
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
+from flaxchat.sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from tests.test_tokenizer import CORPUS
 
 
@@ -12,8 +12,8 @@ from tests.test_tokenizer import CORPUS
 def smollm2(default_gguf):
     import gguf
 
-    from checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
-    from model.tokenizer import HFTokenizer, SpecialTokens
+    from flaxchat.checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
+    from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 
     files, _ = tokenizer_from_metadata(read_metadata(gguf.GGUFReader(default_gguf)), default_gguf)
     return HFTokenizer.from_json(files["tokenizer.json"].decode(), SpecialTokens())
@@ -52,7 +52,7 @@ def test_sentencepiece_leading_spaces():
 
     import sentencepiece as spm
 
-    from model.tokenizer import SentencePieceTokenizer, SpecialTokens
+    from flaxchat.model.tokenizer import SentencePieceTokenizer, SpecialTokens
     from tests.test_tokenizer import SPM_TRAINING
 
     model = io.BytesIO()

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from sampling.requests import PromptTooLongError, QueueFullError, collect_text
-from sampling.generate import GenerationSettings, SimpleGenerator
-from sampling.params import SamplingParams
+from flaxchat.sampling.requests import PromptTooLongError, QueueFullError, collect_text
+from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+from flaxchat.sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine
 
 PROMPTS = [[5, 40, 300, 17, 17, 9], [100, 64, 7] * 9, list(range(3, 60)), [12], [250, 251, 252, 253] * 20]

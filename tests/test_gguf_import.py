@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.gguf_import import load_gguf
-from model.transformer import Transformer, init_cache
+from flaxchat.checkpoints.gguf_import import load_gguf
+from flaxchat.model.transformer import Transformer, init_cache
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 
@@ -45,7 +45,7 @@ def test_q8_0_gguf_matches_transformers_gguf_loader(tmp_path):
 
 
 def test_gguf_tokenizer_and_template(tmp_path):
-    from model.tokenizer import HFTokenizer, SpecialTokens
+    from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 
     torch_model = make_tiny_model("llama", tmp_path / "hf")
     imported = load_gguf(write_gguf(torch_model, tmp_path / "tiny.gguf"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.hf_import import load_hf_folder
-from model.transformer import Transformer, init_cache
+from flaxchat.checkpoints.hf_import import load_hf_folder
+from flaxchat.model.transformer import Transformer, init_cache
 from tests.hf_reference import TINY_MODELS, make_tiny_model
 
 PROMPT = [3, 17, 250, 9, 41, 41, 100, 7, 2, 199, 64, 5, 88, 301, 12, 6]

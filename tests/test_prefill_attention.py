@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import kernels
-from model.attention import _blockwise, _prefill_kernel
+from flaxchat.model import kernels
+from flaxchat.model.attention import _blockwise, _prefill_kernel
 from tests.test_decode_attention import DIM, GROUPS, KV, LAYER, SLOTS, caches
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.build_error()}")

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from sampling.engine import Engine, EngineConfig
-from sampling.params import SamplingParams
-from sampling.prefix_cache import PrefixIndex
-from sampling.steps import EngineSteps
+from flaxchat.sampling.engine import Engine, EngineConfig
+from flaxchat.sampling.params import SamplingParams
+from flaxchat.sampling.prefix_cache import PrefixIndex
+from flaxchat.sampling.steps import EngineSteps
 from tests.engine_fixtures import tiny_model, with_weights
 
 BLOCK = 16

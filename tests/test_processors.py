@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sampling import processors as P
+from flaxchat.sampling import processors as P
 
 VOCAB = 37
 # XLA:CPU flushes subnormal floats to zero, so logits like 9e-44 would tie with 0 there but not in torch.

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import kernels
-from model.quant import (BLOCK, _xla_matmul, block_matmul, columns, exactly_4_bit, quantize_blocks,
+from flaxchat.model import kernels
+from flaxchat.model.quant import (BLOCK, _xla_matmul, block_matmul, columns, exactly_4_bit, quantize_blocks,
                          quantize_params, resolve_weights)
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel not built: {kernels.build_error()}")
@@ -77,7 +77,7 @@ def test_4_bit_blocks_hold_a_4_bit_checkpoint_exactly_and_auto_picks_them():
     floats = np.random.default_rng(8).standard_normal((96, 80)).astype(np.float32)
     assert not exactly_4_bit(floats)
 
-    from model.config import ModelConfig
+    from flaxchat.model.config import ModelConfig
 
     cfg = ModelConfig(architecture="llama", max_position_embeddings=64, vocab_size=320, hidden_size=64,
                       intermediate_size=160, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -188,7 +188,7 @@ def test_embedding_columns_are_the_tables_rows(bits):
 
 
 def test_auto_weights_pick_int8_on_cpu_only_for_whole_blocks():
-    from model.config import ModelConfig
+    from flaxchat.model.config import ModelConfig
 
     cfg = ModelConfig(architecture="llama", max_position_embeddings=64, vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=16)
@@ -211,8 +211,8 @@ def _python(code: str, env: dict) -> str:
 
 CHECK_PRODUCT = """
 import numpy as np, jax.numpy as jnp
-from model import kernels
-from model.quant import block_matmul, quantize_blocks
+from flaxchat.model import kernels
+from flaxchat.model.quant import block_matmul, quantize_blocks
 w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
 x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
 codes, scale, offset = quantize_blocks(w)

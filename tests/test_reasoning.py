@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampling.constraints import json_schema_grammar
-from sampling.params import SamplingParams, ThinkingPlan
-from serve.reasoning import ReasoningSplitter, reasoning_setup
+from flaxchat.sampling.constraints import json_schema_grammar
+from flaxchat.sampling.params import SamplingParams, ThinkingPlan
+from flaxchat.serve.reasoning import ReasoningSplitter, reasoning_setup
 from tests.engine_fixtures import tiny_engine
 from tests.server_fixtures import TINY_ID, start_tiny_server
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.transformer import Transformer, init_cache
-from sampling.engine import Engine, EngineConfig
-from sampling.params import SamplingParams
-from sampling.shapes import row_buckets, smallest_row_bucket
+from flaxchat.model.transformer import Transformer, init_cache
+from flaxchat.sampling.engine import Engine, EngineConfig
+from flaxchat.sampling.params import SamplingParams
+from flaxchat.sampling.shapes import row_buckets, smallest_row_bucket
 from tests.engine_fixtures import tiny_model, with_weights
 
 SLOTS = 16

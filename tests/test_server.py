@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from serve.app import ServerSettings
+from flaxchat.serve.app import ServerSettings
 from tests.server_fixtures import TINY_ID, start_tiny_server
 
 
@@ -297,12 +297,12 @@ def test_generation_failure_is_500_then_healthy(server, client):
 
 
 def test_unexpected_exception_is_500_with_request_id_and_no_traceback(server, client, monkeypatch):
-    import serve.chat
+    import flaxchat.serve.chat
 
     def explode(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(serve.chat, "render_prompt", explode)
+    monkeypatch.setattr(flaxchat.serve.chat, "render_prompt", explode)
     error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO}), 500, "internal_error")
     assert "request id req_" in error["message"] and "secret" not in error["message"]
     monkeypatch.undo()

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from checkpoints.hf_import import load_hf_folder
-from checkpoints.orbax_io import restore_params, save_params
-from checkpoints.store import import_path, list_models, load_model
-from model.transformer import Transformer, init_cache
+from flaxchat.checkpoints.hf_import import load_hf_folder
+from flaxchat.checkpoints.orbax_io import restore_params, save_params
+from flaxchat.checkpoints.store import import_path, list_models, load_model
+from flaxchat.model.transformer import Transformer, init_cache
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from model.tokenizer import HFTokenizer, SentencePieceTokenizer, SpecialTokens
+from flaxchat.model.tokenizer import HFTokenizer, SentencePieceTokenizer, SpecialTokens
 
 CORPUS = [
     "Hello, world!",
@@ -28,7 +28,7 @@ CORPUS = [
 def smollm2_tokenizers(default_gguf):
     from transformers import AutoTokenizer
 
-    from checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
+    from flaxchat.checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
     import gguf
 
     files, _ = tokenizer_from_metadata(read_metadata(gguf.GGUFReader(default_gguf)), default_gguf)
@@ -119,7 +119,7 @@ def test_spm_style_gguf_vocab_rebuilds_the_sentencepiece_model(spm_pair):
 
     from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-    from checkpoints.gguf_import import tokenizer_from_metadata
+    from flaxchat.checkpoints.gguf_import import tokenizer_from_metadata
 
     ours, _, processor = spm_pair
     proto = sp_model.ModelProto()
@@ -144,7 +144,7 @@ def test_sentencepiece_tokenizers_work_with_grammars(spm_pair):
     """llguidance sees sentencepiece pieces as their bytes (▁ -> space, <0x..> -> the byte)."""
     import llguidance
 
-    from sampling.constraints import json_schema_grammar, ll_tokenizer
+    from flaxchat.sampling.constraints import json_schema_grammar, ll_tokenizer
 
     ours = spm_pair[0]
     grammar = json_schema_grammar({"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]})
