@@ -1,32 +1,25 @@
-"""The engine: a thread that owns the device state and runs continuous batching over fixed slots.
+"""The engine: a thread that owns the device state and schedules requests over fixed slots.
 
-``submit(prompt_ids, params) -> RequestHandle`` from any thread or asyncio loop. Requests wait in a
-bounded queue; a request with ``n`` choices is admitted when ``n`` slots are free and joins the prefill
-queue. Each loop iteration then
+``submit(prompt_ids, params) -> RequestHandle`` from any thread or asyncio loop (``sampling/requests.py``
+has the handle and the errors). Requests wait in a bounded queue; one with ``n`` choices is admitted when
+``n`` slots are free. Each loop iteration then
 
-1. prefills (``sampling/prefill.py``): the request at the head of the prefill queue first takes the longest
-   cached prefix of its prompt from the prefix cache (``sampling/prefix_cache.py``; KV blocks copied from the
-   device pool into its slot), then runs chunks of the rest. While other choices are decoding, one iteration prefills at
-   most ``prefill_chunk`` tokens, so a long prompt never stalls the live streams for longer than one chunk;
-   with nothing decoding it runs a whole largest bucket. When the head and the requests behind it each have
-   a short rest left, up to four rests go in one batched call. Every prefilled full block goes into the pool.
-   When a prompt is done, its slot is copied into the request's other choices' slots and each choice
-   samples its first token (``insert``);
-2. decodes: one jitted call over the live slots (a row bucket, see ``sampling/steps.py``;
-   ``steps_per_call`` steps at once unless a live choice needs the host between steps), outputs copied to
-   the host once and turned into ``TokenEvent``s (text deltas, logprobs, finish reasons). Choices with a
-   grammar or a thinking plan get their next-token bitmask uploaded before each decode call.
+1. prefills (``sampling/prefill.py``): the head of the prefill queue takes the longest cached prefix of its
+   prompt (``sampling/prefix_cache.py``) and runs chunks of the rest (short rests of several prompts go in one
+   batched call). While choices are decoding an iteration prefills at most ``prefill_chunk`` tokens, so a
+   long prompt never stalls the streams for longer than one chunk. A finished prompt is copied into its
+   other choices' slots and each choice samples its first token (``insert``; ``sampling/choices.py``);
+2. decodes: one call over the live slots (a row bucket; ``steps_per_call`` steps unless a live choice
+   needs the host between steps), whose outputs are read while the next call runs and become
+   ``TokenEvent``s. Guided choices get their next-token bitmask before each call.
 
-A reply's bits do not depend on how its prompt was cut into chunks or which blocks came from the cache:
-prefill rows are bit-identical across chunk sizes and alignments (``sampling/steps.py``), and only prefill
-ever writes pool blocks.
-
-What callers hold (the request handle, the errors ``submit`` raises) is in ``sampling/requests.py``.
+The device is reached only through ``DeviceSteps`` (``sampling/device_steps.py``): the jitted
+``EngineSteps`` in production, a numpy fake in the scheduler's tests. A reply's bits do not depend on
+chunking, cached blocks or the other rows (``sampling/shapes.py``, ``sampling/steps.py``).
 
 Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``), the
-prefill queue (``prefill_queue``), the prefix index and the per-choice host state (detokenizers, guides);
-callers only touch the waiting queue (``_waiting``, under ``_lock``) and their ``RequestHandle``'s event
-queue.
+prefill queue, the prefix index and every ``Choice`` (detokenizers, guides); callers touch only the waiting
+queue (``_waiting``, under ``_lock``) and their own handle's event queue.
 """
 
 from __future__ import annotations
@@ -37,26 +30,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.tokenizer import Tokenizer
-from flaxchat.sampling.closing import vocab_facts
-from flaxchat.sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
-from flaxchat.sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
-from flaxchat.sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from flaxchat.sampling.choices import Choice, ChoiceMaker
+from flaxchat.sampling.device_steps import DeviceSteps
+from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from flaxchat.sampling.prefix_cache import PrefixIndex
-from flaxchat.sampling.requests import (EngineError, EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle,
-                               collect_text)
+from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, QueuedRequest, RequestHandle, check_prompt
 from flaxchat.sampling.sampler import choice_key
-from flaxchat.sampling.steps import DecodeState, EngineSteps, bitmask_words, make_row_request
+from flaxchat.sampling.steps import DecodeState, EngineSteps
 
 log = logging.getLogger("flaxchat.engine")
 
@@ -75,14 +64,6 @@ class EngineConfig:
 
 
 @dataclass
-class _Pending:
-    handle: RequestHandle
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-
-
-@dataclass
 class _InFlight:
     """A dispatched decode call: the (slot, choice) of each of its rows, and its device outputs."""
 
@@ -90,42 +71,30 @@ class _InFlight:
     outs: Any
 
 
-@dataclass
-class _Choice:
-    """Host bookkeeping for one choice occupying one slot."""
-
-    handle: RequestHandle
-    index: int
-    budget: int  # tokens this choice may still generate (max_tokens and context)
-    stop_ids: frozenset[int]
-    detok: IncrementalDetokenizer
-    stops: StopStringFilter
-    want_logprobs: bool
-    top_logprobs: int
-    guide: ChoiceGuide | None = None
-    generated: int = 0
-    finished: bool = field(default=False)
-
-
 class Engine:
     """Continuous batching over ``slots`` fixed slots; see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 steps: DeviceSteps | None = None):
+        """``steps``: the device steps to schedule (default: ``EngineSteps`` compiled for ``params``)."""
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
         max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
         self.max_len = min(max_len, cfg.max_position_embeddings)
         if config.prefill_chunk < 1 or config.prefix_block < 1 or config.prefix_cache_mb < 0:
             raise ValueError("prefill_chunk and prefix_block must be >= 1 and prefix_cache_mb >= 0")
-        kv_dtype = config.kv_dtype or cfg.dtype
-        block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
-        pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
-        self.steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
-                                 config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
+        if steps is None:
+            kv_dtype = config.kv_dtype or cfg.dtype
+            block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
+            pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
+            steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
+                                config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
+        self.steps = steps
+        self.choices = ChoiceMaker(tokenizer, cfg.vocab_size, self.max_len)
         self.stats = collections.Counter()
-        self.prefix = PrefixIndex(config.prefix_block, pool_blocks)
+        self.prefix = PrefixIndex(steps.block_size, steps.pool_blocks)
         self.prefill_queue = PrefillQueue(self.steps, self.prefix, self.stats)
-        self._waiting: collections.deque[_Pending] = collections.deque()
-        self._slots: list[_Choice | PrefillJob | None] = [None] * config.slots
+        self._waiting: collections.deque[QueuedRequest] = collections.deque()
+        self._slots: list[Choice | PrefillJob | None] = [None] * config.slots
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -133,19 +102,12 @@ class Engine:
         self._state: DecodeState | None = None
         self._inflight: _InFlight | None = None  # the decode call whose outputs the host has not read yet
         self.warmup_seconds: float | None = None
-        self.fault_hook: Callable[[str], None] | None = None  # tests inject step failures here
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Engine":
         started = time.perf_counter()
-        ll_tokenizer(self.tokenizer, self.cfg.vocab_size)  # built once, so the first constrained request
-        vocab_facts(self.tokenizer, self.cfg.vocab_size)  # does not pay for them
+        self.choices.prepare()
         self._state = self.steps.warmup()
-        # The host-side helpers of a request's start run small jax ops that compile on first use (~0.3-0.7 s
-        # measured): run them once now, so the first request after start is not the slow one.
-        jax.block_until_ready(choice_key(0, 0))
-        jax.block_until_ready(make_row_request(self.cfg.vocab_size, temperature=1.0, logit_bias={0: 1.0},
-                                               prompt=[0], top_logprobs=1))
         self.warmup_seconds = time.perf_counter() - started
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)
@@ -160,14 +122,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         for pending in list(self._waiting):
-            self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
+            pending.finish("cancelled")
         self._waiting.clear()
-        for job in self.prefill_queue:
-            self._abandon(job, "cancelled")
-        for slot, choice in enumerate(self._slots):
-            if isinstance(choice, _Choice):
-                self._emit(choice, None, "", None, (), "cancelled")
-                self._slots[slot] = None
+        self._end_started("cancelled")
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -199,43 +156,23 @@ class Engine:
         if not self._running:
             raise EngineStoppedError("the engine is not running")
         params.validate(self.cfg.vocab_size)
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
-            raise ValueError("the prompt contains token ids outside the vocabulary")
-        if len(prompt) >= self.max_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.max_len} "
-                f"(at least one position must be left for the reply)"
-            )
+        check_prompt(prompt, self.cfg.vocab_size, self.max_len)
         if params.n > self.config.slots:
             raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
         if params.grammar is not None:
-            self._new_constraint(params.grammar)  # validate now: a bad grammar fails before queueing
+            self.choices.constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed)
         with self._lock:
             if len(self._waiting) >= self.config.queue_size:
                 raise QueueFullError(f"the request queue is full ({self.config.queue_size} waiting)")
-            self._waiting.append(_Pending(handle, list(prompt), params, seed))
+            self._waiting.append(QueuedRequest(handle, list(prompt), params))
             self._lock.notify_all()
         return handle
 
     def check_grammar(self, grammar: str) -> None:
         """Raise ``ConstraintError`` naming the problem if ``grammar`` cannot be used (before any queueing)."""
-        self._new_constraint(grammar)
-
-    def _new_constraint(self, grammar: str) -> TokenConstraint:
-        return TokenConstraint(ll_tokenizer(self.tokenizer, self.cfg.vocab_size), grammar,
-                               bitmask_words(self.cfg.vocab_size))
-
-    def _new_guide(self, params: SamplingParams, stop_ids: frozenset[int]) -> ChoiceGuide | None:
-        if params.grammar is None and params.thinking is None:
-            return None
-        constraint = self._new_constraint(params.grammar) if params.grammar is not None else None
-        facts = vocab_facts(self.tokenizer, self.cfg.vocab_size) if constraint is not None else None
-        return ChoiceGuide(constraint, params.thinking, self.tokenizer.token_bytes, bitmask_words(self.cfg.vocab_size),
-                           stop_ids, facts)
+        self.choices.constraint(grammar)
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -260,12 +197,12 @@ class Engine:
         with self._lock:
             for pending in [p for p in self._waiting if p.handle.cancelled.is_set()]:
                 self._waiting.remove(pending)
-                self._finish_all(pending.handle, pending.params.n, pending.params.choice_offset, "cancelled")
+                pending.finish("cancelled")
         for job in [job for job in self.prefill_queue if job.request.handle.cancelled.is_set()]:
             self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
-            if isinstance(choice, _Choice) and choice.handle.cancelled.is_set():
-                self._emit(choice, None, "", None, (), "cancelled")
+            if isinstance(choice, Choice) and choice.handle.cancelled.is_set():
+                self._end(choice, "cancelled")
                 self._free(slot)
 
     def _abandon(self, job: PrefillJob, reason: str, error: str | None = None) -> None:
@@ -273,11 +210,19 @@ class Engine:
         self.prefill_queue.remove(job)
         for slot in job.slots:
             self._slots[slot] = None
-        params = job.request.params
-        self._finish_all(job.request.handle, params.n, params.choice_offset, reason, error)
+        job.request.finish(reason, error)
+
+    def _end_started(self, reason: str, error: str | None = None) -> None:
+        """End every prefilling request and every choice in a slot (the engine stops, or its state is lost)."""
+        for job in list(self.prefill_queue):
+            self._abandon(job, reason, error)
+        for slot, choice in enumerate(self._slots):
+            if isinstance(choice, Choice):
+                self._end(choice, reason, error)
+                self._slots[slot] = None
 
     def _live_slots(self) -> list[int]:
-        return [slot for slot, choice in enumerate(self._slots) if isinstance(choice, _Choice) and not choice.finished]
+        return [slot for slot, choice in enumerate(self._slots) if isinstance(choice, Choice) and not choice.finished]
 
     def _admit(self) -> None:
         """Move waiting requests into the prefill queue while their choices fit in free slots."""
@@ -304,20 +249,14 @@ class Engine:
             if budget <= 0:
                 return
             try:
-                if self.fault_hook:
-                    self.fault_hook("prefill")
                 self._state, used, finished = self.prefill_queue.run_one(self._state, budget)
-            except PrefillFailed as failure:
+            except Exception as exc:  # noqa: BLE001 - the call's jobs fail (the head's, before any call)
+                failure = exc if isinstance(exc, PrefillFailed) else PrefillFailed([next(iter(self.prefill_queue))],
+                                                                                   self._state, exc)
                 log.exception("prefill failed for request(s) %s", [j.request.handle.id for j in failure.jobs])
                 self._state = failure.state
                 for job in failure.jobs:
                     self._abandon(job, "error", f"prefill failed: {failure.cause}")
-                self._recover_state()
-                continue
-            except Exception as exc:  # noqa: BLE001 - a fault before the call: the head job fails
-                head = next(iter(self.prefill_queue))
-                log.exception("prefill failed for request %s", head.request.handle.id)
-                self._abandon(head, "error", f"prefill failed: {exc}")
                 self._recover_state()
                 continue
             spent += used
@@ -328,41 +267,27 @@ class Engine:
         """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
         pending, slots = job.request, job.slots
         pending.handle.cached_tokens = job.cached
-        params, vocab = pending.params, self.cfg.vocab_size
+        params = pending.params
         try:
-            row = make_row_request(
-                vocab, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-                presence=params.presence_penalty, frequency=params.frequency_penalty,
-                repetition=params.repetition_penalty, logit_bias=dict(params.logit_bias), prompt=pending.prompt,
-                top_logprobs=params.top_logprobs if params.logprobs else 0,
-            )
-            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.stop_ids)
-            budget = min(params.max_tokens, self.max_len - len(pending.prompt))
+            row = self.choices.row(params, pending.prompt)
             firsts = []
             for i, slot in enumerate(slots):
-                index = params.choice_offset + i
-                guide = self._new_guide(params, stop_ids)
-                mask = guide.mask(budget) if guide is not None else None
-                choice_row = row if mask is None else row.replace(allowed=jnp.asarray(mask))
-                if guide is not None:
-                    guide.masked = mask is not None
-                    self.stats["guided_choices"] += 1
+                choice, choice_row = self.choices.choice(pending.handle, params, len(pending.prompt),
+                                                         params.choice_offset + i, row)
+                self.stats["guided_choices"] += choice.guide is not None
                 if slot != slots[0]:
                     self._state = self.steps.copy_slot(self._state, slot, slots[0])
                 out, self._state = self.steps.insert(self._state, slot, logits, choice_row,
-                                                     choice_key(pending.seed, index), len(pending.prompt))
+                                                     choice_key(pending.handle.seed, choice.index), len(pending.prompt))
                 firsts.append((slot, out))
-                self._slots[slot] = _Choice(
-                    pending.handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
-                    StopStringFilter(params.stop), params.logprobs, params.top_logprobs, guide,
-                )
+                self._slots[slot] = choice
             host = jax.device_get([out for _, out in firsts])
         except Exception as exc:  # noqa: BLE001
             log.exception("starting request %s failed", pending.handle.id)
             for slot in slots:
                 self._slots[slot] = None
             self._recover_state()
-            self._finish_all(pending.handle, params.n, params.choice_offset, "error", f"prefill failed: {exc}")
+            pending.finish("error", f"prefill failed: {exc}")
             return
         self.stats["requests"] += 1
         for (slot, _), out in zip(firsts, host):
@@ -378,17 +303,13 @@ class Engine:
         nothing else changes). Guided choices need their tokens before the next mask, so with one live the
         engine reads each call before dispatching the next.
         """
-        live = self._live_slots()
-        guided = any(self._slots[slot].guide is not None for slot in live)
+        live, guided = self._live_and_guided()
         if self._inflight is not None and (guided or not live):
             self._collect()
-            live = self._live_slots()
-            guided = any(self._slots[slot].guide is not None for slot in live)
+            live, guided = self._live_and_guided()
         if not live:
             return
         try:
-            if self.fault_hook:
-                self.fault_hook("decode")
             started = time.perf_counter_ns()
             masks = self._next_masks()
             self.stats["mask_ns"] += time.perf_counter_ns() - started
@@ -407,6 +328,11 @@ class Engine:
             self._collect(previous)
         if guided:
             self._collect()
+
+    def _live_and_guided(self) -> tuple[list[int], bool]:
+        """The live slots, and whether any of them needs the host between steps."""
+        live = self._live_slots()
+        return live, any(self._slots[slot].guide is not None for slot in live)
 
     def _collect(self, inflight: "_InFlight | None" = None) -> None:
         """Read a decode call's outputs (default: the one in flight) and turn them into token events, for
@@ -427,84 +353,39 @@ class Engine:
                     self._on_token(slot, int(host.tokens[step, column]), host.logprobs[step, column],
                                    host.top_ids[step, column], host.top_logprobs[step, column])
 
-    def _fail(self, rows: list[tuple[int, "_Choice"]], error: str) -> None:
+    def _fail(self, rows: list[tuple[int, "Choice"]], error: str) -> None:
         for slot, choice in rows:
             if self._slots[slot] is choice and not choice.finished:
-                self._emit(choice, None, "", None, (), "error", error)
+                self._end(choice, "error", error)
                 self._free(slot)
         self._recover_state()
 
     def _next_masks(self) -> dict[int, np.ndarray]:
         """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""
-        masks = {}
-        for slot, choice in enumerate(self._slots):
-            if not isinstance(choice, _Choice) or choice.guide is None:
-                continue
-            mask = choice.guide.mask(choice.budget - choice.generated)
-            if mask is not None:
-                masks[slot] = mask
-            elif choice.guide.masked:
-                masks[slot] = np.full(bitmask_words(self.cfg.vocab_size), 0xFFFFFFFF, np.uint32)
-            choice.guide.masked = mask is not None
-        return masks
+        masks = {slot: choice.next_mask(self.choices.words) for slot, choice in enumerate(self._slots) if isinstance(choice, Choice)}
+        return {slot: mask for slot, mask in masks.items() if mask is not None}
 
     def _recover_state(self) -> None:
         """After a failed step the donated state may be gone: rebuild it (only if it is)."""
         leaves = jax.tree.leaves(self._state)
         if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
-            for job in self.prefill_queue:
-                self._abandon(job, "error", "engine state was lost in a failed step")
-            for slot, choice in enumerate(self._slots):
-                if isinstance(choice, _Choice):
-                    self._emit(choice, None, "", None, (), "error", "engine state was lost in a failed step")
-                    self._slots[slot] = None
+            self._end_started("error", "engine state was lost in a failed step")
             self.prefix.clear()  # the pool's blocks are gone with the state
             self._state = self.steps.init_state()
 
     # ---- per-token bookkeeping -------------------------------------------------------------------
     def _on_token(self, slot: int, token: int, logprob: Any, top_ids: Any, top_lps: Any) -> None:
         choice = self._slots[slot]
-        choice.generated += 1
         self.stats["tokens"] += 1
-        finish, text = None, ""
-        if choice.guide is not None:
-            try:
-                choice.guide.advance(token)
-            except ValueError as exc:  # cannot happen with a correct mask; never return ungrammatical text
-                self._emit(choice, token, "", None, (), "error", str(exc))
-                self._free(slot)
-                return
-        if token in choice.stop_ids:
-            finish = "stop"
-        else:
-            text = choice.stops.push(choice.detok.push(token))
-            if choice.stops.stopped or (choice.guide is not None and choice.guide.done):
-                finish = "stop"
-            elif choice.generated >= choice.budget:
-                finish = "length"
-        if finish == "stop" and choice.guide is not None and choice.guide.closed_by_budget:
-            finish = "length"  # complete, but only because its end was forced to fit max_tokens
-            self.stats["closed_by_budget"] += 1
-        if finish == "length" or (finish == "stop" and not choice.stops.stopped):
-            text += choice.stops.push(choice.detok.flush())
-            text += choice.stops.flush()
-        tops: tuple[TokenLogprob, ...] = ()
-        if choice.want_logprobs and choice.top_logprobs:
-            tops = tuple(TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[: choice.top_logprobs],
-                                                                           top_lps[: choice.top_logprobs]))
-        self._emit(choice, token, text, float(logprob) if choice.want_logprobs else None, tops, finish)
-        if finish is not None:
+        event = choice.accept(token, logprob, top_ids, top_lps)
+        choice.handle._push(event)
+        if event.finish_reason is not None:
+            if event.finish_reason == "length" and choice.closed_by_budget:
+                self.stats["closed_by_budget"] += 1
             self._free(slot)
 
-    def _emit(self, choice: _Choice, token: int | None, text: str, logprob: float | None,
-              tops: tuple[TokenLogprob, ...], finish: str | None, error: str | None = None) -> None:
-        if finish is not None:
-            choice.finished = True
-        choice.handle._push(TokenEvent(choice.index, token, text, logprob, tops, finish, error, choice.handle.seed))
-
-    def _finish_all(self, handle: RequestHandle, n: int, offset: int, reason: str, error: str | None = None) -> None:
-        for i in range(n):
-            handle._push(TokenEvent(offset + i, None, "", finish_reason=reason, error=error, seed=handle.seed))
+    def _end(self, choice: Choice, reason: str, error: str | None = None) -> None:
+        choice.handle._push(choice.end(reason, error))
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
@@ -515,5 +396,4 @@ class Engine:
             self._recover_state()
 
 
-__all__ = ["Engine", "EngineConfig", "RequestHandle", "QueueFullError", "PromptTooLongError", "EngineError",
-           "EngineStoppedError", "collect_text"]
+__all__ = ["Engine", "EngineConfig"]

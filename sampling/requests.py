@@ -10,7 +10,9 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from flaxchat.sampling.params import TokenEvent
+from dataclasses import dataclass
+
+from flaxchat.sampling.params import SamplingParams, TokenEvent
 
 
 class EngineError(RuntimeError):
@@ -85,6 +87,32 @@ class RequestHandle:
         for event in self:
             grouped[event.choice].append(event)
         return dict(grouped)
+
+
+@dataclass
+class QueuedRequest:
+    """A submitted request waiting for slots (its seed is the handle's)."""
+
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """End every choice of the request that never started (cancelled, refused, failed)."""
+        for i in range(self.params.n):
+            self.handle._push(TokenEvent(self.params.choice_offset + i, None, "", finish_reason=reason, error=error,
+                                         seed=self.handle.seed))
+
+
+def check_prompt(prompt: list[int], vocab_size: int, max_len: int) -> None:
+    """Raise ``ValueError`` for an empty prompt or unknown ids, ``PromptTooLongError`` when it leaves no room."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise ValueError("the prompt contains token ids outside the vocabulary")
+    if len(prompt) >= max_len:
+        raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but the context holds {max_len} "
+                                 f"(at least one position must be left for the reply)")
 
 
 def collect_text(events: list[TokenEvent]) -> str:

@@ -11,6 +11,7 @@ from flaxchat.sampling.requests import PromptTooLongError, QueueFullError, colle
 from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
 from flaxchat.sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine
+from tests.step_hooks import set_step_hook
 
 PROMPTS = [[5, 40, 300, 17, 17, 9], [100, 64, 7] * 9, list(range(3, 60)), [12], [250, 251, 252, 253] * 20]
 
@@ -24,9 +25,9 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _clean(engine):
-    engine.fault_hook = None
+    set_step_hook(engine, None)
     yield
-    engine.fault_hook = None
+    set_step_hook(engine, None)
     deadline = time.time() + 10
     while (engine.busy_slots or engine.queue_depth) and time.time() < deadline:
         time.sleep(0.01)
@@ -182,11 +183,11 @@ def test_a_failed_decode_step_fails_only_its_requests(engine):
             if exc:
                 raise exc
 
-    engine.fault_hook = hook
+    set_step_hook(engine, hook)
     failed = engine.submit(PROMPTS[0], SamplingParams(max_tokens=20, ignore_eos=True)).result()[0]
     assert failed[-1].finish_reason == "error" and "injected" in failed[-1].error
     fine = run(engine, PROMPTS[0], SEEDED)[0]
-    engine.fault_hook = None
+    set_step_hook(engine, None)
     assert tokens_and_logprobs(fine) == tokens_and_logprobs(run(engine, PROMPTS[0], SEEDED)[0])
 
 
@@ -194,9 +195,9 @@ def test_a_failed_prefill_leaves_running_requests_alone(engine):
     expected = tokens_and_logprobs(run(engine, PROMPTS[0], SEEDED)[0])
     running = engine.submit(PROMPTS[0], SEEDED)
     first = next(iter(running))
-    engine.fault_hook = lambda step: (_ for _ in ()).throw(RuntimeError("bad prefill")) if step == "prefill" else None
+    set_step_hook(engine, lambda step: (_ for _ in ()).throw(RuntimeError("bad prefill")) if step == "prefill" else None)
     broken = engine.submit(PROMPTS[1], SamplingParams(max_tokens=5)).result()[0]
-    engine.fault_hook = None
+    set_step_hook(engine, None)
     rest = list(running)
     assert broken[-1].finish_reason == "error" and "bad prefill" in broken[-1].error
     assert tokens_and_logprobs([first] + rest) == expected

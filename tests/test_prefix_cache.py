@@ -17,6 +17,7 @@ from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.prefix_cache import PrefixIndex
 from flaxchat.sampling.steps import EngineSteps
 from tests.engine_fixtures import tiny_model, with_weights
+from tests.step_hooks import set_step_hook
 
 BLOCK = 16
 MAX_LEN = 256
@@ -242,11 +243,11 @@ def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(engines):
         events = iter(stream)
         next(events)
         next(events)  # the stream is decoding
-        engine.fault_hook = timeline.append  # called by the engine thread before every prefill chunk and decode call
+        set_step_hook(engine, timeline.append)  # called by the engine thread before every prefill chunk and decode call
         long_prompt = np.random.default_rng(5).integers(3, 200, 200).tolist()
         long_handle = engine.submit(long_prompt, SamplingParams(max_tokens=2, temperature=0.0))
         long_events = long_handle.result()[0]
-        engine.fault_hook = None
+        set_step_hook(engine, None)
         assert long_events[-1].finish_reason is not None
         rest = list(events)
         assert rest[-1].finish_reason == "length"
@@ -255,7 +256,7 @@ def test_live_streams_keep_decoding_while_a_long_prompt_is_prefilled(engines):
         between = [timeline[a + 1:b].count("decode") for a, b in zip(chunks, chunks[1:])]
         assert all(count >= 1 for count in between), timeline  # ...each followed by a decode call
     finally:
-        engine.fault_hook = None
+        set_step_hook(engine, None)
 
 
 def test_no_compiles_after_warmup_with_prefix_reuse(engines):
@@ -284,7 +285,7 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
     try:
         _reply(engine, system + [9, 9, 9])  # caches the system prompt's blocks
         slow_first = iter([True])
-        engine.fault_hook = lambda stage: next(slow_first, False) and time.sleep(0.3)
+        set_step_hook(engine, lambda stage: next(slow_first, False) and time.sleep(0.3))
         long_prompt = rng.integers(3, 200, 180).tolist()
         blocker = engine.submit(long_prompt, SamplingParams(max_tokens=2))
         handles = [engine.submit(p, s) for p, s in zip(prompts, settings)]
@@ -295,7 +296,7 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
         assert all(h.cached_tokens == 64 for h in handles)
         assert together == alone
     finally:
-        engine.fault_hook = None
+        set_step_hook(engine, None)
 
 
 @pytest.mark.parametrize("bad", [dict(prefill_chunk=0), dict(prefix_block=0), dict(prefix_cache_mb=-1)])

@@ -8,6 +8,7 @@ import pytest
 
 from flaxchat.serve.app import ServerSettings
 from tests.server_fixtures import TINY_ID, start_tiny_server
+from tests.step_hooks import set_step_hook
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
 
     server, engine = start_tiny_server(tmp_path, slots=1, queue_size=1)
     hold = threading.Event()
-    engine.fault_hook = lambda step: hold.wait(30) if step == "decode" else None  # keep the slot busy
+    set_step_hook(engine, lambda step: hold.wait(30) if step == "decode" else None)  # keep the slot busy
     try:
         body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 4}
         results = []
@@ -191,7 +192,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
         assert [r.status_code for r in results] == [200, 200]
     finally:
         hold.set()
-        engine.fault_hook = None
+        set_step_hook(engine, None)
         server.stop()
         engine.stop()
 
@@ -239,7 +240,7 @@ def test_client_disconnect_cancels_its_request(server):
     import time
 
     engine_busy = lambda: httpx.get(server.url + "/health").json()["busy_slots"]  # noqa: E731
-    server.engine.fault_hook = lambda step: time.sleep(0.05) if step == "decode" else None  # 100 tokens: >= 5 s
+    set_step_hook(server.engine, lambda step: time.sleep(0.05) if step == "decode" else None)  # 100 tokens: >= 5 s
     body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 100, "stream": True,
             "logit_bias": {"0": -100, "1": -100, "2": -100}}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
@@ -250,7 +251,7 @@ def test_client_disconnect_cancels_its_request(server):
     disconnected = time.time()
     while engine_busy() and time.time() < disconnected + 10:
         time.sleep(0.02)
-    server.engine.fault_hook = None
+    set_step_hook(server.engine, None)
     assert engine_busy() == 0
     assert time.time() - disconnected < 2.5  # freed long before the 100 tokens could have been generated
 
@@ -286,12 +287,12 @@ def test_generation_failure_is_500_then_healthy(server, client):
         if step == "prefill":
             raise RuntimeError("injected device failure")
 
-    server.engine.fault_hook = broken
+    set_step_hook(server.engine, broken)
     try:
         error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO, "max_tokens": 3}), 500,
                               "internal_error")
     finally:
-        server.engine.fault_hook = None
+        set_step_hook(server.engine, None)
     assert error["type"] == "server_error" and "Traceback" not in error["message"]
     assert client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2).choices
 

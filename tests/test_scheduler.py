@@ -1,0 +1,189 @@
+"""The engine's scheduling on fake device steps (``tests/fake_steps.py``): no model, tokens known in advance.
+
+Admission order, ``n`` choices, stop and budget, cancellation wherever a request is, a full queue, failed
+prefill and decode calls, prefix reuse and chunked prefill beside live streams.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flaxchat.sampling.engine import Engine, EngineConfig
+from flaxchat.sampling.params import SamplingParams
+from flaxchat.sampling.requests import QueueFullError, collect_text
+from tests.fake_steps import EOS, FakeSteps, LetterTokenizer, expected_tokens, fake_config, first_token
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+def engine_on(steps: FakeSteps, **config) -> Engine:
+    settings = {"slots": steps.slots, "max_len": 64, **config}
+    return Engine(fake_config(64), None, LetterTokenizer(), EngineConfig(**settings), steps=steps).start()
+
+
+@pytest.fixture
+def steps():
+    return FakeSteps()
+
+
+@pytest.fixture
+def engine(steps):
+    engine = engine_on(steps)
+    yield engine
+    engine.stop()
+
+
+def replies(handle) -> list[list]:
+    """Each choice's events, in choice order (waits for the request to end)."""
+    grouped = handle.result()
+    return [grouped[i] for i in sorted(grouped)]
+
+
+def tokens(events) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def held(steps: FakeSteps, stage: str) -> threading.Event:
+    """Make every ``stage`` call wait until the returned event is set."""
+    release = threading.Event()
+    steps.before[stage] = lambda: release.wait(10)
+    return release
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_tokens_follow_the_steps_and_stop_at_the_budget(engine):
+    (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=5, seed=3, ignore_eos=True)))
+    assert tokens(events) == expected_tokens(PROMPT, 3, 0, 5)
+    assert events[-1].finish_reason == "length" and [e.finish_reason for e in events[:-1]] == [None] * 4
+    assert collect_text(events) == LetterTokenizer().decode(expected_tokens(PROMPT, 3, 0, 5), skip_special_tokens=True)
+    assert engine.busy_slots == 0
+
+
+def test_n_choices_share_one_prefill_and_each_follows_its_own_key(engine, steps):
+    choices = replies(engine.submit(PROMPT, SamplingParams(n=3, max_tokens=4, seed=11, ignore_eos=True)))
+    assert [tokens(c) for c in choices] == [expected_tokens(PROMPT, 11, i, 4) for i in range(3)]
+    stages = [stage for stage, _ in steps.calls]
+    assert stages.count("prefill") == 1 and stages.count("copy_slot") == 2 and stages.count("insert") == 3
+
+
+def test_the_stop_token_ends_a_choice_without_text(engine):
+    prompt = next([k] for k in range(EOS) if first_token([k], 5, 0) == EOS - 2)  # tokens: EOS-2, EOS-1, EOS
+    (events,) = replies(engine.submit(prompt, SamplingParams(max_tokens=10, seed=5)))
+    assert tokens(events) == [EOS - 2, EOS - 1, EOS] and events[-1].finish_reason == "stop"
+    assert collect_text(events) == LetterTokenizer().decode([EOS - 2, EOS - 1])
+
+
+def test_requests_are_admitted_first_come_first_served(engine, steps):
+    release = held(steps, "decode")
+    first = engine.submit(PROMPT, SamplingParams(n=4, max_tokens=2, seed=1, ignore_eos=True))  # every slot
+    wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+    a = engine.submit([7] * 5, SamplingParams(n=3, max_tokens=2, seed=2, ignore_eos=True))
+    b = engine.submit([8] * 6, SamplingParams(max_tokens=2, seed=3, ignore_eos=True))
+    time.sleep(0.05)
+    assert engine.queue_depth == 2  # both wait for slots
+    release.set()
+    for handle in (first, a, b):
+        replies(handle)
+    prefills = [detail for stage, detail in steps.calls if stage.startswith("prefill")]
+    assert [p for p in prefills if p != prefills[0]] in ([[(0, 0, 5), (3, 0, 6)]], [(0, 0, 5), (3, 0, 6)])
+
+
+def test_cancel_wherever_the_request_is(engine, steps):
+    release = held(steps, "decode")
+    decoding = engine.submit(PROMPT, SamplingParams(n=4, max_tokens=50, seed=1, ignore_eos=True))
+    wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+    waiting = engine.submit(PROMPT, SamplingParams(max_tokens=5, seed=2))
+    waiting.cancel()
+    decoding.cancel()
+    release.set()
+    assert all(c[-1].finish_reason == "cancelled" for c in replies(decoding))
+    assert replies(waiting)[0][-1].finish_reason == "cancelled"
+    wait_until(lambda: engine.busy_slots == 0)
+    assert sorted(detail for stage, detail in steps.calls if stage == "release") == [0, 1, 2, 3]
+    (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=3, seed=4, ignore_eos=True)))
+    assert tokens(events) == expected_tokens(PROMPT, 4, 0, 3)
+
+
+def test_a_full_queue_refuses_and_the_queue_drains(steps):
+    engine = engine_on(steps, queue_size=1)
+    try:
+        release = held(steps, "decode")
+        busy = engine.submit(PROMPT, SamplingParams(n=4, max_tokens=2, ignore_eos=True))
+        wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+        queued = engine.submit(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True))
+        with pytest.raises(QueueFullError):
+            engine.submit(PROMPT, SamplingParams(max_tokens=2))
+        release.set()
+        assert replies(busy) and len(tokens(replies(queued)[0])) == 2
+    finally:
+        engine.stop()
+
+
+def test_a_failed_decode_call_ends_its_choices_and_the_engine_goes_on(engine, steps):
+    failures = iter([RuntimeError("device lost")])
+
+    def fail_once():
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    steps.before["decode"] = fail_once
+    (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=5, seed=1)))
+    assert events[-1].finish_reason == "error" and "device lost" in events[-1].error
+    (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=3, seed=2, ignore_eos=True)))
+    assert tokens(events) == expected_tokens(PROMPT, 2, 0, 3)
+    wait_until(lambda: engine.busy_slots == 0)
+
+
+def test_a_failed_prefill_ends_only_its_request(engine, steps):
+    release = held(steps, "decode")
+    running = engine.submit(PROMPT, SamplingParams(max_tokens=6, seed=1, ignore_eos=True))
+    wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+
+    def fail():
+        raise RuntimeError("bad chunk")
+
+    steps.before["prefill"] = fail
+    doomed = engine.submit([9] * 10, SamplingParams(max_tokens=3, seed=2))
+    release.set()
+    (failed,) = replies(doomed)
+    assert failed[-1].finish_reason == "error" and "bad chunk" in failed[-1].error
+    assert tokens(replies(running)[0]) == expected_tokens(PROMPT, 1, 0, 6)
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks(engine, steps):
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks of 4 go into the pool
+    cold = engine.submit(prompt, SamplingParams(max_tokens=3, seed=7, ignore_eos=True))
+    assert tokens(replies(cold)[0]) == expected_tokens(prompt, 7, 0, 3) and cold.cached_tokens == 0
+    steps.calls.clear()
+    warm = engine.submit(prompt, SamplingParams(max_tokens=3, seed=7, ignore_eos=True))
+    assert tokens(replies(warm)[0]) == expected_tokens(prompt, 7, 0, 3) and warm.cached_tokens == 12
+    loads = [detail for stage, detail in steps.calls if stage == "load_blocks"]
+    assert len(loads) == 1 and len(loads[0][1]) == 3
+    assert [detail for stage, detail in steps.calls if stage == "prefill"] == [(loads[0][0], 12, 1)]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(steps):
+    engine = engine_on(steps, prefill_chunk=8)
+    steps.before["decode"] = lambda: time.sleep(0.002)  # the stream stays live while the long prompt prefills
+    try:
+        running = engine.submit(PROMPT, SamplingParams(max_tokens=30, seed=1, ignore_eos=True))
+        wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+        long = engine.submit(list(range(40)), SamplingParams(max_tokens=2, seed=2, ignore_eos=True))
+        assert tokens(replies(long)[0]) == expected_tokens(list(range(40)), 2, 0, 2)
+        assert tokens(replies(running)[0]) == expected_tokens(PROMPT, 1, 0, 30)
+        stages = [(stage, detail) for stage, detail in steps.calls if stage in ("prefill", "decode")]
+        chunks = [i for i, (stage, detail) in enumerate(stages) if stage == "prefill" and detail[1] > 0]
+        assert chunks and all(detail[2] <= 8 for stage, detail in stages[chunks[0] - 1:] if stage == "prefill")
+        assert all(stages[i - 1][0] == "decode" for i in chunks)  # live streams advance between chunks
+    finally:
+        engine.stop()
