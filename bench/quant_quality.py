@@ -36,7 +36,8 @@ def main() -> int:
 
     from flaxchat.checkpoints.store import load_model, pull
     from flaxchat.model.transformer import Transformer, init_cache
-    from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
     from flaxchat.serve.chat_template import render_chat
     from tests.test_default_model import PROMPTS
 
@@ -56,12 +57,18 @@ def main() -> int:
     def config(variant: tuple[str, str, str]):
         return models[variant[0]].cfg.replace(prompt_activations=variant[2])
 
-    def greedy(variant: tuple[str, str, str], prompt: str) -> list[int]:
+    def greedy(variant: tuple[str, str, str]) -> dict[str, list[int]]:
+        """Each prompt's greedy continuation through the engine (one slot, the variant's weights and KV)."""
         model = models[variant[0]]
-        ids = tokenizer.encode(render_chat(model.chat_template, [{"role": "user", "content": prompt}],
-                                           special_tokens=special))
-        settings = GenerationSettings(max_tokens=TOKENS, temperature=0.0, seed=0)
-        return list(SimpleGenerator(config(variant), model.params, kv_dtype=variant[1]).generate(ids, settings))
+        settings = EngineConfig(slots=1, max_len=128, kv_dtype=variant[1], prefix_cache_mb=0)
+        continuations = {}
+        with Engine(config(variant), model.params, tokenizer, settings) as engine:
+            for prompt in PROMPTS:
+                ids = tokenizer.encode(render_chat(model.chat_template, [{"role": "user", "content": prompt}],
+                                                   special_tokens=special))
+                events = engine.submit(ids, SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True))
+                continuations[prompt] = [e.token_id for e in events.result()[0]]
+        return continuations
 
     def mean_log_likelihood(variant: tuple[str, str, str]) -> float:
         model = models[variant[0]]
@@ -74,13 +81,13 @@ def main() -> int:
         return float(np.mean([logp[t, ids[t + 1]] for t in range(len(ids) - 1)]))
 
     reference = ("float32", "float32", "float32")
-    base = {prompt: greedy(reference, prompt) for prompt in PROMPTS}
+    base = greedy(reference)
     ll = {"float32": mean_log_likelihood(reference)} | {mode: mean_log_likelihood(v) for mode, v in variants.items()}
     lines = []
     for mode, variant in variants.items():
-        rows = []
+        rows, continuations = [], greedy(variant)
         for prompt in PROMPTS:
-            quant = greedy(variant, prompt)
+            quant = continuations[prompt]
             first_diff = next((i for i, (a, b) in enumerate(zip(base[prompt], quant)) if a != b), TOKENS)
             rows.append((prompt, first_diff, tokenizer.decode(base[prompt]), tokenizer.decode(quant)))
         agree = sum(1 for r in rows if r[1] == TOKENS)

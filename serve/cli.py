@@ -47,8 +47,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """One answer through the same engine (and so the same tokens for a seed) as the server, streamed."""
     from flaxchat.checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
-    from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
     from flaxchat.serve.chat_template import render_chat
 
     _setup_jax()
@@ -69,24 +71,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         prompt_ids = tokenizer.encode(text)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    settings = GenerationSettings(
-        max_tokens=args.max_tokens, temperature=args.temperature, seed=seed, stop_ids=tokenizer.stop_ids
-    )
-    generator = SimpleGenerator(model.cfg, model.params)
-    generated: list[int] = []
-    shown = ""
-    for token_id in generator.generate(prompt_ids, settings):
-        if token_id in tokenizer.stop_ids:
-            break
-        generated.append(token_id)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue  # half of a multi-byte character: wait for the rest
-        sys.stdout.write(text[len(shown):])
-        sys.stdout.flush()
-        shown = text
-    sys.stdout.write(tokenizer.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
-    print(f"[seed {seed}, {len(generated)} tokens]", file=sys.stderr)
+    # One slot and a context just long enough: the warm-up compiles only the shapes this answer uses.
+    engine = Engine(model.cfg, model.params, tokenizer,
+                    EngineConfig(slots=1, max_len=len(prompt_ids) + args.max_tokens, prefix_cache_mb=0,
+                                 kv_dtype=_kv_dtype("auto", model.cfg.weights))).start()
+    try:
+        handle = engine.submit(prompt_ids, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                                          seed=seed))
+        generated = 0
+        for event in handle:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            generated += event.token_id is not None and event.finish_reason != "stop"
+            if event.error:
+                raise RuntimeError(event.error)
+    finally:
+        engine.stop()
+    sys.stdout.write("\n")
+    print(f"[seed {seed}, {generated} tokens]", file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,8 @@ from flaxchat.checkpoints.gguf_import import load_gguf
 from flaxchat.checkpoints.store import load_model
 from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 from flaxchat.model.transformer import Transformer, init_cache
-from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
+from flaxchat.sampling.engine import Engine, EngineConfig
+from flaxchat.sampling.params import SamplingParams
 from flaxchat.serve.chat_template import render_chat
 
 pytestmark = pytest.mark.default_model
@@ -74,17 +75,26 @@ def test_prompt_logits_close_to_transformers(ours_and_reference):
     assert diff <= 1e-3
 
 
+def _served_tokenizer(imported, tokenizer):
+    """The tokenizer with the checkpoint's special tokens (stop ids), as the store builds it."""
+    from flaxchat.checkpoints.tokenizer_files import special_tokens_from_config
+
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return HFTokenizer(tokenizer.backend, special_tokens_from_config(imported.tokenizer_config, vocab))
+
+
 def test_greedy_continuations_equal_transformers(ours_and_reference, reference_greedy):
+    """One prompt at a time through a one-slot engine: greedy tokens equal transformers'."""
     imported, tokenizer, _, _ = ours_and_reference
-    generator = SimpleGenerator(imported.cfg, imported.params)
-    eos = tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
+    tokenizer = _served_tokenizer(imported, tokenizer)
     lengths = []
-    for prompt in PROMPTS:
-        ids = _chat_ids(imported, tokenizer, prompt)
-        ours = list(generator.generate(ids, GenerationSettings(max_tokens=32, stop_ids=frozenset({eos}))))
-        theirs = reference_greedy(ids)
-        assert ours == theirs, f"{prompt!r}: {tokenizer.decode(ours)!r} != {tokenizer.decode(theirs)!r}"
-        lengths.append(len(ours))
+    with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=1, max_len=128)) as engine:
+        for prompt in PROMPTS:
+            ids = _chat_ids(imported, tokenizer, prompt)
+            ours = [e.token_id for e in engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)).result()[0]]
+            theirs = reference_greedy(ids)
+            assert ours == theirs, f"{prompt!r}: {tokenizer.decode(ours)!r} != {tokenizer.decode(theirs)!r}"
+            lengths.append(len(ours))
     assert sum(n == 32 for n in lengths) >= 3, lengths  # most continuations run the full 32 tokens
 
 
@@ -110,10 +120,10 @@ def test_pulled_store_generates_sensibly(default_store, weights):
     assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("uint8")} if weights != "float32" else set())
     text = render_chat(model.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
                        special_tokens={"bos_token": model.tokenizer.special.bos_token})
-    out = list(SimpleGenerator(model.cfg, model.params).generate(
-        model.tokenizer.encode(text), GenerationSettings(max_tokens=20, stop_ids=model.tokenizer.stop_ids)))
-    assert "Paris" in model.tokenizer.decode(out)
-    assert out[-1] in model.tokenizer.stop_ids
+    with Engine(model.cfg, model.params, model.tokenizer, EngineConfig(slots=1, max_len=128)) as engine:
+        events = engine.submit(model.tokenizer.encode(text), SamplingParams(max_tokens=20, temperature=0.0)).result()[0]
+    assert "Paris" in "".join(e.text for e in events)
+    assert events[-1].token_id in model.tokenizer.stop_ids and events[-1].finish_reason == "stop"
 
 
 def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store):
@@ -141,13 +151,8 @@ def test_the_q4_1_checkpoint_runs_as_int4_with_every_weight_exact(default_store)
 
 def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_greedy):
     """Six chat prompts at once through the batching engine (4 slots): greedy tokens equal transformers'."""
-    from flaxchat.checkpoints.tokenizer_files import special_tokens_from_config
-    from flaxchat.sampling.engine import Engine, EngineConfig
-    from flaxchat.sampling.params import SamplingParams
-
     imported, tokenizer, _, _ = ours_and_reference
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    tokenizer = HFTokenizer(tokenizer.backend, special_tokens_from_config(imported.tokenizer_config, vocab))
+    tokenizer = _served_tokenizer(imported, tokenizer)
     prompts = [_chat_ids(imported, tokenizer, p) for p in PROMPTS]
     with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=4, max_len=256)) as engine:
         handles = [engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)) for ids in prompts]

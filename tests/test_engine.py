@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from flaxchat.sampling.requests import PromptTooLongError, QueueFullError, collect_text
-from flaxchat.sampling.generate import GenerationSettings, SimpleGenerator
 from flaxchat.sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_engine
+from tests.greedy import greedy_without_cache
 from tests.step_hooks import set_step_hook
 
 PROMPTS = [[5, 40, 300, 17, 17, 9], [100, 64, 7] * 9, list(range(3, 60)), [12], [250, 251, 252, 253] * 20]
@@ -102,8 +102,7 @@ def test_n_choices_differ_and_equal_each_choice_alone(engine):
 
 
 def test_temperature_zero_equals_the_greedy_reference(engine):
-    reference = list(SimpleGenerator(engine.cfg, engine.steps.params).generate(
-        PROMPTS[2], GenerationSettings(max_tokens=20, temperature=0.0)))
+    reference = greedy_without_cache(engine.cfg, engine.steps.params, PROMPTS[2], 20)
     events = run(engine, PROMPTS[2], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
     assert tokens_and_logprobs(events)[0] == reference
 
