@@ -31,7 +31,7 @@ def main() -> None:
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
     from flaxchat.sampling.steps import bitmask_words
-    from flaxchat.serve.chat_template import render_chat
+    from flaxchat.chat.template import render_chat
 
     pull(progress=False)
     model = load_model("smollm2-135m-instruct")

@@ -38,7 +38,7 @@ def main() -> int:
     from flaxchat.model.transformer import Transformer, init_cache
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
-    from flaxchat.serve.chat_template import render_chat
+    from flaxchat.chat.template import render_chat
     from tests.test_default_model import PROMPTS
 
     pull(progress=False)

@@ -8,6 +8,8 @@ token, stop string, guide done, budget; held-back text is flushed when the choic
 
 from __future__ import annotations
 
+import collections
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +98,13 @@ class ChoiceMaker:
     """Builds what a request's choices start with, for one tokenizer and context length: grammars, the
     device row settings, and each ``Choice``."""
 
+    GRAMMARS_KEPT = 64  # compiled grammars kept for reuse (an agent sends the same tools every turn)
+
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_len: int):
         self.tokenizer, self.vocab_size, self.max_len = tokenizer, vocab_size, max_len
         self.words = bitmask_words(vocab_size)
+        self._compiled: collections.OrderedDict[str, TokenConstraint] = collections.OrderedDict()
+        self._lock = threading.Lock()  # submit() runs on callers' threads, choices start on the engine's
 
     def prepare(self) -> None:
         """Build the tokenizer's grammar views (about a second) and compile the small jax ops a choice's
@@ -110,8 +116,17 @@ class ChoiceMaker:
                                                top_logprobs=1))
 
     def constraint(self, grammar: str) -> TokenConstraint:
-        """A matcher for ``grammar``; raises ``ConstraintError`` naming the problem."""
-        return TokenConstraint(ll_tokenizer(self.tokenizer, self.vocab_size), grammar, self.words)
+        """A fresh matcher for ``grammar``; raises ``ConstraintError`` naming the problem. The grammar is
+        compiled once (validating a request, and each of its choices, copy the compiled matcher)."""
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is None:
+                compiled = TokenConstraint(ll_tokenizer(self.tokenizer, self.vocab_size), grammar, self.words)
+                self._compiled[grammar] = compiled
+                if len(self._compiled) > self.GRAMMARS_KEPT:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(grammar)
+            return compiled.copy()
 
     def row(self, params: SamplingParams, prompt: list[int]) -> RowRequest:
         """The device settings every choice of the request shares."""

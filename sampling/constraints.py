@@ -76,6 +76,12 @@ class TokenConstraint:
             raise ConstraintError(f"invalid grammar: {self.matcher.get_error()}")
         self.words = words
 
+    def copy(self) -> "TokenConstraint":
+        """A matcher in this one's state, without compiling the grammar again."""
+        twin = object.__new__(TokenConstraint)
+        twin.matcher, twin.words = self.matcher.deep_copy(), self.words
+        return twin
+
     def allowed(self) -> np.ndarray:
         """Bitmask of the tokens allowed next (bit ``i % 32`` of word ``i // 32``)."""
         mask = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint32)[: self.words]

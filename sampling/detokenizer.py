@@ -66,12 +66,7 @@ class StopStringFilter:
         if cut >= 0:
             self.stopped, self.pending = True, ""
             return text[:cut]
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), hold, -1):
-                if text.endswith(stop[:k]):
-                    hold = k
-                    break
+        hold = max(partial_suffix(text, stop) for stop in self.stops)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold]
 
@@ -79,3 +74,12 @@ class StopStringFilter:
         """Release held-back text (the generation ended without completing a stop string)."""
         text, self.pending = ("" if self.stopped else self.pending), ""
         return text
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``: text to hold back in a
+    stream, since the next delta may complete the tag (stop strings, think tags, tool-call triggers)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0

@@ -12,11 +12,14 @@ from pydantic import ValidationError
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from flaxchat.serve.chat import Completion, ServedModel
-from flaxchat.serve.errors import APIError, from_validation_error
+from flaxchat.chat.errors import ChatError
+from flaxchat.chat.protocol import ChatCompletionRequest
+from flaxchat.chat.reply import Reply
+from flaxchat.chat.request import ServedModel, prepare, submit
+from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
 from flaxchat.serve.limits import RateLimiter, TokenBudgets
 from flaxchat.serve.metrics import Metrics
-from flaxchat.serve.protocol import ChatCompletionRequest
+from flaxchat.serve.render import Rendering
 
 log = logging.getLogger("flaxchat.server")
 
@@ -56,6 +59,10 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     @app.errorhandler(APIError)
     async def _api_error(error: APIError):
         return _error_response(error)
+
+    @app.errorhandler(ChatError)
+    async def _chat_error(error: ChatError):
+        return _error_response(from_chat_error(error))
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException):
@@ -123,27 +130,29 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
             raise from_validation_error(exc) from None
         if not model.answers_to(body.model):
             raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
-        completion = Completion(model, body)
-        log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", completion.id, body.model,
-                 body.user, completion.prompt_tokens, completion.params.n, bool(body.stream), completion.handle.seed)
+        prepared = prepare(model, body)
+        reply = Reply(model, prepared, submit(model, prepared))
+        rendering = Rendering(reply, body.model, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", rendering.id, body.model,
+                 body.user, reply.prompt_tokens, prepared.params.n, bool(body.stream), reply.handle.seed)
         if not body.stream:
             try:
                 with metrics.latency.time():
-                    return await completion.response()
+                    return await rendering.completion()
             finally:
-                completion.cancel()  # a no-op once finished; frees the slots if the client went away
-                budgets.charge(caller, completion.prompt_tokens + completion.completion_tokens)
+                reply.cancel()  # a no-op once finished; frees the slots if the client went away
+                budgets.charge(caller, reply.prompt_tokens + reply.completion_tokens)
 
         async def events():
             try:
-                async for chunk in completion.chunks():
+                async for chunk in rendering.chunks():
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
-            except APIError as error:  # headers are gone: report in the stream, as OpenAI does
-                yield f"data: {json.dumps(error.body())}\n\n".encode()
+            except ChatError as error:  # headers are gone: report in the stream, as OpenAI does
+                yield f"data: {json.dumps(from_chat_error(error).body())}\n\n".encode()
             finally:
-                completion.cancel()
-                budgets.charge(caller, completion.prompt_tokens + completion.completion_tokens)
+                reply.cancel()
+                budgets.charge(caller, reply.prompt_tokens + reply.completion_tokens)
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"

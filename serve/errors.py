@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from flaxchat.chat.errors import ChatError
+
 _RANGE_ERRORS = {
     "greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
     "value_error", "literal_error", "enum",
@@ -43,3 +45,7 @@ def from_validation_error(exc: ValidationError) -> APIError:
     if first["type"] in _RANGE_ERRORS:
         return APIError(422, message, type="invalid_request_error", param=param, code="invalid_parameter")
     return APIError(400, message, param=param, code="invalid_type")
+
+
+def from_chat_error(exc: ChatError) -> APIError:
+    return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, retry_after=exc.retry_after)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flaxchat.serve.app import ServerSettings, create_app
-from flaxchat.serve.chat import ServedModel
+from flaxchat.chat.request import ServedModel
 from flaxchat.serve.server import BackgroundServer
 from tests.engine_fixtures import tiny_engine
 from tests.gguf_writer import CHAT_TEMPLATE

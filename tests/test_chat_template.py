@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from flaxchat.serve.chat_template import ChatTemplateError, render_chat
+from flaxchat.chat.template import ChatTemplateError, render_chat
 from tests.gguf_writer import CHAT_TEMPLATE as CHATML
 
 SMOLLM2_TEMPLATE = (

@@ -13,7 +13,7 @@ from tests.hf_reference import make_tiny_model
 
 def flaxchat(*args: str, home, extra_env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FLAXCHAT_HOME": str(home), "JAX_PLATFORMS": "cpu", **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "flaxchat.serve.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "flaxchat.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
@@ -72,7 +72,7 @@ def test_errors_are_one_line_messages(tmp_path):
 
 
 def test_the_kv_cache_is_int8_by_default_only_with_quantised_weights():
-    from flaxchat.serve.cli import _kv_dtype
+    from flaxchat.cli import _kv_dtype
 
     assert _kv_dtype("auto", "int4") == "int8" and _kv_dtype("auto", "int8") == "int8"
     assert _kv_dtype("auto", "float32") == "bfloat16"  # the parity setting keeps a float cache

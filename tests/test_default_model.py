@@ -12,7 +12,7 @@ from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 from flaxchat.model.transformer import Transformer, init_cache
 from flaxchat.sampling.engine import Engine, EngineConfig
 from flaxchat.sampling.params import SamplingParams
-from flaxchat.serve.chat_template import render_chat
+from flaxchat.chat.template import render_chat
 
 pytestmark = pytest.mark.default_model
 

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "flaxchat", "model", "sampling", "serve", "checkpoints")
+SOURCES = ("pyproject.toml", "README.md", "flaxchat", "model", "sampling", "chat", "serve", "checkpoints")
 
 
 def test_wheel_holds_only_the_flaxchat_namespace(tmp_path):
@@ -27,7 +27,8 @@ def test_wheel_holds_only_the_flaxchat_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"flaxchat"}
     for module in ("flaxchat/__init__.py", "flaxchat/model/transformer.py", "flaxchat/model/kernels/qmatmul.cc",
-                   "flaxchat/sampling/engine.py", "flaxchat/serve/cli.py", "flaxchat/checkpoints/store.py"):
+                   "flaxchat/sampling/engine.py", "flaxchat/chat/template.py", "flaxchat/serve/app.py",
+                   "flaxchat/cli.py", "flaxchat/checkpoints/store.py"):
         assert module in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "flaxchat = flaxchat.serve.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "flaxchat = flaxchat.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from flaxchat.sampling.constraints import json_schema_grammar
 from flaxchat.sampling.params import SamplingParams, ThinkingPlan
-from flaxchat.serve.reasoning import ReasoningSplitter, reasoning_setup
+from flaxchat.chat.format import ChatFormat
+from flaxchat.chat.reasoning import ReasoningSplitter
 from tests.engine_fixtures import tiny_engine
 from tests.server_fixtures import TINY_ID, start_tiny_server
 
@@ -65,16 +66,17 @@ def test_effort_maps_to_template_switch_and_budget(tmp_path):
     engine = tiny_engine(tmp_path, TINY_QWEN3, max_len=256)
     try:
         tok = engine.tokenizer
-        low = reasoning_setup(QWEN3_TEMPLATE, "<|im_start|>assistant\n", tok, "low", max_tokens=100, constrained=False)
+        qwen3 = ChatFormat(QWEN3_TEMPLATE, tok)
+        low = qwen3.reasoning("<|im_start|>assistant\n", "low", max_tokens=100, constrained=False)
         assert low.plan.budget == 50 and low.plan.open_ids == tuple(tok.encode("<think>\n"))
-        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, "high", 100_000, False).plan.budget == 8192
-        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, None, 100, False).plan is None  # unlimited, nothing to force
-        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, None, 100, True).plan.budget == 50  # room for the answer
-        assert reasoning_setup(QWEN3_TEMPLATE, "x", tok, "minimal", 100, False) is None
-        assert reasoning_setup(QWEN3_TEMPLATE, "x<think>\n\n</think>\n\n", tok, None, 100, False) is None
-        opened = reasoning_setup(QWEN3_TEMPLATE, "x<think>\n", tok, "low", 100, False)
+        assert qwen3.reasoning("x", "high", 100_000, False).plan.budget == 8192
+        assert qwen3.reasoning("x", None, 100, False).plan is None  # unlimited, nothing to force
+        assert qwen3.reasoning("x", None, 100, True).plan.budget == 50  # room for the answer
+        assert qwen3.reasoning("x", "minimal", 100, False) is None
+        assert qwen3.reasoning("x<think>\n\n</think>\n\n", None, 100, False) is None
+        opened = qwen3.reasoning("x<think>\n", "low", 100, False)
         assert opened.open_at_start and opened.plan.open_ids == ()
-        assert reasoning_setup("{{ messages }}", "x", tok, "high", 100, False) is None  # model does not think
+        assert ChatFormat("{{ messages }}", tok).reasoning("x", "high", 100, False) is None  # model does not think
     finally:
         engine.stop()
 

@@ -32,7 +32,7 @@ def served(default_store):
     port = _free_port()
     env = {**os.environ, "FLAXCHAT_HOME": str(default_store), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "flaxchat.serve.cli", "serve", "--port", str(port), "--slots", "8", "--max-len", "1024"],
+        [sys.executable, "-m", "flaxchat.cli", "serve", "--port", str(port), "--slots", "8", "--max-len", "1024"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300

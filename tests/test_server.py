@@ -298,12 +298,12 @@ def test_generation_failure_is_500_then_healthy(server, client):
 
 
 def test_unexpected_exception_is_500_with_request_id_and_no_traceback(server, client, monkeypatch):
-    import flaxchat.serve.chat
+    import flaxchat.serve.app
 
     def explode(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(flaxchat.serve.chat, "render_prompt", explode)
+    monkeypatch.setattr(flaxchat.serve.app, "prepare", explode)
     error = _assert_error(_post(server, {"model": TINY_ID, "messages": HELLO}), 500, "internal_error")
     assert "request id req_" in error["message"] and "secret" not in error["message"]
     monkeypatch.undo()

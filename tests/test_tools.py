@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flaxchat.sampling.constraints import ll_tokenizer
-from flaxchat.serve.errors import APIError
-from flaxchat.serve.tool_parsers import ToolCallStream, json_value_end, scan
-from flaxchat.serve.tools import ToolChoice, detect_syntax, parse_tools, tool_grammar
+from flaxchat.chat.errors import ChatError
+from flaxchat.chat.tool_parsers import ToolCallStream, json_value_end, scan
+from flaxchat.chat.tools import ToolChoice, detect_syntax, parse_tools, tool_grammar
 from tests.engine_fixtures import tiny_model
 from tests.server_fixtures import TINY_ID, start_tiny_server
 from tests.test_reasoning import QWEN3_TEMPLATE, TINY_QWEN3
@@ -289,7 +289,7 @@ def test_hermes_tool_calls_with_the_qwen3_template(tmp_path):
 
 
 def test_conversation_rewritten_for_each_syntax():
-    from flaxchat.serve.tools import mistral_call_id, template_messages
+    from flaxchat.chat.tools import mistral_call_id, template_messages
 
     call = {"id": "call_abc", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
     messages = [{"role": "user", "content": "time?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
@@ -351,7 +351,7 @@ def test_parameters_with_definitions(tokenizer):
     assert not _accepts(tokenizer, grammar, '<tool_call>\n{"name":"move","arguments":{"to":{"x":1}}}\n</tool_call>')
     other = {"type": "function", "function": {"name": "jump", "parameters": {
         "type": "object", "properties": {"to": {"$ref": "#/$defs/point"}}, "$defs": {"point": {"type": "string"}}}}}
-    with pytest.raises(APIError, match="define \\$defs/point differently"):
+    with pytest.raises(ChatError, match="define \\$defs/point differently"):
         tool_grammar("hermes", parse_tools([move, other]), ToolChoice("required"), True, tokenizer)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from flaxchat.serve.reasoning import ReasoningSplitter
-from flaxchat.serve.tool_parsers import ToolCallStream
+from flaxchat.chat.reasoning import ReasoningSplitter
+from flaxchat.chat.tool_parsers import ToolCallStream
 
 
 def new_call_id() -> str:

@@ -15,23 +15,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.detokenizer import partial_suffix
 from flaxchat.sampling.params import ThinkingPlan
 
 EFFORTS = ("none", "minimal", "low", "medium", "high")
 THINKING_BUDGETS = {"low": 512, "medium": 2048, "high": 8192}
 OPEN_TAG, CLOSE_TAG = "<think>", "</think>"
+SWITCH = "enable_thinking"  # the template variable that turns thinking on and off
 
 
 def template_thinks(template: str) -> bool:
     """Does this chat template belong to a model that reasons in think tags?"""
-    return OPEN_TAG in template or "enable_thinking" in template
+    return OPEN_TAG in template or SWITCH in template
 
 
-def template_switch(template: str, effort: str | None) -> dict[str, bool]:
-    """Extra template variables for ``effort`` (Qwen3's ``enable_thinking``)."""
-    if effort is None or "enable_thinking" not in template:
+def template_switch(has_switch: bool, effort: str | None) -> dict[str, bool]:
+    """Extra template variables for ``effort`` (Qwen3's ``enable_thinking``) in a template that has the switch."""
+    if effort is None or not has_switch:
         return {}
-    return {"enable_thinking": effort not in ("none", "minimal")}
+    return {SWITCH: effort not in ("none", "minimal")}
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,10 @@ class ReasoningSetup:
     open_at_start: bool  # the prompt already opened the think block
 
 
-def reasoning_setup(template: str, prompt_text: str, tokenizer: Tokenizer, effort: str | None, max_tokens: int,
+def reasoning_setup(thinks: bool, prompt_text: str, tokenizer: Tokenizer, effort: str | None, max_tokens: int,
                     constrained: bool) -> ReasoningSetup | None:
-    """None for models that do not think or when thinking is switched off."""
-    if not template_thinks(template) or effort in ("none", "minimal"):
+    """None for models that do not think (``thinks``: ``template_thinks``) or when thinking is switched off."""
+    if not thinks or effort in ("none", "minimal"):
         return None
     tail = prompt_text.rstrip()
     if tail.endswith(CLOSE_TAG):  # the template closed an empty block: thinking is off
@@ -63,14 +65,6 @@ def reasoning_setup(template: str, prompt_text: str, tokenizer: Tokenizer, effor
             budget=budget,
         )
     return ReasoningSetup(plan, open_in_prompt)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ReasoningSplitter:
@@ -111,7 +105,7 @@ class ReasoningSplitter:
                     reasoning += self._buffer[:at].rstrip()
                     self._buffer, self.state, self._lead = self._buffer[at + len(CLOSE_TAG):], "content", True
                     continue
-                keep = _partial_suffix(self._buffer, CLOSE_TAG)
+                keep = partial_suffix(self._buffer, CLOSE_TAG)
                 body = self._buffer[: len(self._buffer) - keep]
                 held = len(body) - len(body.rstrip())  # blanks may turn out to precede </think>
                 reasoning += body[: len(body) - held]

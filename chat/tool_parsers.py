@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from flaxchat.sampling.detokenizer import partial_suffix
+
 TRIGGERS = {"hermes": "<tool_call>", "generic": "<tool_call>", "mistral": "[TOOL_CALLS]"}
 _CALL_HEAD = {key: re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"' + key + r'"\s*:\s*')
               for key in ("arguments", "parameters")}
@@ -90,14 +92,6 @@ def _read_call(text: str, pos: int, key: str) -> tuple[PartialCall | None, int |
     return call, close.end() if close else None
 
 
-def _hold_partial(text: str, trigger: str) -> str:
-    """``text`` without a suffix that could be the start of ``trigger``."""
-    for size in range(min(len(trigger) - 1, len(text)), 0, -1):
-        if trigger.startswith(text[-size:]):
-            return text[:-size]
-    return text
-
-
 def _tagged_calls(text: str, at: int, syntax: str) -> list[PartialCall]:
     trigger = TRIGGERS[syntax]
     calls = []
@@ -138,7 +132,7 @@ def scan(syntax: str, text: str, final: bool) -> Scan:
     trigger = TRIGGERS[syntax]
     at = text.find(trigger)
     if at < 0:
-        return Scan(text if final else _hold_partial(text, trigger).rstrip())
+        return Scan(text if final else text[: len(text) - partial_suffix(text, trigger)].rstrip())
     calls = _tagged_calls(text, at, syntax)
     content = text[:at].rstrip()
     if final and not calls:

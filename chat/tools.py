@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flaxchat.model.tokenizer import Tokenizer
-from flaxchat.serve.errors import APIError
+from flaxchat.chat.errors import ChatError
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -63,8 +63,8 @@ class ToolChoice:
     name: str | None = None
 
 
-def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
+def _bad(message: str, param: str, code: str = "invalid_value") -> ChatError:
+    return ChatError(message, param=param, code=code)
 
 
 def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
@@ -211,8 +211,8 @@ def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
         for key in definitions:
             for name, definition in (parameters.pop(key, None) or {}).items():
                 if definitions[key].setdefault(name, definition) != definition:
-                    raise APIError(400, f"tools define {key}/{name} differently; give the definitions distinct "
-                                        "names", param="tools", code="invalid_json_schema")
+                    raise ChatError(f"tools define {key}/{name} differently; give the definitions distinct names",
+                                    param="tools", code="invalid_json_schema")
         options.append({"type": "object", "properties": {"name": {"const": tool.name}, args_key: parameters},
                         "required": ["name", args_key], "additionalProperties": False})
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
@@ -255,9 +255,8 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
     if answer_schema is not None and choice.mode == "auto":
         answer = f'%json {json.dumps({**answer_schema, "x-guidance": {"whitespace_flexible": False}})}'
         if syntax == "llama3":
-            raise APIError(400, "response_format JSON cannot be combined with tool_choice 'auto' for this model: "
-                                "its tool calls are bare JSON objects too", param="response_format",
-                           code="unsupported_parameter")
+            raise ChatError("response_format JSON cannot be combined with tool_choice 'auto' for this model: its "
+                            "tool calls are bare JSON objects too", param="response_format", code="unsupported_parameter")
     chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):

@@ -51,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flaxchat.checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
-    from flaxchat.serve.chat_template import render_chat
+    from flaxchat.chat.template import render_chat
 
     _setup_jax()
     name = canonical_name(args.model)
@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flaxchat.checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.serve.app import ServerSettings, create_app
-    from flaxchat.serve.chat import ServedModel
+    from flaxchat.chat.request import ServedModel
     from flaxchat.serve.server import fingerprint, serve_until_signalled
     from flaxchat.serve.memory import release_freed_memory, resident_mb
 
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from flaxchat.checkpoints.errors import CheckpointError
     from flaxchat.checkpoints.store import PullError
-    from flaxchat.serve.chat_template import ChatTemplateError
+    from flaxchat.chat.template import ChatTemplateError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,0 +1,192 @@
+"""One chat request on its way in: ``prepare`` (pure: validated once, rendered, tokenized, its grammar
+compiled once) and ``submit``. The reply comes back through ``chat/reply.py``; every endpoint that answers
+a chat request (JSON, SSE) renders the same ``Reply``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from flaxchat.chat.errors import ChatError
+from flaxchat.chat.format import ChatFormat, ToolSetup
+from flaxchat.chat.protocol import ChatCompletionRequest
+from flaxchat.chat.reasoning import EFFORTS, ReasoningSetup
+from flaxchat.chat.tools import parse_tool_choice, parse_tools
+from flaxchat.model.tokenizer import Tokenizer
+from flaxchat.sampling.constraints import ConstraintError, json_schema_grammar
+from flaxchat.sampling.engine import Engine
+from flaxchat.sampling.params import SamplingParams, ThinkingPlan
+from flaxchat.sampling.requests import EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server exposes: the engine, its tokenizer and chat format, and the names it answers to."""
+
+    id: str
+    engine: Engine
+    tokenizer: Tokenizer
+    chat_template: str
+    fingerprint: str
+    aliases: tuple[str, ...] = ()
+    created: int = field(default_factory=lambda: int(time.time()))
+    format: ChatFormat = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", ChatFormat(self.chat_template, self.tokenizer))
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.id or name in self.aliases
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    tools: ToolSetup
+    reasoning: ReasoningSetup | None
+    stop_ids: frozenset[int]  # tokens that end a choice (never shown as text or logprobs)
+
+
+def check_request(request: ChatCompletionRequest) -> None:
+    """Rules between fields that the request model does not express."""
+    if request.top_logprobs and not request.logprobs:
+        raise ChatError("top_logprobs requires logprobs to be true", param="top_logprobs", code=None)
+    if request.stream_options is not None and not request.stream:
+        raise ChatError("stream_options is only allowed when stream is true", param="stream_options", code=None)
+    if request.reasoning_effort is not None and request.reasoning_effort not in EFFORTS:
+        raise ChatError(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {request.reasoning_effort!r}",
+                        param="reasoning_effort")
+    if request.parallel_tool_calls is not None and not isinstance(request.parallel_tool_calls, bool):
+        raise ChatError("parallel_tool_calls must be a boolean", param="parallel_tool_calls", code=None)
+
+
+def tool_setup(request: ChatCompletionRequest) -> ToolSetup:
+    specs = parse_tools(request.tools)
+    return ToolSetup(specs, parse_tool_choice(request.tool_choice, specs),
+                     True if request.parallel_tool_calls is None else request.parallel_tool_calls)
+
+
+def message_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The conversation as the plain dicts chat templates read."""
+    messages = []
+    for message in request.messages:
+        item: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name:
+            item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
+        messages.append(item)
+    return messages
+
+
+def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks for: any JSON object, or the given schema (None: free text)."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    schema = fmt.json_schema.schema_
+    if not isinstance(schema, dict) or not schema:
+        raise ChatError("response_format.json_schema.schema must be a non-empty JSON schema object",
+                        param="response_format.json_schema.schema", code="invalid_json_schema")
+    return schema
+
+
+def reply_budget(request: ChatCompletionRequest, context: int, prompt_len: int) -> int:
+    """The completion's token budget: what the request asks for, else the rest of the context. Raises
+    ``ChatError`` (context_length_exceeded) when the prompt, or the prompt plus the budget, does not fit."""
+    room = context - prompt_len
+    if room < 1:
+        raise ChatError(f"This model's maximum context length is {context} tokens, but the messages take "
+                        f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+    limit_name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    if max_tokens is not None and prompt_len + max_tokens > context:
+        raise ChatError(f"This model's maximum context length is {context} tokens. However, you requested "
+                        f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
+                        f"{limit_name}). Please reduce the length of the messages or {limit_name}.",
+                        param=limit_name, code="context_length_exceeded")
+    return max_tokens or room
+
+
+def sampling_params(request: ChatCompletionRequest, vocab: int, budget: int, grammar: str | None,
+                    thinking: ThinkingPlan | None) -> SamplingParams:
+    bias = {}
+    for token, value in (request.logit_bias or {}).items():
+        token_id = int(token)
+        if not 0 <= token_id < vocab:
+            raise ChatError(f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab - 1})",
+                            param="logit_bias", code="invalid_parameter", status=422)
+        bias[token_id] = value
+    return SamplingParams(
+        max_tokens=budget,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else max(request.top_p, 1e-6),  # top_p 0 keeps only the top token
+        top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias=MappingProxyType(bias),
+        stop=request.stop_list(),
+        seed=None if request.seed is None else request.seed % 2**64,
+        n=request.n or 1,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
+        grammar=grammar,
+        thinking=thinking,
+    )
+
+
+def _grammar_error(tools: ToolSetup, exc: Exception) -> ChatError:
+    param = "tools" if tools.active else "response_format"
+    return ChatError(f"{param}: {exc}", param=param, code="invalid_json_schema")
+
+
+def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
+    """Validate and translate ``request`` for ``model``'s engine; raises ``ChatError`` naming the field."""
+    check_request(request)
+    fmt = model.format
+    tools = tool_setup(request)
+    prompt_text = fmt.render(message_dicts(request), tools, request.reasoning_effort)
+    ids = model.tokenizer.encode(prompt_text)
+    schema = response_schema(request)
+    grammar = json_schema_grammar(schema) if schema is not None else None
+    if tools.active:  # the reply is calls, or (auto) text or JSON that matches response_format
+        grammar = fmt.tool_grammar(tools, answer_schema=schema)
+    if grammar is not None:
+        try:
+            model.engine.check_grammar(grammar)  # compiled here, once; every choice copies it
+        except ConstraintError as exc:
+            raise _grammar_error(tools, exc) from None
+    budget = reply_budget(request, model.engine.max_len, len(ids))
+    reasoning = fmt.reasoning(prompt_text, request.reasoning_effort, budget, constrained=grammar is not None)
+    params = sampling_params(request, model.tokenizer.vocab_size, budget, grammar,
+                             reasoning.plan if reasoning else None)
+    return Prepared(tuple(ids), params, tools, reasoning, model.tokenizer.stop_ids | frozenset(params.stop_token_ids))
+
+
+def submit(model: ServedModel, prepared: Prepared) -> RequestHandle:
+    """Queue a prepared request; the engine's refusals become ``ChatError`` with their HTTP status."""
+    try:
+        return model.engine.submit(list(prepared.prompt_ids), prepared.params)
+    except QueueFullError as exc:
+        raise ChatError(f"The server is overloaded: {exc}. Retry shortly.", code="server_overloaded", status=503,
+                        type="server_error", retry_after=1) from None
+    except EngineStoppedError:
+        raise ChatError("the server is shutting down", code="server_shutting_down", status=503, type="server_error",
+                        retry_after=1) from None
+    except ConstraintError as exc:
+        raise _grammar_error(prepared.tools, exc) from None
+    except PromptTooLongError as exc:
+        raise ChatError(str(exc), param="messages", code="context_length_exceeded") from None
+    except ValueError as exc:
+        raise ChatError(str(exc), code="invalid_parameter", status=422) from None
