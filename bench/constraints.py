@@ -30,7 +30,7 @@ def main() -> None:
     from flaxchat.sampling.constraints import TokenConstraint, json_schema_grammar, ll_tokenizer
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
-    from flaxchat.sampling.steps import bitmask_words
+    from flaxchat.sampling.params import bitmask_words
     from flaxchat.chat.template import render_chat
 
     pull(progress=False)

@@ -1,7 +1,7 @@
 """Pydantic models of the chat-completions request, fields in the order of the OpenAI reference.
 
-Every accepted field is honoured by the server; fields that are not supported yet are declared so they
-can be refused with a clear 400 instead of being silently dropped.
+Every accepted field is honoured; a field the model does not declare is refused with a 400 naming it
+(``extra="forbid"``), never silently dropped. Cross-field rules live in ``chat/request.py``.
 """
 
 from __future__ import annotations

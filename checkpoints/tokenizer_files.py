@@ -126,14 +126,12 @@ def special_tokens_from_config(config: dict[str, Any], vocab: dict[str, int]) ->
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
     bos_id = vocab.get(bos) if bos else None
     eos_id = vocab.get(eos) if eos else None
-    pad = _token_text(config.get("pad_token"))
     extra = [int(i) for i in config.get("flaxchat_stop_token_ids", [])]
     return SpecialTokens(
         bos_token=bos,
         eos_token=eos,
         bos_id=bos_id,
         eos_id=eos_id,
-        pad_id=vocab.get(pad) if pad else None,
         add_bos=bool(config.get("add_bos_token", False)),
         stop_ids=stop_ids_for(vocab, eos_id, extra),
     )

@@ -1,4 +1,4 @@
-"""The ``flaxchat`` command line: pull, import, list, generate (serve arrives with the server issue)."""
+"""The ``flaxchat`` command line (also ``python -m flaxchat``): pull, import, list, serve, generate."""
 
 from __future__ import annotations
 
@@ -181,6 +181,8 @@ def _add_prompt_activations(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flaxchat.sampling.shapes import DEFAULT_CONTEXT
+
     parser = argparse.ArgumentParser(prog="flaxchat", description="JAX/Flax LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="concurrent sequences per decode step")
-    p.add_argument("--max-len", type=int, default=2048, help="context (KV cache) length per slot")
+    p.add_argument("--max-len", type=int, default=DEFAULT_CONTEXT, help="context (KV cache) length per slot")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (then 503)")
     p.add_argument("--api-key", action="append", help="require this bearer key (repeatable); also FLAXCHAT_API_KEYS")
     p.add_argument("--api-keys-file", default=None, help='file with lines "KEY [TOKEN_BUDGET]"')

@@ -99,10 +99,6 @@ class KVCache:
     v_scale: jax.Array | None = None
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
     def slots(self) -> int:
         return self.k.shape[1]
 

@@ -26,7 +26,6 @@ class SpecialTokens:
     eos_token: str | None = None
     bos_id: int | None = None
     eos_id: int | None = None
-    pad_id: int | None = None
     add_bos: bool = False  # prepend BOS when encoding a raw (non-chat) prompt
     # Ids that end a generation: EOS plus chat turn terminators such as <|im_end|> or <|eot_id|>.
     stop_ids: frozenset[int] = field(default_factory=frozenset)

@@ -22,12 +22,10 @@ from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.closing import vocab_facts
 from flaxchat.sampling.constraints import ChoiceGuide, TokenConstraint, ll_tokenizer
 from flaxchat.sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
-from flaxchat.sampling.params import SamplingParams, TokenEvent, TokenLogprob
+from flaxchat.sampling.params import ALL_ALLOWED, SamplingParams, TokenEvent, TokenLogprob, bitmask_words
 from flaxchat.sampling.requests import RequestHandle
 from flaxchat.sampling.sampler import choice_key
-from flaxchat.sampling.steps import RowRequest, bitmask_words, make_row_request
-
-ALL_ALLOWED = np.uint32(0xFFFFFFFF)  # a bitmask word with every token allowed
+from flaxchat.sampling.steps import RowRequest, make_row_request
 
 
 @dataclass

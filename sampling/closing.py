@@ -23,6 +23,9 @@ MARGIN = 4  # one sampled token can open a few levels at once (e.g. `[{"`)
 _OUTSIDE = ("}", "]", ",", "0", "null", "false", '"')
 
 
+UNREACHABLE = 10**6  # the length of a token that can never be part of the way out
+
+
 class VocabFacts:
     """Per-tokenizer facts the closer needs (computed once)."""
 
@@ -30,8 +33,8 @@ class VocabFacts:
         raw = [tokenizer.token_bytes(i) for i in range(vocab_size)]
         special = tokenizer.special_ids
         self.token_bytes = raw
-        length = np.array([len(b) if b and i not in special else 10**6 for i, b in enumerate(raw)], np.int64)
-        length[[i for i, b in enumerate(raw) if b"\\" in b or b.strip() != b]] = 10**6  # no escapes or blanks
+        length = np.array([len(b) if b and i not in special else UNREACHABLE for i, b in enumerate(raw)], np.int64)
+        length[[i for i, b in enumerate(raw) if b"\\" in b or b.strip() != b]] = UNREACHABLE  # no escapes or blanks
         self.length = length
         self.quote = self._single(tokenizer, '"')
         self.outside = [t for t in (self._single(tokenizer, s) for s in _OUTSIDE) if t is not None]
@@ -162,9 +165,9 @@ def closing_path(matcher: llguidance.LLMatcher, strings: StringTracker, facts: V
             preferred = [facts.quote] if strings.inside else facts.outside
             choice = next((t for t in preferred if t is not None and allowed[t]), None)
             if choice is None:
-                lengths = np.where(allowed, facts.length, 10**6)
+                lengths = np.where(allowed, facts.length, UNREACHABLE)
                 choice = int(np.argmin(lengths))
-                if lengths[choice] >= 10**6:
+                if lengths[choice] >= UNREACHABLE:
                     return None
             forced = [choice]
         for token in forced:

@@ -10,7 +10,6 @@ the shortest way out, so it stays valid when cut short (``finish_reason='length'
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +20,7 @@ import numpy as np
 
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.closing import BudgetCloser, VocabFacts
+from flaxchat.sampling.params import ALL_ALLOWED
 
 if TYPE_CHECKING:
     from flaxchat.sampling.params import ThinkingPlan
@@ -124,7 +124,7 @@ class ChoiceGuide:
         # A grammar still to come means the reply may not end inside the think block.
         self._thinking_mask = None
         if constraint is not None and thinking is not None and stop_ids:
-            self._thinking_mask = np.full(words, 0xFFFFFFFF, np.uint32)
+            self._thinking_mask = np.full(words, ALL_ALLOWED, np.uint32)
             for token in stop_ids:
                 self._thinking_mask[token // 32] &= ~(np.uint32(1) << np.uint32(token % 32))
         self._forced: list[int] = list(thinking.open_ids) if thinking else []
@@ -187,10 +187,3 @@ class ChoiceGuide:
         """The answer's grammar is complete and allows nothing more."""
         return self.phase == "answer" and self.constraint is not None and self.constraint.done
 
-
-def describe(grammar: str) -> str:
-    """A short description for logs."""
-    try:
-        return json.dumps(json.loads(grammar))[:80]
-    except ValueError:
-        return grammar[:80]

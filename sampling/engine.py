@@ -45,6 +45,7 @@ from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from flaxchat.sampling.prefix_cache import PrefixIndex
 from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, QueuedRequest, RequestHandle, check_prompt
 from flaxchat.sampling.sampler import choice_key
+from flaxchat.sampling.shapes import DEFAULT_CONTEXT, LARGEST_PREFILL_BUCKET
 from flaxchat.sampling.steps import DecodeState, EngineSteps
 
 log = logging.getLogger("flaxchat.engine")
@@ -53,10 +54,10 @@ log = logging.getLogger("flaxchat.engine")
 @dataclass(frozen=True)
 class EngineConfig:
     slots: int = 8
-    max_len: int | None = None  # cache length; default min(model context, 2048)
+    max_len: int | None = None  # cache length; default min(model context, DEFAULT_CONTEXT)
     queue_size: int = 64
     steps_per_call: int = 1  # decode steps per device call while no live choice needs the host between steps
-    largest_prefill_bucket: int = 1024  # longer prompts are prefilled in chunks of this size
+    largest_prefill_bucket: int = LARGEST_PREFILL_BUCKET  # longer prompts are prefilled in chunks of this size
     kv_dtype: str | None = None  # KV cache storage dtype; default the model's compute dtype
     prefill_chunk: int = 128  # prompt tokens prefilled per loop iteration while other choices are decoding
     prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
@@ -78,7 +79,7 @@ class Engine:
                  steps: DeviceSteps | None = None):
         """``steps``: the device steps to schedule (default: ``EngineSteps`` compiled for ``params``)."""
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
-        max_len = config.max_len or min(cfg.max_position_embeddings, 2048)
+        max_len = config.max_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
         self.max_len = min(max_len, cfg.max_position_embeddings)
         if config.prefill_chunk < 1 or config.prefix_block < 1 or config.prefix_cache_mb < 0:
             raise ValueError("prefill_chunk and prefix_block must be >= 1 and prefix_cache_mb >= 0")

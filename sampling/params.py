@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
 MAX_TOP_LOGPROBS = 20
+ALL_ALLOWED = 0xFFFFFFFF  # one 32-bit word of a next-token bitmask with all of its tokens allowed
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """32-bit words of a next-token bitmask over ``vocab_size`` tokens (bit ``i % 32`` of word ``i // 32``)."""
+    return (vocab_size + 31) // 32
 
 
 @dataclass(frozen=True)
@@ -50,17 +57,21 @@ class SamplingParams:
     thinking: ThinkingPlan | None = None  # a think block first (reasoning models), with an optional budget
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise ``ValueError`` naming the first setting the engine cannot run. Only the engine's invariants
+        live here (finite numbers, the ranges its processors are defined on, token ids in the vocabulary, the
+        compiled number of alternatives); an API's own limits (OpenAI's temperature <= 2, penalties within
+        +-2, n <= 128, bias within +-100) belong to its request model (``chat/protocol.py``)."""
+        numbers = (self.temperature, self.top_p, self.min_p, self.presence_penalty, self.frequency_penalty,
+                   self.repetition_penalty, *self.logit_bias.values())
         checks = [
+            (all(math.isfinite(float(x)) for x in numbers), "sampling settings must be finite numbers"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
+            (self.temperature >= 0.0, "temperature must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
-            (1 <= self.n <= 128, "n must be between 1 and 128"),
+            (self.n >= 1, "n must be >= 1"),
             (self.choice_offset >= 0, "choice_offset must be >= 0"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (self.seed is None or 0 <= self.seed < 2**64, "seed must be an unsigned 64-bit integer"),
@@ -73,11 +84,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for token, bias in self.logit_bias.items():
+        for token in self.logit_bias:
             if not 0 <= int(token) < vocab_size:
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
-            if not -100.0 <= float(bias) <= 100.0:
-                raise ValueError(f"logit_bias value for token {token} must be between -100 and 100")
         forced = self.thinking.open_ids + self.thinking.close_ids if self.thinking else ()
         for token in tuple(self.stop_token_ids) + forced:
             if not 0 <= int(token) < vocab_size:

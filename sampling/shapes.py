@@ -50,11 +50,13 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
     return 16 if cfg.weights in QUANTISED and kernels.available() else 64
 
 
+DEFAULT_CONTEXT = 2048  # cache positions per slot unless configured (and at most the model's context)
+LARGEST_PREFILL_BUCKET = 1024  # the longest prefill call; longer prompts go in chunks
 BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call
 BATCH_PREFILL_LENGTHS = (16, 32)  # tokens per prompt in a batched prefill call (4 x 16 = 64 rows: exact in float32)
 
 
-def prefill_buckets(max_len: int, smallest: int = 16, largest: int = 1024) -> tuple[int, ...]:
+def prefill_buckets(max_len: int, smallest: int = 16, largest: int = LARGEST_PREFILL_BUCKET) -> tuple[int, ...]:
     """Powers of four from ``smallest`` up to min(max_len, largest); longer prompts go in chunks.
 
     Every bucket is a compiled program of the whole model (seconds of warm-up each), and since a prompt can

@@ -23,8 +23,9 @@ import numpy as np
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
+from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
 from flaxchat.sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
-from flaxchat.sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, prefill_buckets, row_buckets,
+from flaxchat.sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, LARGEST_PREFILL_BUCKET, prefill_buckets, row_buckets,
                              smallest_prefill_bucket, smallest_row_bucket)
 
 
@@ -57,15 +58,11 @@ class RowRequest:
     top_logprobs: jax.Array  # i32 alternatives reported per token (0: none)
 
 
-def bitmask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
-
-
 class EngineSteps:
     """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
-                 largest_bucket: int = 1024, kv_dtype: str | None = None, pool_blocks: int = 0,
+                 largest_bucket: int = LARGEST_PREFILL_BUCKET, kv_dtype: str | None = None, pool_blocks: int = 0,
                  block_size: int = 16):
         self.cfg, self.params = cfg, params
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
@@ -98,7 +95,7 @@ class EngineSteps:
             temperature=jnp.zeros(b, jnp.float32), top_p=jnp.ones(b, jnp.float32), top_k=jnp.zeros(b, jnp.int32),
             min_p=jnp.zeros(b, jnp.float32), presence=jnp.zeros(b, jnp.float32), frequency=jnp.zeros(b, jnp.float32),
             repetition=jnp.ones(b, jnp.float32), bias=jnp.zeros((b, v), jnp.float32),
-            allowed=jnp.full((b, bitmask_words(v)), 0xFFFFFFFF, jnp.uint32),
+            allowed=jnp.full((b, bitmask_words(v)), ALL_ALLOWED, jnp.uint32),
             counts=jnp.zeros((b, v), jnp.int32), seen=jnp.zeros((b, v), bool), top_logprobs=jnp.zeros(b, jnp.int32),
         )
         pool = init_cache(self.cfg, max(self.pool_blocks, 1), self.block_size, self.kv_dtype)
@@ -349,7 +346,7 @@ class EngineSteps:
 
     def set_allowed(self, state: DecodeState, masks: dict[int, np.ndarray]) -> DecodeState:
         """Upload next-token bitmasks for some slots (one host->device copy for all of them)."""
-        allowed = np.full((self.slots, bitmask_words(self.cfg.vocab_size)), 0xFFFFFFFF, np.uint32)
+        allowed = np.full((self.slots, bitmask_words(self.cfg.vocab_size)), ALL_ALLOWED, np.uint32)
         update = np.zeros(self.slots, bool)
         for slot, mask in masks.items():
             allowed[slot], update[slot] = mask, True
@@ -390,7 +387,7 @@ def make_row_request(vocab_size: int, *, temperature: float = 1.0, top_p: float 
     if prompt:
         seen[np.asarray(prompt)] = True
     if allowed is None:
-        allowed = np.full(bitmask_words(vocab_size), 0xFFFFFFFF, np.uint32)
+        allowed = np.full(bitmask_words(vocab_size), ALL_ALLOWED, np.uint32)
     return RowRequest(
         temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), top_k=jnp.int32(top_k),
         min_p=jnp.float32(min_p), presence=jnp.float32(presence), frequency=jnp.float32(frequency),

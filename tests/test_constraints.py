@@ -97,7 +97,7 @@ def test_the_way_out_of_a_long_number_in_a_short_array_is_found(engine):
     must find ``,0]}`` (a reply like ``{"items":[368019153508...`` once ran out of budget unclosed)."""
     from flaxchat.sampling.closing import StringTracker, closing_path, vocab_facts
     from flaxchat.sampling.constraints import TokenConstraint, ll_tokenizer
-    from flaxchat.sampling.steps import bitmask_words
+    from flaxchat.sampling.params import bitmask_words
 
     vocab = engine.cfg.vocab_size
     constraint = TokenConstraint(ll_tokenizer(engine.tokenizer, vocab), json_schema_grammar(SCHEMAS["array_bounds"]),

@@ -187,3 +187,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(steps):
         assert all(stages[i - 1][0] == "decode" for i in chunks)  # live streams advance between chunks
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    ([EOS + 5], SamplingParams(), "outside the vocabulary"),
+    ([1] * 64, SamplingParams(), "context holds 64"),
+    (PROMPT, SamplingParams(temperature=float("nan")), "finite"),
+    (PROMPT, SamplingParams(top_p=0.0), "top_p"),
+    (PROMPT, SamplingParams(logit_bias={EOS + 1: 1.0}), "logit_bias token id"),
+    (PROMPT, SamplingParams(n=5), "n=5 exceeds the engine's 4 slots"),
+])
+def test_what_the_engine_cannot_run_is_refused_before_queueing(engine, steps, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        engine.submit(prompt, params)
+    assert engine.queue_depth == 0 and not any(stage.startswith("prefill") for stage, _ in steps.calls)
+    # settings outside an API's ranges but within the engine's are the API's business, not refused here
+    (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=2, temperature=5.0, presence_penalty=3.0,
+                                                               logit_bias={1: 150.0}, ignore_eos=True)))
+    assert len(tokens(events)) == 2

@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled from source on first use and registered with XLA as FFI targets.
 
-``qmatmul`` (``qmatmul.cc``): float32 activations times 8-bit or 4-bit block-quantised weights
-(``model/quant.py``).
+``qmatmul`` (``qmatmul.cc``, the layout in ``qmatmul.h``): float32 activations times 8-bit or 4-bit
+block-quantised weights (``model/quant.py``); ``qmatmul_q8.cc``: int8 activations for prompt chunks.
 ``decode_attention`` (``decode_attention.cc``): one query position per row over its KV cache, and
 ``prefill_attention`` (``prefill_attention.cc``): a prompt chunk's positions over it (``model/attention.py``).
 All compute each row on its own, so a row's bits never depend on the other rows of a call or on how a
@@ -35,9 +35,10 @@ QMATMUL4_Q8_TARGET = "flaxchat_qmatmul4_q8"
 DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 PREFILL_ATTENTION_TARGET = "flaxchat_prefill_attention"
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "decode_attention.cc",
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "qmatmul_q8.cc", "decode_attention.cc",
                                                                  "prefill_attention.cc"))
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "cache_entries.h", "vector_math.h"))
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "qmatmul.h", "cache_entries.h",
+                                                                 "vector_math.h"))
 _TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4", QMATMUL4_Q8_TARGET: "FlaxchatQMatmul4Q8",
             DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention", PREFILL_ATTENTION_TARGET: "FlaxchatPrefillAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the

@@ -105,6 +105,17 @@ inline xla::ffi::Error LayerOf(const char* kernel, xla::ffi::AnyBuffer k, xla::f
   return ffi::Error::Success();
 }
 
+// One attention call's operands: q [B, KV, G * seq, D] (seq query positions per row; 1 for decode), the
+// caches, each row's cache row and positions, the output like q, and the sliding window (0: none).
+struct AttentionProblem {
+  const float* q;
+  Caches c;
+  const int32_t* rows;
+  const int32_t* positions;
+  float* out;
+  int64_t batch, groups, seq, window;
+};
+
 }  // namespace flaxchat
 
 // The attention kernels' XLA binding: q, k, v, k_scale, v_scale, rows, positions, layer, window -> out.

@@ -32,14 +32,7 @@ using flaxchat::Caches;
 using flaxchat::Entry;
 using flaxchat::Storage;
 
-struct Problem {
-  const float* q;
-  Caches c;
-  const int32_t* rows;
-  const int32_t* positions;
-  float* out;
-  int64_t batch, groups, window;
-};
+using Problem = flaxchat::AttentionProblem;
 
 // Dot products of G query heads with one key, each in a fixed order: 8 lanes of FMAs over the dimension,
 // then the lanes summed as ((0+4)+(1+5))+((2+6)+(3+7)), then any tail. The G products run side by side
@@ -195,7 +188,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   }
   if (qd[2] > 64) return ffi::Error::InvalidArgument("decode_attention: at most 64 query heads per kv head");
   const Problem problem{q.typed_data(), caches, rows.typed_data(), positions.typed_data(), out->typed_data(), qd[0],
-                        qd[2], window.typed_data()[0]};
+                        qd[2], 1, window.typed_data()[0]};
   int64_t work = 0;  // visible keys in all rows: not worth a helper when small
   for (int64_t b = 0; b < qd[0]; ++b) work += std::min<int64_t>(positions.typed_data()[b], caches.length - 1) + 1;
   flaxchat::ParallelFor(pool, qd[0] * qd[1], work * qd[1] * qd[2] * qd[3] / (1 << 16), [problem](int64_t item) {

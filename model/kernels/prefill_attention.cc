@@ -42,14 +42,7 @@ constexpr int64_t kPositions = 16;  // query positions per work item (x G query 
 constexpr int kTileRows = 6;       // rows per register tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-struct Problem {
-  const float* q;
-  Caches c;
-  const int32_t* rows;
-  const int32_t* positions;
-  float* out;
-  int64_t batch, groups, seq, window;
-};
+using Problem = flaxchat::AttentionProblem;
 
 // One query row of a work item: where it reads and writes, the keys it sees and its online softmax.
 struct QueryRow {

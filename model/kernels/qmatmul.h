@@ -1,0 +1,128 @@
+// The block-quantised weight layout and what both product kernels share (qmatmul.cc: float activations,
+// qmatmul_q8.cc: int8 activations for prompt chunks):
+//   W[k, n] = scale[k / 32, n] * code[k, n] + offset[k / 32, n]
+// stored in panels of 32 output columns, scale and offset [N / 32, K / 32, 32] (float32), and codes
+//   8-bit (Codes8): [N / 32, K, 32], byte j of row k = code[k, j];
+//   4-bit (Codes4): [N / 32, K, 16], byte j of row k = code[k, j] | code[k, j + 16] << 4;
+// one matrix per decoder layer ([L, ...] on every weight operand), the layer to use an int32 operand.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace flaxchat {
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t kBlock = 32;  // weights per (scale, offset) pair along K
+constexpr int64_t kPanel = 32;  // output columns per panel: 4 vectors of 8 floats
+
+struct Problem {
+  const float* x;
+  const uint8_t* codes;
+  const float* scale;
+  const float* offset;
+  float* y;
+  int64_t m, k, n;
+};
+
+// Code layouts: one row k of a panel's codes -> the 32 codes as 4 vectors of 8 int32 (columns 8v..8v+7).
+struct Codes8 {
+  static constexpr int64_t kRowBytes = 32;
+  static inline void Row(const uint8_t* row, __m256i c[4]) {
+    #pragma GCC unroll 8
+    for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v)));
+  }
+};
+
+struct Codes4 {
+  static constexpr int64_t kRowBytes = 16;
+  static inline void Row(const uint8_t* row, __m256i c[4]) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8)));
+    c[0] = _mm256_and_si256(a, low);
+    c[1] = _mm256_and_si256(b, low);
+    c[2] = _mm256_srli_epi32(a, 4);
+    c[3] = _mm256_srli_epi32(b, 4);
+  }
+};
+
+// Checks the operands (x [M, K], codes [L, N / 32, K, row_bytes], scale/offset [L, N / 32, K / 32, 32],
+// layer a scalar, y [M, N]) and points `out` at layer `layer`'s weights.
+inline ffi::Error LayerProblem(const char* kernel, int64_t row_bytes, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
+                        ffi::ResultBuffer<ffi::F32>& y, Problem& out) {
+  auto error = [kernel](const char* what) { return ffi::Error::InvalidArgument(std::string(kernel) + ": " + what); };
+  const auto xd = x.dimensions(), cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || cd[2] != xd[1] || cd[3] != row_bytes || xd[1] % kBlock != 0 ||
+      layer.element_count() != 1) {
+    return error("x [M, K], codes [L, N / 32, K, 32 or 16], K a multiple of 32, layer a scalar");
+  }
+  const int64_t m = xd[0], k = xd[1], layers = cd[0], panels = cd[1], n = panels * kPanel;
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= layers) return error("layer out of range");
+  const int64_t scales = n * (k / kBlock);  // per layer
+  if (scale.element_count() != layers * scales || offset.element_count() != layers * scales ||
+      y->element_count() != m * n) {
+    return error("scale/offset [L, N / 32, K / 32, 32], y [M, N]");
+  }
+  out = Problem{x.typed_data(), codes.typed_data() + index * panels * k * row_bytes, scale.typed_data() + index * scales,
+                offset.typed_data() + index * scales, y->typed_data(), m, k, n};
+  return ffi::Error::Success();
+}
+
+// Stores a tile's accumulators: rows [row, row + R) x 16 columns from `column` of y [M, N].
+template <int R>
+inline void StoreTile(float* y, int64_t n, int64_t row, int64_t column, const __m256 acc[R][2]) {
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* out = y + (row + r) * n + column;
+    _mm256_storeu_ps(out, acc[r][0]);
+    _mm256_storeu_ps(out + 8, acc[r][1]);
+  }
+}
+
+// Calls tile(std::integral_constant<int, rows>) for a run-time `rows` in [1, R]: a register tile's row
+// count has to be a compile-time constant.
+template <int R, typename Tile>
+inline void WithRowCount(int64_t rows, Tile&& tile) {
+  if constexpr (R > 0) {
+    if (rows == R) return tile(std::integral_constant<int, R>{});
+    WithRowCount<R - 1>(rows, tile);
+  }
+}
+
+// The FFI handler of one product kernel: checks the operands (LayerProblem) and runs `Run` on the layer's
+// weights with the call's activations.
+using LayerRun = void (*)(ffi::ThreadPool& pool, const float* x, const Problem& problem);
+
+template <typename Codes, LayerRun Run>
+ffi::Error LayerHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  Problem problem;
+  if (ffi::Error error = LayerProblem("qmatmul", Codes::kRowBytes, x, codes, scale, offset, layer, y, problem);
+      error.failure()) {
+    return error;
+  }
+  Run(pool, x.typed_data(), problem);
+  return ffi::Error::Success();
+}
+
+}  // namespace flaxchat
+
+#define FLAXCHAT_QMATMUL_BINDING()                           \
+  ffi::Ffi::Bind()                                          \
+      .Ctx<ffi::ThreadPool>()                               \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::U8>>()                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                         \
+      .Ret<ffi::Buffer<ffi::F32>>()
