@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from flaxchat.sampling.detokenizer import partial_suffix
 
+# What opens a tool call in each syntax's replies (llama3's calls are bare JSON, optionally after PYTHON_TAG).
 TRIGGERS = {"hermes": "<tool_call>", "generic": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+PYTHON_TAG = "<|python_tag|>"
 _CALL_HEAD = {key: re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"' + key + r'"\s*:\s*')
               for key in ("arguments", "parameters")}
 _SCALAR = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
@@ -119,14 +121,14 @@ def scan(syntax: str, text: str, final: bool) -> Scan:
     """Content and calls in ``text``; unless ``final``, content that might still turn into a call is held."""
     if syntax == "llama3":
         stripped = text.lstrip()
-        body = stripped[len("<|python_tag|>"):] if stripped.startswith("<|python_tag|>") else stripped
+        body = stripped[len(PYTHON_TAG):] if stripped.startswith(PYTHON_TAG) else stripped
         if body.startswith("{"):
             call, _ = _read_call(body, 0, "parameters")
             calls = [call] if call is not None else []
             if calls or not final:
                 return Scan("", calls)
             return Scan(text)
-        if not final and ("<|python_tag|>".startswith(stripped) or not stripped):
+        if not final and (PYTHON_TAG.startswith(stripped) or not stripped):
             return Scan("")
         return Scan(text)
     trigger = TRIGGERS[syntax]

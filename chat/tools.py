@@ -26,6 +26,7 @@ from typing import Any
 
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.chat.errors import ChatError
+from flaxchat.chat.tool_parsers import PYTHON_TAG, TRIGGERS
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -125,11 +126,11 @@ def detect_syntax(template: str) -> str:
     """The tool-call syntax a chat template teaches its model (``generic`` when it has none)."""
     if "tools" not in template:
         return "generic"
-    if "<tool_call>" in template:
+    if TRIGGERS["hermes"] in template:
         return "hermes"
-    if "[TOOL_CALLS]" in template:
+    if TRIGGERS["mistral"] in template:
         return "mistral"
-    if "<|python_tag|>" in template or "ipython" in template:
+    if PYTHON_TAG in template or "ipython" in template:
         return "llama3"
     return "generic"
 
@@ -261,8 +262,8 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):
         body = f'"\\n" %json {json.dumps(_call_schema(chosen, "arguments"))} "\\n</tool_call>"'
-        more = ' ("\\n<tool_call>" ' + body + ")*" if many else ""
-        return _opened_by("<tool_call>", body + more, choice, tokenizer, answer)
+        more = f' ("\\n{TRIGGERS[syntax]}" ' + body + ")*" if many else ""
+        return _opened_by(TRIGGERS[syntax], body + more, choice, tokenizer, answer)
     if syntax == "llama3":
         body = f'%json {json.dumps(_call_schema(chosen, "parameters"))}'
         if choice.mode == "auto":
@@ -273,5 +274,5 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
                  "x-guidance": {"whitespace_flexible": False}}
         if not many:
             array["maxItems"] = 1
-        return _opened_by("[TOOL_CALLS]", f"%json {json.dumps(array)}", choice, tokenizer, answer)
+        return _opened_by(TRIGGERS[syntax], f"%json {json.dumps(array)}", choice, tokenizer, answer)
     raise ValueError(f"unknown tool syntax {syntax!r}")

@@ -17,23 +17,15 @@ from flaxchat.checkpoints.errors import CheckpointError
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.transformer import param_shapes
 
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # (params path inside one layer, HF name suffix, is a matrix that needs transposing)
 _LAYER_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
     (("input_norm", "scale"), "input_layernorm.weight", False),
     (("post_attention_norm", "scale"), "post_attention_layernorm.weight", False),
-    (("attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
-    (("attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
-    (("attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
-    (("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
-    (("attn", "q_proj", "bias"), "self_attn.q_proj.bias", False),
-    (("attn", "k_proj", "bias"), "self_attn.k_proj.bias", False),
-    (("attn", "v_proj", "bias"), "self_attn.v_proj.bias", False),
-    (("attn", "o_proj", "bias"), "self_attn.o_proj.bias", False),
-    (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", False),
-    (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", False),
-    (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
-    (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
-    (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
+    *((("attn", proj, "kernel"), f"self_attn.{proj}.weight", True) for proj in _ATTENTION_PROJECTIONS),
+    *((("attn", proj, "bias"), f"self_attn.{proj}.bias", False) for proj in _ATTENTION_PROJECTIONS),
+    *((("attn", norm, "scale"), f"self_attn.{norm}.weight", False) for norm in ("q_norm", "k_norm")),
+    *((("mlp", proj, "kernel"), f"mlp.{proj}.weight", True) for proj in ("gate_proj", "up_proj", "down_proj")),
 ]
 _TOP_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
     (("embed", "embedding"), "model.embed_tokens.weight", False),
