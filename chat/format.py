@@ -68,8 +68,7 @@ class ChatFormat:
             return render_chat(self.template, messages, tools=shown, special_tokens=self.special_tokens,
                                **template_switch(self.has_thinking_switch, effort))
         except ChatTemplateError as exc:
-            raise ChatError(f"the model's chat template rejected the messages: {exc}", param="messages",
-                            code=None) from None
+            raise ChatError(f"the model's chat template rejected the messages: {exc}", param="messages") from None
 
     def tool_grammar(self, tools: ToolSetup, answer_schema: dict[str, Any] | None = None) -> str | None:
         """The grammar of a reply that may call ``tools`` (None when it is free); ``answer_schema``: the JSON

@@ -35,22 +35,29 @@ class ToolCall(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # What a client sends back when it echoes an earlier reply: accepted, not shown to the model.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: FunctionCall | None = None  # legacy: an assistant's call (becomes a tool call)
 
     @model_validator(mode="after")
     def _role_rules(self) -> "Message":
         problem = None
         if self.role == "tool" and not self.tool_call_id:
             problem = "a tool message needs tool_call_id (the id of the call it answers)"
+        elif self.role == "function" and not self.name:
+            problem = "a function message needs the name of the function it answers"
         elif self.role != "assistant" and self.content is None:
             problem = f"a {self.role} message needs content"
-        elif self.role == "assistant" and self.content is None and not self.tool_calls:
+        elif self.role == "assistant" and self.content is None and not (self.tool_calls or self.function_call):
             problem = "an assistant message needs content or tool_calls"
-        elif self.tool_calls and self.role != "assistant":
+        elif (self.tool_calls or self.function_call) and self.role != "assistant":
             problem = "only assistant messages carry tool_calls"
         elif self.tool_call_id and self.role != "tool":
             problem = "only tool messages carry tool_call_id"
@@ -93,7 +100,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Documented request fields this server cannot honour, with the reason it gives (a 422 naming the field).
+REFUSED_FIELDS = {
+    "audio": "audio output is not available: this server generates text only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not available",
+    "moderation": "moderation is not available",
+}
+
+
 class ChatCompletionRequest(BaseModel):
+    """Every field of OpenAI's ``CreateChatCompletionRequest``: honoured, accepted without effect where it is
+    bookkeeping or a hint with no use here, or refused (``REFUSED_FIELDS``); anything else is a 400."""
+
     model_config = ConfigDict(extra="forbid")
 
     messages: list[Message] = Field(min_length=1)
@@ -118,10 +137,36 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     user: str | None = None
+    # Legacy function calling: read as tools / tool_choice, answered as message.function_call.
+    functions: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | dict[str, str] | None = None
+    # Accepted, no effect: bookkeeping, or hints this server has no use for (the prefix cache finds shared
+    # prompts by their tokens, so a cache key adds nothing).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in-memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    modalities: list[Literal["text"]] | None = None  # "audio" is a value this server refuses (422)
+    # Refused when given (REFUSED_FIELDS)
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: Any = None
     # Extras (vLLM/llama.cpp style)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+
+    @field_validator(*REFUSED_FIELDS)
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise PydanticCustomError("unsupported", REFUSED_FIELDS[info.field_name])
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -32,6 +32,17 @@ def check_event(event: TokenEvent) -> None:
                         retry_after=1)
 
 
+def _as_function_call(delta: dict) -> dict:
+    """A tool-call delta as the legacy ``function_call`` delta (a request with ``functions`` makes one call)."""
+    if "tool_calls" not in delta:
+        return delta
+    (piece,) = delta["tool_calls"]
+    call = {"arguments": piece["function"].get("arguments", "")}
+    if "name" in piece["function"]:
+        call = {"name": piece["function"]["name"], **call}
+    return {"function_call": call}
+
+
 class Reply:
     def __init__(self, model: ServedModel, prepared: Prepared, handle: RequestHandle):
         self.model, self.prepared, self.handle = model, prepared, handle
@@ -57,10 +68,20 @@ class Reply:
             if event.finish_reason:
                 deltas += self._texts[i].finish()
                 finish = "tool_calls" if event.finish_reason == "stop" and self._texts[i].has_calls else event.finish_reason
+            if self.prepared.legacy_functions:
+                deltas = [_as_function_call(delta) for delta in deltas]
+                finish = "function_call" if finish == "tool_calls" else finish
             yield Update(i, deltas, self._logprob_entries(event) if params.logprobs else [], finish)
 
     def message(self, deltas: list[dict]) -> dict:
-        return self.model.format.message(deltas)
+        """The assistant message the deltas make (``deltas`` as ``updates()`` gave them)."""
+        message = self.model.format.message(deltas)
+        if self.prepared.legacy_functions:
+            parts = [d["function_call"] for d in deltas if "function_call" in d]
+            if parts:
+                message["function_call"] = {"name": parts[0]["name"], "arguments": "".join(p["arguments"] for p in parts)}
+                message["content"] = message["content"] or None
+        return message
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,

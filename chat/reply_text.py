@@ -51,7 +51,8 @@ def assemble_message(deltas: list[dict], thinks: bool) -> dict:
                 calls.append({"id": piece["id"], "type": "function",
                               "function": {"name": piece["function"]["name"], "arguments": ""}})
             calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
-    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
+                               "refusal": None}  # required by the official schema; this server never refuses
     if thinks:
         message["reasoning_content"] = "".join(d.get("reasoning_content", "") for d in deltas) or None
     if calls:

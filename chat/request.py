@@ -50,36 +50,50 @@ class Prepared:
     tools: ToolSetup
     reasoning: ReasoningSetup | None
     stop_ids: frozenset[int]  # tokens that end a choice (never shown as text or logprobs)
+    legacy_functions: bool = False  # asked with `functions`: the call is answered as message.function_call
 
 
 def check_request(request: ChatCompletionRequest) -> None:
     """Rules between fields that the request model does not express."""
     if request.top_logprobs and not request.logprobs:
-        raise ChatError("top_logprobs requires logprobs to be true", param="top_logprobs", code=None)
+        raise ChatError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if request.stream_options is not None and not request.stream:
-        raise ChatError("stream_options is only allowed when stream is true", param="stream_options", code=None)
+        raise ChatError("stream_options is only allowed when stream is true", param="stream_options")
     if request.reasoning_effort is not None and request.reasoning_effort not in EFFORTS:
         raise ChatError(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {request.reasoning_effort!r}",
                         param="reasoning_effort")
-    if request.parallel_tool_calls is not None and not isinstance(request.parallel_tool_calls, bool):
-        raise ChatError("parallel_tool_calls must be a boolean", param="parallel_tool_calls", code=None)
 
 
 def tool_setup(request: ChatCompletionRequest) -> ToolSetup:
-    specs = parse_tools(request.tools)
-    return ToolSetup(specs, parse_tool_choice(request.tool_choice, specs),
-                     True if request.parallel_tool_calls is None else request.parallel_tool_calls)
+    """The request's tools; legacy ``functions``/``function_call`` read as function tools (one call at most)."""
+    tools, choice = request.tools, request.tool_choice
+    parallel = True if request.parallel_tool_calls is None else request.parallel_tool_calls
+    if request.functions is not None:
+        if tools is not None:
+            raise ChatError("give either tools or the legacy functions, not both", param="functions")
+        tools, parallel = [{"type": "function", "function": f} for f in request.functions], False
+        call = request.function_call
+        choice = call if call is None or isinstance(call, str) else {"type": "function", "function": call}
+    elif request.function_call is not None:
+        raise ChatError("function_call is only allowed with functions", param="function_call")
+    specs = parse_tools(tools)
+    return ToolSetup(specs, parse_tool_choice(choice, specs), parallel)
 
 
 def message_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     """The conversation as the plain dicts chat templates read."""
-    messages = []
-    for message in request.messages:
+    messages, legacy_call = [], None
+    for i, message in enumerate(request.messages):
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name:
             item["name"] = message.name
         if message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.function_call:  # legacy: the call becomes a tool call, its "function" answer a tool message
+            legacy_call = f"call_{i}"
+            item["tool_calls"] = [{"id": legacy_call, "type": "function", "function": message.function_call.model_dump()}]
+        if message.role == "function":
+            item["role"], item["tool_call_id"] = "tool", legacy_call
         if message.tool_call_id:
             item["tool_call_id"] = message.tool_call_id
         messages.append(item)
@@ -106,14 +120,14 @@ def reply_budget(request: ChatCompletionRequest, context: int, prompt_len: int) 
     room = context - prompt_len
     if room < 1:
         raise ChatError(f"This model's maximum context length is {context} tokens, but the messages take "
-                        f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+                        f"{prompt_len} tokens.", param="messages", code="context_length_exceeded", status=400)
     limit_name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is not None and prompt_len + max_tokens > context:
         raise ChatError(f"This model's maximum context length is {context} tokens. However, you requested "
                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
                         f"{limit_name}). Please reduce the length of the messages or {limit_name}.",
-                        param=limit_name, code="context_length_exceeded")
+                        param=limit_name, code="context_length_exceeded", status=400)
     return max_tokens or room
 
 
@@ -171,7 +185,8 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
     reasoning = fmt.reasoning(prompt_text, request.reasoning_effort, budget, constrained=grammar is not None)
     params = sampling_params(request, model.tokenizer.vocab_size, budget, grammar,
                              reasoning.plan if reasoning else None)
-    return Prepared(tuple(ids), params, tools, reasoning, model.tokenizer.stop_ids | frozenset(params.stop_token_ids))
+    return Prepared(tuple(ids), params, tools, reasoning, model.tokenizer.stop_ids | frozenset(params.stop_token_ids),
+                    legacy_functions=request.functions is not None)
 
 
 def submit(model: ServedModel, prepared: Prepared) -> RequestHandle:
@@ -187,6 +202,6 @@ def submit(model: ServedModel, prepared: Prepared) -> RequestHandle:
     except ConstraintError as exc:
         raise _grammar_error(prepared.tools, exc) from None
     except PromptTooLongError as exc:
-        raise ChatError(str(exc), param="messages", code="context_length_exceeded") from None
+        raise ChatError(str(exc), param="messages", code="context_length_exceeded", status=400) from None
     except ValueError as exc:
-        raise ChatError(str(exc), code="invalid_parameter", status=422) from None
+        raise ChatError(str(exc), code="invalid_parameter") from None

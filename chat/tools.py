@@ -64,25 +64,26 @@ class ToolChoice:
     name: str | None = None
 
 
-def _bad(message: str, param: str, code: str = "invalid_value") -> ChatError:
-    return ChatError(message, param=param, code=code)
+def _bad(message: str, param: str, code: str = "invalid_value", status: int = 422) -> ChatError:
+    """A bad value (422); ``status=400`` for a malformed shape: wrong type, missing or unknown field."""
+    return ChatError(message, param=param, code=code, status=status)
 
 
 def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
-    """Validate ``tools`` (OpenAI function tools); 400 naming the first problem."""
+    """Validate ``tools`` (OpenAI function tools); a ``ChatError`` naming the first problem."""
     if raw is None:
         return ()
     if not isinstance(raw, list) or not raw:
-        raise _bad("'tools' must be a non-empty array of function tools", "tools")
+        raise _bad("'tools' must be a non-empty array of function tools", "tools", status=400)
     specs, seen = [], set()
     for i, tool in enumerate(raw):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, status=400)
         function = tool["function"]
         unknown = set(tool) - {"type", "function"} | set(function) - {"name", "description", "parameters", "strict"}
         if unknown:
-            raise _bad(f"{where} has unknown fields: {', '.join(sorted(unknown))}", where, "unknown_parameter")
+            raise _bad(f"{where} has unknown fields: {', '.join(sorted(unknown))}", where, "unknown_parameter", 400)
         name = function.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise _bad(f"{where}.function.name must match ^[a-zA-Z0-9_-]{{1,64}}$, got {name!r}", f"{where}.function.name")
@@ -91,11 +92,12 @@ def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
         seen.add(name)
         description = function.get("description")
         if description is not None and not isinstance(description, str):
-            raise _bad(f"{where}.function.description must be a string", f"{where}.function.description")
+            raise _bad(f"{where}.function.description must be a string", f"{where}.function.description",
+                       status=400)
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise _bad(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters",
-                       "invalid_json_schema")
+                       "invalid_json_schema", 400)
         if parameters.get("type", "object") != "object":
             raise _bad(f"{where}.function.parameters must describe an object (type 'object')",
                        f"{where}.function.parameters", "invalid_json_schema")
@@ -113,13 +115,13 @@ def parse_tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> ToolChoice:
     if isinstance(raw, dict) and raw.get("type") == "function" and isinstance(raw.get("function"), dict):
         name = raw["function"].get("name")
         if not isinstance(name, str):
-            raise _bad("tool_choice.function.name must be a string", "tool_choice.function.name")
+            raise _bad("tool_choice.function.name must be a string", "tool_choice.function.name", status=400)
         if name not in {t.name for t in tools}:
             raise _bad(f"tool_choice names function {name!r}, which is not in 'tools' "
                        f"(defined: {', '.join(t.name for t in tools)})", "tool_choice.function.name")
         return ToolChoice("named", name)
     raise _bad("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
-               "{\"name\": ...}}", "tool_choice")
+               "{\"name\": ...}}", "tool_choice", status=422 if isinstance(raw, str) else 400)
 
 
 def detect_syntax(template: str) -> str:
@@ -137,7 +139,7 @@ def detect_syntax(template: str) -> str:
 
 # ---- the conversation -------------------------------------------------------------------------------
 def check_conversation(messages: list[dict[str, Any]]) -> None:
-    """Tool messages must answer a call made earlier; call arguments must be JSON objects (400 otherwise)."""
+    """Tool messages must answer a call made earlier; call arguments must be JSON objects (422 otherwise)."""
     open_ids: set[str] = set()
     for i, message in enumerate(messages):
         for j, call in enumerate(message.get("tool_calls") or ()):
@@ -213,7 +215,7 @@ def _call_schema(tools: tuple[ToolSpec, ...], args_key: str) -> dict[str, Any]:
             for name, definition in (parameters.pop(key, None) or {}).items():
                 if definitions[key].setdefault(name, definition) != definition:
                     raise ChatError(f"tools define {key}/{name} differently; give the definitions distinct names",
-                                    param="tools", code="invalid_json_schema")
+                                    param="tools", code="invalid_json_schema", status=422)
         options.append({"type": "object", "properties": {"name": {"const": tool.name}, args_key: parameters},
                         "required": ["name", args_key], "additionalProperties": False})
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
@@ -257,7 +259,8 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
         answer = f'%json {json.dumps({**answer_schema, "x-guidance": {"whitespace_flexible": False}})}'
         if syntax == "llama3":
             raise ChatError("response_format JSON cannot be combined with tool_choice 'auto' for this model: its "
-                            "tool calls are bare JSON objects too", param="response_format", code="unsupported_parameter")
+                            "tool calls are bare JSON objects too", param="response_format", code="unsupported_parameter",
+                            status=422)
     chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):

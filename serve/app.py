@@ -92,7 +92,9 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": model.created, "owned_by": "flaxchat"}
+        """OpenAI's model object, plus the context length (vLLM's ``max_model_len``) and the other names."""
+        return {"id": name, "object": "model", "created": model.created, "owned_by": "flaxchat",
+                "max_model_len": model.engine.max_len, "root": model.id, "aliases": list(model.aliases)}
 
     @app.get("/health")
     async def health():
@@ -132,7 +134,7 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
             raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
         prepared = prepare(model, body)
         reply = Reply(model, prepared, submit(model, prepared))
-        rendering = Rendering(reply, body.model, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        rendering = Rendering(reply, model.id, include_usage=bool(body.stream_options and body.stream_options.include_usage))
         log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", rendering.id, body.model,
                  body.user, reply.prompt_tokens, prepared.params.n, bool(body.stream), reply.handle.seed)
         if not body.stream:

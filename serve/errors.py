@@ -1,7 +1,9 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
 
-Rule for validation failures: a missing field, a wrong type, an unknown field or malformed JSON is a 400
-(``invalid_request_error``); a well-typed value outside its allowed range is a 422 (``invalid_parameter``).
+One rule for request failures: what cannot be read as a request (malformed JSON, a missing field, a wrong
+type, an unknown field) is a 400; a well-formed value that cannot be used (out of range, not allowed, an
+unsupported feature or combination) is a 422. The exception is OpenAI's own: ``context_length_exceeded``
+is a 400, which clients rely on to detect it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
         return APIError(400, f"Missing required parameter: {param}", param=param, code="missing_required_parameter")
     if first["type"] == "invalid_message":  # a message that breaks the conversation rules (e.g. tool without id)
         return APIError(400, message, param=param, code="invalid_value")
+    if first["type"] == "unsupported":  # a documented field this server cannot honour (chat/protocol.py)
+        return APIError(422, message, param=param, code="unsupported_parameter")
     if first["type"] in _RANGE_ERRORS:
         return APIError(422, message, type="invalid_request_error", param=param, code="invalid_parameter")
     return APIError(400, message, param=param, code="invalid_type")

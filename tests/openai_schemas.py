@@ -42,8 +42,9 @@ CHAT_COMPLETION = {
             "required": ["index", "message", "finish_reason", "logprobs"],
             "properties": {
                 "index": {"type": "integer"},
-                "message": {"type": "object", "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]}}},
+                "message": {"type": "object", "required": ["role", "content", "refusal"],
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                           "refusal": {"type": ["string", "null"]}}},
                 "finish_reason": FINISH,
                 "logprobs": _LOGPROBS,
             },

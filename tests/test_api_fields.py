@@ -1,0 +1,119 @@
+"""Every documented chat-completions request field through the official SDK: honoured, accepted without
+effect, or refused with a 422 naming it; legacy function calling; what every reply carries (refusal: null,
+the canonical model id); the 400/422 rule."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY_ID, start_tiny_server
+
+HELLO = [{"role": "user", "content": "the heat"}]
+GET_TIME = {"name": "get_time", "description": "the time in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server, engine = start_tiny_server(tmp_path_factory.mktemp("fields"), model={"context": 1024}, slots=4, max_len=1024)
+    yield server
+    server.stop()
+    engine.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_bookkeeping_and_hint_fields_are_accepted_and_change_nothing(client):
+    plain = client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=6, seed=3)
+    decorated = client.chat.completions.create(
+        model=TINY_ID, messages=HELLO, max_tokens=6, seed=3, store=False, metadata={"run": "a"},
+        service_tier="auto", safety_identifier="user-1", user="u", verbosity="low", modalities=["text"],
+        prompt_cache_key="conversation-7", prompt_cache_retention="in-memory", prompt_cache_options={"mode": "implicit"},
+        parallel_tool_calls=True)
+    assert decorated.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("field, value", [
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+    ("moderation", {"model": "omni-moderation-latest"}),
+])
+def test_what_cannot_be_honoured_is_refused_naming_the_field(client, field, value):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2, **{field: value})
+    error = info.value.body
+    assert error["param"] == field and error["code"] == "unsupported_parameter" and field in error["message"]
+
+
+def test_audio_output_modality_is_refused(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=2, modalities=["text", "audio"])
+    assert info.value.body["param"] == "modalities.1"
+
+
+def test_a_field_no_api_has_is_still_a_400(server):
+    response = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO, "colour": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "colour"
+
+
+def test_replies_carry_refusal_null_and_the_canonical_model_id(client, server):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)  # an alias
+    assert reply.model == TINY_ID and reply.choices[0].message.refusal is None
+    raw = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 2})
+    assert raw.json()["choices"][0]["message"]["refusal"] is None
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, stream=True))
+    assert {c.model for c in chunks} == {TINY_ID}
+    card = httpx.get(server.url + "/v1/models/tiny").json()
+    assert card["max_model_len"] == 1024 and card["root"] == TINY_ID and card["aliases"] == ["tiny"]
+
+
+def test_an_echoed_assistant_message_is_accepted(client):
+    first = client.chat.completions.create(model=TINY_ID, messages=HELLO, max_tokens=4)
+    echoed = first.choices[0].message.model_dump()  # refusal, annotations, audio, function_call: None
+    reply = client.chat.completions.create(model=TINY_ID, messages=[*HELLO, echoed, {"role": "user", "content": "ok"}],
+                                           max_tokens=2)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_legacy_functions_are_answered_with_function_call(client, server):
+    body = {"model": TINY_ID, "messages": HELLO, "functions": [GET_TIME], "function_call": {"name": "get_time"},
+            "max_tokens": 120, "temperature": 0.8}
+    # a random model may ramble inside the argument until the budget closes the call ("length"): take the
+    # first seed whose call ends on its own (the seed makes it reproducible)
+    for seed in range(20):
+        reply = client.chat.completions.create(**body, seed=seed)
+        if reply.choices[0].finish_reason != "length":
+            break
+    body["seed"] = seed
+    message, finish = reply.choices[0].message, reply.choices[0].finish_reason
+    assert finish == "function_call" and message.tool_calls is None and message.content is None
+    assert message.function_call.name == "get_time" and "city" in json.loads(message.function_call.arguments)
+    streamed = list(client.chat.completions.create(**body, stream=True))
+    calls = [c.choices[0].delta.function_call for c in streamed if c.choices and c.choices[0].delta.function_call]
+    assert calls[0].name == "get_time" and all(c.name is None for c in calls[1:])
+    assert "".join(c.arguments or "" for c in calls) == message.function_call.arguments
+    assert streamed[-1].choices[0].finish_reason == "function_call"
+    # the call and its answer come back as history, in the legacy shape
+    history = [*HELLO, {"role": "assistant", "content": None, "function_call": message.function_call.model_dump()},
+               {"role": "function", "name": "get_time", "content": "12:00"}]
+    follow = client.chat.completions.create(model=TINY_ID, messages=history, functions=[GET_TIME], max_tokens=3)
+    assert follow.choices[0].finish_reason in ("stop", "length", "function_call")
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"functions": [GET_TIME], "tools": [{"type": "function", "function": GET_TIME}]}, 422),
+    ({"function_call": "auto"}, 422),
+    ({"functions": "get_time"}, 400),
+    ({"messages": [*HELLO, {"role": "function", "name": "get_time", "content": "12:00"}]}, 422),
+])
+def test_legacy_function_errors(server, body, status):
+    response = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO, **body})
+    assert response.status_code == status, response.text
