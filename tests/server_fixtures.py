@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import openai
 
 from flaxchat.serve.app import ServerSettings, create_app
 from flaxchat.chat.request import ServedModel
@@ -21,3 +24,18 @@ def start_tiny_server(folder: Path, settings: ServerSettings = ServerSettings(),
     model = ServedModel(TINY_ID, engine, engine.tokenizer, template, "fp_test", aliases=("tiny",))
     server = BackgroundServer(create_app(model, settings)).start()
     return server, engine
+
+
+def serving(folder: Path, settings: ServerSettings = ServerSettings(), model: dict | None = None,
+            **engine_config) -> Iterator:
+    """A module fixture's body: the tiny server (its engine as ``server.engine``), stopped afterwards."""
+    server, engine = start_tiny_server(folder, settings, model, **engine_config)
+    server.engine = engine
+    yield server
+    server.stop()
+    engine.stop()
+
+
+def openai_client(server, api_key: str = "unused") -> openai.OpenAI:
+    """The official client against ``server`` (no retries: a test sees every error)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_fixtures import TINY_ID, start_tiny_server
+from tests.server_fixtures import TINY_ID, openai_client, serving
 
 HELLO = [{"role": "user", "content": "the heat"}]
 GET_TIME = {"name": "get_time", "description": "the time in a city",
@@ -19,15 +19,12 @@ GET_TIME = {"name": "get_time", "description": "the time in a city",
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server, engine = start_tiny_server(tmp_path_factory.mktemp("fields"), model={"context": 1024}, slots=4, max_len=1024)
-    yield server
-    server.stop()
-    engine.stop()
+    yield from serving(tmp_path_factory.mktemp("fields"), model={"context": 1024}, slots=4, max_len=1024)
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def test_bookkeeping_and_hint_fields_are_accepted_and_change_nothing(client):

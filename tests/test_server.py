@@ -7,22 +7,18 @@ import openai
 import pytest
 
 from flaxchat.serve.app import ServerSettings
-from tests.server_fixtures import TINY_ID, start_tiny_server
+from tests.server_fixtures import TINY_ID, openai_client, serving, start_tiny_server
 from tests.step_hooks import set_step_hook
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server, engine = start_tiny_server(tmp_path_factory.mktemp("server"), max_len=256)
-    server.engine = engine
-    yield server
-    server.stop()
-    engine.stop()
+    yield from serving(tmp_path_factory.mktemp("server"), max_len=256)
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 HELLO = [{"role": "user", "content": "the heat"}]
