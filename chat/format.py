@@ -54,8 +54,8 @@ class ChatFormat:
         special = self.tokenizer.special
         return {"bos_token": special.bos_token, "eos_token": special.eos_token}
 
-    def render(self, messages: list[dict[str, Any]], tools: ToolSetup | None = None,
-               effort: str | None = None) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: ToolSetup | None = None, effort: str | None = None,
+               add_generation_prompt: bool = True) -> str:
         """The prompt text for OpenAI-shaped ``messages`` (and ``tools`` when the reply may call them)."""
         check_conversation(messages)
         messages = template_messages(messages, self.tool_syntax)
@@ -66,6 +66,7 @@ class ChatFormat:
             shown = [spec.as_openai() for spec in tools.specs]
         try:
             return render_chat(self.template, messages, tools=shown, special_tokens=self.special_tokens,
+                               add_generation_prompt=add_generation_prompt,
                                **template_switch(self.has_thinking_switch, effort))
         except ChatTemplateError as exc:
             raise ChatError(f"the model's chat template rejected the messages: {exc}", param="messages") from None

@@ -190,3 +190,32 @@ class ChatCompletionRequest(BaseModel):
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` in llama.cpp's shape (``content``, ``add_special``, ``with_pieces``) or vLLM's
+    (``model``, ``prompt`` or chat ``messages``, ``add_special_tokens``, ``add_generation_prompt``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    content: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    with_pieces: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if sum(x is not None for x in (self.content, self.prompt, self.messages)) != 1:
+            raise PydanticCustomError("missing", "give exactly one of content, prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text (llama.cpp's and vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]

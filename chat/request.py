@@ -11,7 +11,7 @@ from typing import Any
 
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.format import ChatFormat, ToolSetup
-from flaxchat.chat.protocol import ChatCompletionRequest
+from flaxchat.chat.protocol import ChatCompletionRequest, Message
 from flaxchat.chat.reasoning import EFFORTS, ReasoningSetup
 from flaxchat.chat.tools import parse_tool_choice, parse_tools
 from flaxchat.model.tokenizer import Tokenizer
@@ -80,10 +80,10 @@ def tool_setup(request: ChatCompletionRequest) -> ToolSetup:
     return ToolSetup(specs, parse_tool_choice(choice, specs), parallel)
 
 
-def message_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+def message_dicts(conversation: list[Message]) -> list[dict[str, Any]]:
     """The conversation as the plain dicts chat templates read."""
     messages, legacy_call = [], None
-    for i, message in enumerate(request.messages):
+    for i, message in enumerate(conversation):
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name:
             item["name"] = message.name
@@ -170,7 +170,7 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
     check_request(request)
     fmt = model.format
     tools = tool_setup(request)
-    prompt_text = fmt.render(message_dicts(request), tools, request.reasoning_effort)
+    prompt_text = fmt.render(message_dicts(request.messages), tools, request.reasoning_effort)
     ids = model.tokenizer.encode(prompt_text)
     schema = response_schema(request)
     grammar = json_schema_grammar(schema) if schema is not None else None

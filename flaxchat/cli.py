@@ -162,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          fingerprint(model.path, model.manifest, setup), aliases=aliases)
     keys, budgets = _api_keys(args)
     app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes,
+                                            cors_allow_origins=tuple(args.cors_allow_origin or ()),
                                             rate_limit_per_minute=args.rate_limit, token_budgets=budgets))
     log.info("serving %s at http://%s:%d/v1 (API keys: %s)", name, args.host, args.port,
              f"{len(keys)} configured" if keys else "none, open access")
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys-file", default=None, help='file with lines "KEY [TOKEN_BUDGET]"')
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the API (repeatable; '*' for any); off by default")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
                    help="projection weights: float32 (the checkpoint's floats, exact parity with transformers), "

@@ -7,21 +7,25 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from quart_cors import cors
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from flaxchat.chat.errors import ChatError
-from flaxchat.chat.protocol import ChatCompletionRequest
+from flaxchat.chat.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from flaxchat.chat.reply import Reply
 from flaxchat.chat.request import ServedModel, prepare, submit
+from flaxchat.chat.tokens import detokenize, tokenize
 from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
 from flaxchat.serve.limits import RateLimiter, TokenBudgets
 from flaxchat.serve.metrics import Metrics
 from flaxchat.serve.render import Rendering
 
 log = logging.getLogger("flaxchat.server")
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limit_per_minute: int | None = None  # per API key (per client address without keys)
     token_budgets: Mapping[str, int] = field(default_factory=dict)  # API key -> total tokens allowed
+    cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS
 
 
 def _error_response(error: APIError) -> Response:
@@ -113,10 +118,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         return model_card(name)
 
-    async def chat_completions():
-        caller = check_auth()
-        budgets.check(caller)
-        rate_limiter.check(caller)
+    async def read_body(schema: type[Body]) -> Body:
+        """The JSON object body as ``schema``; 400s for what is not one, pydantic's 400/422 otherwise."""
         if request.mimetype != "application/json":
             raise APIError(400, "Content-Type must be application/json", code="invalid_content_type")
         raw = await request.get_data(as_text=False)
@@ -127,11 +130,29 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         if not isinstance(payload, dict):
             raise APIError(400, "The request body must be a JSON object", code="invalid_json")
         try:
-            body = ChatCompletionRequest.model_validate(payload)
+            body = schema.model_validate(payload)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        if not model.answers_to(body.model):
-            raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
+        name = getattr(body, "model", None)
+        if name is not None and not model.answers_to(name):
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize_text():
+        check_auth()
+        return tokenize(model, await read_body(TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize_tokens():
+        check_auth()
+        return detokenize(model, await read_body(DetokenizeRequest))
+
+    async def chat_completions():
+        caller = check_auth()
+        budgets.check(caller)
+        rate_limiter.check(caller)
+        body = await read_body(ChatCompletionRequest)
         prepared = prepare(model, body)
         reply = Reply(model, prepared, submit(model, prepared))
         rendering = Rendering(reply, model.id, include_usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -163,4 +184,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
 
     app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
     app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
+    if settings.cors_allow_origins:
+        origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
+        app = cors(app, allow_origin=origins, allow_headers=["Authorization", "Content-Type"],
+                   allow_methods=["GET", "POST", "OPTIONS"], max_age=600)
     return app

@@ -114,3 +114,43 @@ def test_legacy_functions_are_answered_with_function_call(client, server):
 def test_legacy_function_errors(server, body, status):
     response = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO, **body})
     assert response.status_code == status, response.text
+
+
+def test_tokenize_and_detokenize_in_both_shapes(server):
+    post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
+    plain = post("/tokenize", {"content": "the heat", "with_pieces": True}).json()
+    ids = [t["id"] for t in plain["tokens"]]
+    assert plain["count"] == len(ids) > 0 and "".join(t["piece"] for t in plain["tokens"]) == "the heat"
+    assert post("/tokenize", {"model": "tiny", "prompt": "the heat"}).json()["tokens"] == ids  # vLLM's shape
+    assert post("/detokenize", {"tokens": ids}).json() == {"content": "the heat", "prompt": "the heat"}
+    chat = post("/tokenize", {"model": TINY_ID, "messages": HELLO}).json()
+    reply = httpx.post(server.url + "/v1/chat/completions",
+                       json={"model": TINY_ID, "messages": HELLO, "max_tokens": 1}).json()
+    assert chat["count"] == reply["usage"]["prompt_tokens"] and chat["max_model_len"] == 1024
+    assert post("/tokenize", {"content": "a", "prompt": "b"}).status_code == 400
+    assert post("/tokenize", {"model": "nope", "content": "a"}).status_code == 404
+    bad = post("/detokenize", {"tokens": [10**9]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_cors_is_off_by_default_and_answers_preflight_when_on(server, tmp_path):
+    assert "access-control-allow-origin" not in httpx.get(server.url + "/v1/models").headers
+    from flaxchat.serve.app import ServerSettings
+    from tests.server_fixtures import start_tiny_server
+
+    allowed = "http://localhost:5173"
+    cors_server, engine = start_tiny_server(tmp_path, ServerSettings(cors_allow_origins=(allowed,)))
+    try:
+        preflight = httpx.options(cors_server.url + "/v1/chat/completions", headers={
+            "Origin": allowed, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.headers["access-control-allow-origin"] == allowed
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        reply = httpx.post(cors_server.url + "/v1/chat/completions", headers={"Origin": allowed},
+                           json={"model": TINY_ID, "messages": HELLO, "max_tokens": 2})
+        assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == allowed
+        other = httpx.get(cors_server.url + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        cors_server.stop()
+        engine.stop()
