@@ -27,6 +27,7 @@ from typing import Any
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.tool_parsers import PYTHON_TAG, TRIGGERS
+from flaxchat.sampling.constraints import bounded_numbers
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -256,7 +257,7 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
         return None
     answer = None
     if answer_schema is not None and choice.mode == "auto":
-        answer = f'%json {json.dumps({**answer_schema, "x-guidance": {"whitespace_flexible": False}})}'
+        answer = f'%json {json.dumps({**bounded_numbers(answer_schema), "x-guidance": {"whitespace_flexible": False}})}'
         if syntax == "llama3":
             raise ChatError("response_format JSON cannot be combined with tool_choice 'auto' for this model: its "
                             "tool calls are bare JSON objects too", param="response_format", code="unsupported_parameter",
@@ -264,11 +265,11 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
     chosen = tuple(t for t in tools if t.name == choice.name) if choice.mode == "named" else tools
     many = parallel and choice.mode != "named"
     if syntax in ("hermes", "generic"):
-        body = f'"\\n" %json {json.dumps(_call_schema(chosen, "arguments"))} "\\n</tool_call>"'
+        body = f'"\\n" %json {json.dumps(bounded_numbers(_call_schema(chosen, "arguments")))} "\\n</tool_call>"'
         more = f' ("\\n{TRIGGERS[syntax]}" ' + body + ")*" if many else ""
         return _opened_by(TRIGGERS[syntax], body + more, choice, tokenizer, answer)
     if syntax == "llama3":
-        body = f'%json {json.dumps(_call_schema(chosen, "parameters"))}'
+        body = f'%json {json.dumps(bounded_numbers(_call_schema(chosen, "parameters")))}'
         if choice.mode == "auto":
             return f"%llguidance {{}}\nstart: TEXT | call\ncall: {body}\nTEXT: /[^{{](.|\\n)*/\n"
         return f"%llguidance {{}}\nstart: {body}\n"
@@ -277,5 +278,5 @@ def tool_grammar(syntax: str, tools: tuple[ToolSpec, ...], choice: ToolChoice, p
                  "x-guidance": {"whitespace_flexible": False}}
         if not many:
             array["maxItems"] = 1
-        return _opened_by(TRIGGERS[syntax], f"%json {json.dumps(array)}", choice, tokenizer, answer)
+        return _opened_by(TRIGGERS[syntax], f"%json {json.dumps(bounded_numbers(array))}", choice, tokenizer, answer)
     raise ValueError(f"unknown tool syntax {syntax!r}")

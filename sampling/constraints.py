@@ -58,10 +58,34 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenize
                                  lambda: llguidance.LLTokenizer(TokenizerWrapper(_TokenSource(tokenizer, vocab_size))))
 
 
+LARGEST_INTEGER = 2**53 - 1  # integers a JSON reader keeps exactly (16 digits), as llama.cpp's grammars hold them
+LARGEST_NUMBER = 1e15  # the magnitude of an unbounded "number"
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """``schema`` with every integer or number that has no bound on a side bounded there (``LARGEST_INTEGER``,
+    ``LARGEST_NUMBER``), so a weak model cannot write a 300-digit integer until its budget runs out. (The
+    grammar still allows any number of fraction digits; the budget closer ends those.)"""
+    if isinstance(schema, list):
+        return [bounded_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bounded_numbers(value) for key, value in schema.items()}
+    types = schema.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if types & {"integer", "number"} and "const" not in schema and "enum" not in schema:
+        limit = LARGEST_INTEGER if types & {"integer"} else LARGEST_NUMBER
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            bounded["minimum"] = -limit
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            bounded["maximum"] = limit
+    return bounded
+
+
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """Grammar for JSON matching ``schema``, written compactly (``{"a": 1, "b": [2, 3]}``): flexible
-    whitespace would let a model spend its whole budget on blanks inside the JSON."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    """Grammar for JSON matching ``schema`` (numbers bounded: ``bounded_numbers``), written compactly
+    (``{"a": 1, "b": [2, 3]}``): flexible whitespace would let a model spend its whole budget on blanks."""
+    return llguidance.LLMatcher.grammar_from_json_schema(bounded_numbers(schema), defaults={"whitespace_flexible": False})
 
 
 class TokenConstraint:

@@ -133,3 +133,37 @@ def test_per_tokenizer_facts_go_with_their_tokenizer(engine):
     del copy
     gc.collect()
     assert gone() is None and facts() is None
+
+
+def _byte_matcher_accepts(grammar: str, text: str) -> bool:
+    """Whether ``grammar`` accepts ``text`` (a byte-level tokenizer: one token per byte)."""
+    import llguidance
+
+    class Bytes:
+        eos_token_id, bos_token_id = 256, None
+        tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
+        special_token_ids = [256]
+
+        def __call__(self, text):
+            return list(text.encode())
+
+    matcher = llguidance.LLMatcher(llguidance.LLTokenizer(llguidance.TokenizerWrapper(Bytes())), grammar)
+    return all(matcher.consume_token(b) for b in text.encode()) and matcher.is_accepting()
+
+
+def test_unbounded_integers_are_held_to_16_digits_and_given_bounds_kept():
+    from flaxchat.sampling.constraints import LARGEST_INTEGER, bounded_numbers, json_schema_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": ["number", "null"]},
+                                               "k": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "list": {"type": "array", "items": {"type": "integer"}}},
+              "required": ["n"], "additionalProperties": False}
+    bounded = bounded_numbers(schema)["properties"]
+    assert (bounded["n"]["minimum"], bounded["n"]["maximum"]) == (-LARGEST_INTEGER, LARGEST_INTEGER)
+    assert bounded["k"] == {"type": "integer", "minimum": 0, "maximum": 9}
+    assert bounded["list"]["items"]["maximum"] == LARGEST_INTEGER and bounded["x"]["maximum"] == 1e15
+    grammar = json_schema_grammar(schema)
+    assert _byte_matcher_accepts(grammar, '{"n":9007199254740991}')
+    assert not _byte_matcher_accepts(grammar, '{"n":' + "9" * 17 + "}")
+    assert not _byte_matcher_accepts(grammar, '{"n":1,"k":10}')
+    assert _byte_matcher_accepts(grammar, '{"n":-12,"x":2.5,"list":[1,2]}')
