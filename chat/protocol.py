@@ -122,7 +122,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1, le=16)
+    n: int | None = Field(None, ge=1, le=128)
     parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     reasoning_effort: Any = None

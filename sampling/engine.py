@@ -43,7 +43,8 @@ from flaxchat.sampling.device_steps import DeviceSteps
 from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from flaxchat.sampling.prefix_cache import PrefixIndex
-from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, QueuedRequest, RequestHandle, check_prompt
+from flaxchat.sampling.requests import (EngineStoppedError, QueueFullError, QueuedRequest, RequestHandle, check_prompt,
+                                        choice_groups)
 from flaxchat.sampling.sampler import choice_key
 from flaxchat.sampling.shapes import DEFAULT_CONTEXT, LARGEST_PREFILL_BUCKET
 from flaxchat.sampling.steps import DecodeState, EngineSteps
@@ -67,7 +68,6 @@ class EngineConfig:
 @dataclass
 class _InFlight:
     """A dispatched decode call: the (slot, choice) of each of its rows, and its device outputs."""
-
     rows: list[tuple[int, Any]]
     outs: Any
 
@@ -152,22 +152,21 @@ class Engine:
 
     # ---- submission ------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
-        """Queue a request. Raises ``ValueError`` for bad settings, ``PromptTooLongError`` when the prompt
-        leaves no room in the context, ``QueueFullError`` when the queue is full."""
+        """Queue a request (more choices than slots: in groups, ``choice_groups``). Raises ``ValueError`` for bad
+        settings, ``PromptTooLongError`` when the prompt leaves no room, ``QueueFullError`` when the queue is full."""
         if not self._running:
             raise EngineStoppedError("the engine is not running")
         params.validate(self.cfg.vocab_size)
         check_prompt(prompt, self.cfg.vocab_size, self.max_len)
-        if params.n > self.config.slots:
-            raise ValueError(f"n={params.n} exceeds the engine's {self.config.slots} slots")
         if params.grammar is not None:
             self.choices.constraint(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed)
+        groups = choice_groups(handle, prompt, params, self.config.slots)
         with self._lock:
-            if len(self._waiting) >= self.config.queue_size:
+            if len(self._waiting) + len(groups) > self.config.queue_size:
                 raise QueueFullError(f"the request queue is full ({self.config.queue_size} waiting)")
-            self._waiting.append(QueuedRequest(handle, list(prompt), params))
+            self._waiting.extend(groups)
             self._lock.notify_all()
         return handle
 
@@ -267,7 +266,8 @@ class Engine:
     def _start(self, job: PrefillJob, logits: jax.Array) -> None:
         """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
         pending, slots = job.request, job.slots
-        pending.handle.cached_tokens = job.cached
+        if pending.first:
+            pending.handle.cached_tokens = job.cached
         params = pending.params
         try:
             row = self.choices.row(params, pending.prompt)

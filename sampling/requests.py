@@ -10,7 +10,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flaxchat.sampling.params import SamplingParams, TokenEvent
 
@@ -91,17 +91,28 @@ class RequestHandle:
 
 @dataclass
 class QueuedRequest:
-    """A submitted request waiting for slots (its seed is the handle's)."""
+    """A submitted request, or a group of its choices, waiting for slots (its seed is the handle's)."""
 
     handle: RequestHandle
     prompt: list[int]
     params: SamplingParams
+    first: bool = True  # the request's first group (it reports the prefix-cache hit)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """End every choice of the request that never started (cancelled, refused, failed)."""
         for i in range(self.params.n):
             self.handle._push(TokenEvent(self.params.choice_offset + i, None, "", finish_reason=reason, error=error,
                                          seed=self.handle.seed))
+
+
+def choice_groups(handle: RequestHandle, prompt: list[int], params: SamplingParams,
+                  slots: int) -> list[QueuedRequest]:
+    """A request with more choices than the engine has slots, as groups of at most ``slots`` choices that wait
+    for slots one after the other and feed one handle. Each choice keeps its index, so its key and tokens are
+    the same however the choices are grouped; a later group finds the prompt's blocks in the prefix cache."""
+    return [QueuedRequest(handle, list(prompt), replace(params, n=min(slots, params.n - start),
+                                                        choice_offset=params.choice_offset + start), start == 0)
+            for start in range(0, params.n, slots)]
 
 
 def check_prompt(prompt: list[int], vocab_size: int, max_len: int) -> None:

@@ -154,3 +154,20 @@ def test_cors_is_off_by_default_and_answers_preflight_when_on(server, tmp_path):
     finally:
         cors_server.stop()
         engine.stop()
+
+
+def test_n_beyond_the_slots_waits_for_slots_and_keeps_each_choice_s_bits(client, server):
+    # the server has 4 slots: 10 choices run as groups of 4, 4 and 2, one stream of events
+    many = client.chat.completions.create(model=TINY_ID, messages=HELLO, n=10, max_tokens=5, seed=77, logprobs=True)
+    assert sorted(c.index for c in many.choices) == list(range(10))
+    one = client.chat.completions.create(model=TINY_ID, messages=HELLO, n=1, max_tokens=5, seed=77, logprobs=True)
+    first = next(c for c in many.choices if c.index == 0)
+    assert first.message.content == one.choices[0].message.content
+    assert [e.logprob for e in first.logprobs.content] == [e.logprob for e in one.choices[0].logprobs.content]
+    streamed = list(client.chat.completions.create(model=TINY_ID, messages=HELLO, n=10, max_tokens=5, seed=77,
+                                                   stream=True))
+    for choice in many.choices:
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == choice.index)
+        assert text == choice.message.content
+    too_many = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO, "n": 129})
+    assert too_many.status_code == 422 and too_many.json()["error"]["param"] == "n"

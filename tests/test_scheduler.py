@@ -196,7 +196,6 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(steps):
     (PROMPT, SamplingParams(temperature=float("nan")), "finite"),
     (PROMPT, SamplingParams(top_p=0.0), "top_p"),
     (PROMPT, SamplingParams(logit_bias={EOS + 1: 1.0}), "logit_bias token id"),
-    (PROMPT, SamplingParams(n=5), "n=5 exceeds the engine's 4 slots"),
 ])
 def test_what_the_engine_cannot_run_is_refused_before_queueing(engine, steps, prompt, params, message):
     with pytest.raises(ValueError, match=message):
@@ -206,3 +205,16 @@ def test_what_the_engine_cannot_run_is_refused_before_queueing(engine, steps, pr
     (events,) = replies(engine.submit(PROMPT, SamplingParams(max_tokens=2, temperature=5.0, presence_penalty=3.0,
                                                                logit_bias={1: 150.0}, ignore_eos=True)))
     assert len(tokens(events)) == 2
+
+
+def test_more_choices_than_slots_wait_in_groups_and_share_the_prompt(engine, steps):
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks of 4 for the later groups to reuse
+    handle = engine.submit(prompt, SamplingParams(n=10, max_tokens=3, seed=21, ignore_eos=True))
+    choices = replies(handle)
+    assert [tokens(c) for c in choices] == [expected_tokens(prompt, 21, i, 3) for i in range(10)]
+    assert handle.cached_tokens == 0  # what the first group found
+    prefills = [detail for stage, detail in steps.calls if stage == "prefill"]
+    loads = [detail for stage, detail in steps.calls if stage == "load_blocks"]
+    assert prefills[0] == (prefills[0][0], 0, 13) and len(loads) == 2  # groups of 4, 4, 2: two reuse the blocks
+    assert all(start == 12 and size == 1 for _, start, size in prefills[1:])
+    assert engine.busy_slots == 0 and engine.queue_depth == 0
