@@ -11,9 +11,9 @@ from typing import Any
 
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.format import ChatFormat, ToolSetup
-from flaxchat.chat.protocol import ChatCompletionRequest, Message
+from flaxchat.chat.protocol import ChatCompletionRequest, CompletionRequest, Message
 from flaxchat.chat.reasoning import EFFORTS, ReasoningSetup
-from flaxchat.chat.tools import parse_tool_choice, parse_tools
+from flaxchat.chat.tools import ToolChoice, parse_tool_choice, parse_tools
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.constraints import ConstraintError, json_schema_grammar
 from flaxchat.sampling.engine import Engine
@@ -39,6 +39,9 @@ class ServedModel:
 
     def answers_to(self, name: str) -> bool:
         return name == self.id or name in self.aliases
+
+
+NO_TOOLS = ToolSetup((), ToolChoice("none"), False)
 
 
 @dataclass(frozen=True)
@@ -114,15 +117,16 @@ def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     return schema
 
 
-def reply_budget(request: ChatCompletionRequest, context: int, prompt_len: int) -> int:
+def reply_budget(request: ChatCompletionRequest | CompletionRequest, context: int, prompt_len: int) -> int:
     """The completion's token budget: what the request asks for, else the rest of the context. Raises
     ``ChatError`` (context_length_exceeded) when the prompt, or the prompt plus the budget, does not fit."""
     room = context - prompt_len
     if room < 1:
         raise ChatError(f"This model's maximum context length is {context} tokens, but the messages take "
                         f"{prompt_len} tokens.", param="messages", code="context_length_exceeded", status=400)
-    limit_name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    completion_limit = getattr(request, "max_completion_tokens", None)
+    limit_name = "max_completion_tokens" if completion_limit is not None else "max_tokens"
+    max_tokens = completion_limit or request.max_tokens
     if max_tokens is not None and prompt_len + max_tokens > context:
         raise ChatError(f"This model's maximum context length is {context} tokens. However, you requested "
                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
@@ -131,8 +135,9 @@ def reply_budget(request: ChatCompletionRequest, context: int, prompt_len: int) 
     return max_tokens or room
 
 
-def sampling_params(request: ChatCompletionRequest, vocab: int, budget: int, grammar: str | None,
-                    thinking: ThinkingPlan | None) -> SamplingParams:
+def sampling_params(request: ChatCompletionRequest | CompletionRequest, vocab: int, budget: int, grammar: str | None,
+                    thinking: ThinkingPlan | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """The engine's settings from a request's sampling fields (both endpoints name them alike)."""
     bias = {}
     for token, value in (request.logit_bias or {}).items():
         token_id = int(token)
@@ -153,8 +158,8 @@ def sampling_params(request: ChatCompletionRequest, vocab: int, budget: int, gra
         stop=request.stop_list(),
         seed=None if request.seed is None else request.seed % 2**64,
         n=request.n or 1,
-        logprobs=bool(request.logprobs),
-        top_logprobs=request.top_logprobs or 0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         grammar=grammar,
         thinking=thinking,
     )
@@ -183,10 +188,32 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
             raise _grammar_error(tools, exc) from None
     budget = reply_budget(request, model.engine.max_len, len(ids))
     reasoning = fmt.reasoning(prompt_text, request.reasoning_effort, budget, constrained=grammar is not None)
-    params = sampling_params(request, model.tokenizer.vocab_size, budget, grammar,
-                             reasoning.plan if reasoning else None)
+    params = sampling_params(request, model.tokenizer.vocab_size, budget, grammar, reasoning.plan if reasoning else None,
+                             bool(request.logprobs), request.top_logprobs or 0)
     return Prepared(tuple(ids), params, tools, reasoning, model.tokenizer.stop_ids | frozenset(params.stop_token_ids),
                     legacy_functions=request.functions is not None)
+
+
+def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[Prepared]:
+    """One ``Prepared`` per prompt of a legacy completion request (no template, tools or reasoning)."""
+    if request.best_of is not None and request.best_of != (request.n or 1):
+        raise ChatError("best_of other than n is not supported", param="best_of", code="unsupported_parameter")
+    if request.echo and request.logprobs is not None:
+        raise ChatError("echo with logprobs needs the prompt's token logprobs, which this server does not compute yet",
+                        param="echo", code="unsupported_parameter")
+    tokenizer, prepared = model.tokenizer, []
+    for prompt in request.prompts():
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, add_bos=tokenizer.special.add_bos)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+                raise ChatError("the prompt contains token ids outside the vocabulary", param="prompt")
+        budget = reply_budget(request, model.engine.max_len, len(ids))
+        params = sampling_params(request, tokenizer.vocab_size, budget, None, None, request.logprobs is not None,
+                                 request.logprobs or 0)
+        prepared.append(Prepared(tuple(ids), params, NO_TOOLS, None, tokenizer.stop_ids))
+    return prepared
 
 
 def submit(model: ServedModel, prepared: Prepared) -> RequestHandle:

@@ -15,14 +15,14 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from flaxchat.chat.errors import ChatError
-from flaxchat.chat.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from flaxchat.chat.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from flaxchat.chat.reply import Reply
-from flaxchat.chat.request import ServedModel, prepare, submit
+from flaxchat.chat.request import ServedModel, prepare, prepare_completion, submit
 from flaxchat.chat.tokens import detokenize, tokenize
 from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
 from flaxchat.serve.limits import RateLimiter, TokenBudgets
 from flaxchat.serve.metrics import Metrics
-from flaxchat.serve.render import Rendering
+from flaxchat.serve.render import Rendering, TextRendering
 
 log = logging.getLogger("flaxchat.server")
 Body = TypeVar("Body", bound=BaseModel)
@@ -148,23 +148,19 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         check_auth()
         return detokenize(model, await read_body(DetokenizeRequest))
 
-    async def chat_completions():
-        caller = check_auth()
-        budgets.check(caller)
-        rate_limiter.check(caller)
-        body = await read_body(ChatCompletionRequest)
-        prepared = prepare(model, body)
-        reply = Reply(model, prepared, submit(model, prepared))
-        rendering = Rendering(reply, model.id, include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", rendering.id, body.model,
-                 body.user, reply.prompt_tokens, prepared.params.n, bool(body.stream), reply.handle.seed)
-        if not body.stream:
+    async def respond(caller: str, replies: list[Reply], rendering: Rendering | TextRendering, stream: bool):
+        """The replies as one JSON object or as server-sent events; their slots freed and tokens charged at the end."""
+        def settle() -> None:
+            for reply in replies:
+                reply.cancel()  # a no-op once finished; frees the slots if the client went away
+            budgets.charge(caller, sum(reply.prompt_tokens + reply.completion_tokens for reply in replies))
+
+        if not stream:
             try:
                 with metrics.latency.time():
                     return await rendering.completion()
             finally:
-                reply.cancel()  # a no-op once finished; frees the slots if the client went away
-                budgets.charge(caller, reply.prompt_tokens + reply.completion_tokens)
+                settle()
 
         async def events():
             try:
@@ -174,16 +170,51 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
             except ChatError as error:  # headers are gone: report in the stream, as OpenAI does
                 yield f"data: {json.dumps(from_chat_error(error).body())}\n\n".encode()
             finally:
-                reply.cancel()
-                budgets.charge(caller, reply.prompt_tokens + reply.completion_tokens)
+                settle()
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.timeout = None
         return response
 
+    def admit() -> str:
+        caller = check_auth()
+        budgets.check(caller)
+        rate_limiter.check(caller)
+        return caller
+
+    async def chat_completions():
+        caller = admit()
+        body = await read_body(ChatCompletionRequest)
+        prepared = prepare(model, body)
+        reply = Reply(model, prepared, submit(model, prepared))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        rendering = Rendering(reply, model.id, include_usage=usage)
+        log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", rendering.id, body.model,
+                 body.user, reply.prompt_tokens, prepared.params.n, bool(body.stream), reply.handle.seed)
+        return await respond(caller, [reply], rendering, bool(body.stream))
+
+    async def completions():
+        caller = admit()
+        body = await read_body(CompletionRequest)
+        replies = []
+        try:
+            for prepared in prepare_completion(model, body):
+                replies.append(Reply(model, prepared, submit(model, prepared)))
+        except ChatError:
+            for reply in replies:  # a later prompt was refused: the earlier ones must not run on
+                reply.cancel()
+            raise
+        echoes = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        rendering = TextRendering(replies, model.id, echoes, include_usage=usage)
+        log.info("%s model=%s user=%s prompts=%d n=%d stream=%s", rendering.id, body.model, body.user, len(replies),
+                 replies[0].prepared.params.n, bool(body.stream))
+        return await respond(caller, replies, rendering, bool(body.stream))
+
     app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
     app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
+    app.add_url_rule("/v1/completions", "completions", completions, methods=["POST"])
     if settings.cors_allow_origins:
         origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
         app = cors(app, allow_origin=origins, allow_headers=["Authorization", "Content-Type"],

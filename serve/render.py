@@ -1,14 +1,15 @@
-"""A chat reply in OpenAI's two shapes: one ``chat.completion`` object, or ``chat.completion.chunk``s for
-server-sent events. Both read the same ``Reply.updates()`` (``chat/reply.py``), so streamed and whole
-replies agree."""
+"""Replies in OpenAI's shapes: one ``chat.completion`` object or ``chat.completion.chunk``s for server-sent
+events (``Rendering``), and the legacy ``text_completion`` (``TextRendering``). All read the same
+``Reply.updates()`` (``chat/reply.py``), so streamed and whole replies agree."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
 
-from flaxchat.chat.reply import Reply
+from flaxchat.chat.reply import Reply, Update
 
 
 class Rendering:
@@ -58,3 +59,98 @@ class Rendering:
                                    "finish_reason": update.finish_reason})
         if self.include_usage:
             yield {**self.head, "object": "chat.completion.chunk", "choices": [], "usage": self.reply.usage()}
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as they come, tagged with the iterator's position."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(k: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((k, item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put((k, exc))
+        await queue.put((k, done))
+
+    tasks = [asyncio.create_task(pump(k, stream)) for k, stream in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get())[1] is not done:
+                if isinstance(item[1], BaseException):
+                    raise item[1]
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class TextRendering:
+    """Legacy ``text_completion`` objects for the replies to one completion request's prompts: choice
+    ``index`` is ``prompt * n + choice``; ``echo`` puts the prompt's text before each choice's."""
+
+    def __init__(self, replies: list[Reply], model_name: str, echoes: list[str] | None = None,
+                 include_usage: bool = False):
+        self.replies, self.include_usage = replies, include_usage
+        self.n = replies[0].prepared.params.n
+        self.logprobs_on = replies[0].prepared.params.logprobs
+        self.echoes = echoes or [""] * len(replies)
+        self.id = "cmpl-" + secrets.token_hex(12)
+        self.head = {"id": self.id, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                     "system_fingerprint": replies[0].model.fingerprint}
+
+    def usage(self) -> dict:
+        usages = [reply.usage() for reply in self.replies]
+        total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return {**total, "prompt_tokens_details": {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                                         for u in usages)}}
+
+    @staticmethod
+    def _text(update: Update) -> str:
+        return "".join(delta.get("content", "") for delta in update.deltas)
+
+    def _logprobs(self, entries: list[dict], offset: int) -> dict:
+        """OpenAI's legacy logprobs: parallel lists, alternatives as {token: logprob}, character offsets."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    async def completion(self) -> dict:
+        choices = []
+        for k, reply in enumerate(self.replies):
+            texts, entries = [self.echoes[k]] * self.n, [[] for _ in range(self.n)]
+            finish: list[str | None] = [None] * self.n
+            async for update in reply.updates():
+                texts[update.index] += self._text(update)
+                entries[update.index] += update.logprobs
+                finish[update.index] = update.finish_reason or finish[update.index]
+            choices += [{"text": texts[i], "index": k * self.n + i, "finish_reason": finish[i],
+                         "logprobs": self._logprobs(entries[i], len(self.echoes[k])) if self.logprobs_on else None}
+                        for i in range(self.n)]
+        return {**self.head, "choices": choices, "usage": self.usage()}
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        offsets: dict[int, int] = {}
+        async for k, update in _merged([reply.updates() for reply in self.replies]):
+            index, generated = k * self.n + update.index, self._text(update)
+            echo = self.echoes[k] if index not in offsets else ""  # the choice's first chunk: its echo first
+            start = offsets.get(index, 0) + len(echo)  # where this update's generated text starts
+            text, offsets[index] = echo + generated, start + len(generated)
+            logprobs = self._logprobs(update.logprobs, start) if self.logprobs_on else None
+            if text or update.logprobs:
+                yield self._chunk({"text": text, "index": index, "logprobs": logprobs, "finish_reason": None})
+            if update.finish_reason:
+                yield self._chunk({"text": "", "index": index, "logprobs": None, "finish_reason": update.finish_reason})
+        if self.include_usage:
+            yield {**self.head, "choices": [], "usage": self.usage()}
+
+    def _chunk(self, choice: dict) -> dict:
+        chunk = {**self.head, "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
