@@ -22,6 +22,7 @@ from flaxchat.chat.tokens import detokenize, tokenize
 from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
 from flaxchat.serve.limits import RateLimiter, TokenBudgets
 from flaxchat.serve.metrics import Metrics
+from flaxchat.serve.openapi import openapi_document
 from flaxchat.serve.render import Rendering, TextRendering
 
 log = logging.getLogger("flaxchat.server")
@@ -100,6 +101,10 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         """OpenAI's model object, plus the context length (vLLM's ``max_model_len``) and the other names."""
         return {"id": name, "object": "model", "created": model.created, "owned_by": "flaxchat",
                 "max_model_len": model.engine.max_len, "root": model.id, "aliases": list(model.aliases)}
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return openapi_document()
 
     @app.get("/health")
     async def health():

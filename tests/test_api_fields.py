@@ -171,3 +171,17 @@ def test_n_beyond_the_slots_waits_for_slots_and_keeps_each_choice_s_bits(client,
         assert text == choice.message.content
     too_many = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO, "n": 129})
     assert too_many.status_code == 422 and too_many.json()["error"]["param"] == "n"
+
+
+def test_openapi_document_describes_what_the_server_validates(server):
+    import jsonschema
+
+    document = httpx.get(server.url + "/openapi.json").json()
+    assert document["openapi"].startswith("3.1") and {"/v1/chat/completions", "/v1/completions", "/tokenize",
+                                                        "/detokenize"} <= set(document["paths"])
+    schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": document["components"]}
+    jsonschema.validate({"model": TINY_ID, "messages": HELLO, "n": 2, "store": False}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"model": TINY_ID, "messages": HELLO, "colour": 1}, schema)  # the server's 400 too
+    responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "422", "503"} <= set(responses)
