@@ -5,9 +5,11 @@ a chat request (JSON, SSE) renders the same ``Reply``."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
+
+import regex
 
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.format import ChatFormat, ToolSetup
@@ -16,6 +18,7 @@ from flaxchat.chat.reasoning import EFFORTS, ReasoningSetup
 from flaxchat.chat.tools import ToolChoice, parse_tool_choice, parse_tools
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.constraints import ConstraintError, json_schema_grammar
+from flaxchat.sampling.detokenizer import compiled_patterns
 from flaxchat.sampling.engine import Engine
 from flaxchat.sampling.params import SamplingParams, ThinkingPlan
 from flaxchat.sampling.requests import EngineStoppedError, PromptTooLongError, QueueFullError, RequestHandle
@@ -32,6 +35,7 @@ class ServedModel:
     fingerprint: str
     aliases: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
+    content_filter: tuple[str, ...] = ()  # regular expressions no prompt or reply may contain (load_content_filter)
     format: ChatFormat = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +180,7 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
     fmt = model.format
     tools = tool_setup(request)
     prompt_text = fmt.render(message_dicts(request.messages), tools, request.reasoning_effort)
+    check_content(model, prompt_text, "messages")
     ids = model.tokenizer.encode(prompt_text)
     schema = response_schema(request)
     grammar = json_schema_grammar(schema) if schema is not None else None
@@ -190,8 +195,27 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
     reasoning = fmt.reasoning(prompt_text, request.reasoning_effort, budget, constrained=grammar is not None)
     params = sampling_params(request, model.tokenizer.vocab_size, budget, grammar, reasoning.plan if reasoning else None,
                              bool(request.logprobs), request.top_logprobs or 0)
-    return Prepared(tuple(ids), params, tools, reasoning, model.tokenizer.stop_ids | frozenset(params.stop_token_ids),
-                    legacy_functions=request.functions is not None)
+    return Prepared(tuple(ids), replace(params, blocked=model.content_filter), tools, reasoning,
+                    model.tokenizer.stop_ids | frozenset(params.stop_token_ids), legacy_functions=request.functions is not None)
+
+
+def load_content_filter(path: str) -> tuple[str, ...]:
+    """A content filter file: one pattern per line, literal text or ``re:`` and a regular expression (the
+    ``regex`` module's syntax); blank lines and lines starting with ``#`` are skipped."""
+    patterns = []
+    with open(path, encoding="utf-8") as lines:
+        for line in (raw.rstrip("\n") for raw in lines):
+            if line.strip() and not line.startswith("#"):
+                patterns.append(line[3:] if line.startswith("re:") else regex.escape(line))
+    compiled_patterns(tuple(patterns))  # a bad expression fails at start
+    return tuple(patterns)
+
+
+def check_content(model: ServedModel, text: str, param: str) -> None:
+    """A prompt that matches the server's content filter is refused (400, code ``content_filter``)."""
+    if any(pattern.search(text) for pattern in compiled_patterns(model.content_filter)):
+        raise ChatError("the prompt matches the server's content filter", param=param, code="content_filter",
+                        status=400)
 
 
 def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[Prepared]:
@@ -203,6 +227,7 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
                         param="echo", code="unsupported_parameter")
     tokenizer, prepared = model.tokenizer, []
     for prompt in request.prompts():
+        check_content(model, prompt if isinstance(prompt, str) else tokenizer.decode(prompt), "prompt")
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, add_bos=tokenizer.special.add_bos)
         else:
@@ -212,7 +237,8 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
         budget = reply_budget(request, model.engine.max_len, len(ids))
         params = sampling_params(request, tokenizer.vocab_size, budget, None, None, request.logprobs is not None,
                                  request.logprobs or 0)
-        prepared.append(Prepared(tuple(ids), params, NO_TOOLS, None, tokenizer.stop_ids))
+        prepared.append(Prepared(tuple(ids), replace(params, blocked=model.content_filter), NO_TOOLS, None,
+                                 tokenizer.stop_ids))
     return prepared
 
 

@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flaxchat.checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.serve.app import ServerSettings, create_app
-    from flaxchat.chat.request import ServedModel
+    from flaxchat.chat.request import ServedModel, load_content_filter
     from flaxchat.serve.server import fingerprint, serve_until_signalled
     from flaxchat.serve.memory import release_freed_memory, resident_mb
 
@@ -158,8 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype),
              "prompt_activations": model.cfg.prompt_activations}
+    content_filter = load_content_filter(args.content_filter) if args.content_filter else ()
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
-                         fingerprint(model.path, model.manifest, setup), aliases=aliases)
+                         fingerprint(model.path, model.manifest, setup), aliases=aliases, content_filter=content_filter)
     keys, budgets = _api_keys(args)
     app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes,
                                             cors_allow_origins=tuple(args.cors_allow_origin or ()),
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys-file", default=None, help='file with lines "KEY [TOKEN_BUDGET]"')
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--content-filter", metavar="FILE", default=None,
+                   help="patterns no prompt or reply may contain, one per line (literal, or 're:' and a regular "
+                        "expression): a matching prompt is refused (400), a reply ends before a match "
+                        "(finish_reason content_filter)")
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeatable; '*' for any); off by default")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)

@@ -80,6 +80,8 @@ class Choice:
         return self.guide is not None and self.guide.closed_by_budget
 
     def _finish_reason(self, token: int) -> str | None:
+        if self.stops.reason == "content_filter":
+            return "content_filter"
         if token in self.stop_ids or self.stops.stopped or (self.guide is not None and self.guide.done):
             # complete; "length" when only because the guide forced its end to fit max_tokens
             return "length" if self.closed_by_budget else "stop"
@@ -150,5 +152,5 @@ class ChoiceMaker:
             if mask is not None:
                 row = row.replace(allowed=jnp.asarray(mask))
         choice = Choice(handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
-                        StopStringFilter(params.stop), params.logprobs, params.top_logprobs, guide)
+                        StopStringFilter(params.stop, params.blocked), params.logprobs, params.top_logprobs, guide)
         return choice, row

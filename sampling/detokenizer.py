@@ -7,6 +7,10 @@ sentencepiece's leading spaces right: the window's own prefix is decoded the sam
 
 from __future__ import annotations
 
+import functools
+
+import regex
+
 from flaxchat.model.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
@@ -44,36 +48,58 @@ class IncrementalDetokenizer:
 
 
 class StopStringFilter:
-    """Hold back text that could be the start of a stop string; cut the output at the first stop string.
+    """Hold back text that could be the start of a stop string or of blocked text; cut the output at the first
+    stop string (``reason`` "stop") or before the first match of a blocked pattern ("content_filter").
 
-    Text is released only when no stop string can begin in it, so a stop string is found even when it is
-    split across tokens, and no part of it ever reaches the client.
+    Text is released only when no stop string and no blocked match can begin in it, so either is found even
+    when split across tokens, and no part of it ever reaches the client. Blocked patterns are regular
+    expressions (the ``regex`` module, whose partial matches say where a match may still begin).
     """
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], blocked: tuple[str, ...] = ()):
         self.stops = tuple(s for s in stops if s)
+        self.blocked = compiled_patterns(blocked)
         self.pending = ""
         self.stopped = False
+        self.reason: str | None = None  # "stop" or "content_filter" once stopped
 
     def push(self, delta: str) -> str:
-        """Feed new text; returns what can be emitted. After a stop string, ``stopped`` is True."""
+        """Feed new text; returns what can be emitted. After a stop string or blocked text, ``stopped`` is True."""
         if self.stopped or not delta:
             return ""
-        if not self.stops:
+        if not self.stops and not self.blocked:
             return delta
         text = self.pending + delta
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        hold = max((partial_suffix(text, stop) for stop in self.stops), default=0)
+        for pattern in self.blocked:
+            match = pattern.search(text, partial=True)
+            if match is None:
+                continue
+            if not match.partial and (cut < 0 or match.start() <= cut):
+                self.stopped, self.reason, self.pending = True, "content_filter", ""
+                return text[: match.start()]
+            if match.partial:
+                hold = max(hold, len(text) - match.start())
         if cut >= 0:
-            self.stopped, self.pending = True, ""
+            self.stopped, self.reason, self.pending = True, "stop", ""
             return text[:cut]
-        hold = max(partial_suffix(text, stop) for stop in self.stops)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold]
 
     def flush(self) -> str:
-        """Release held-back text (the generation ended without completing a stop string)."""
+        """Release held-back text (the generation ended without completing a stop string or a match)."""
         text, self.pending = ("" if self.stopped else self.pending), ""
         return text
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_patterns(sources: tuple[str, ...]) -> tuple[regex.Pattern, ...]:
+    """Blocked-text patterns compiled once per distinct set; raises ``ValueError`` for a bad one."""
+    try:
+        return tuple(regex.compile(source) for source in sources)
+    except regex.error as exc:
+        raise ValueError(f"bad content filter pattern: {exc}") from None
 
 
 def partial_suffix(text: str, tag: str) -> int:

@@ -381,8 +381,8 @@ class Engine:
         event = choice.accept(token, logprob, top_ids, top_lps)
         choice.handle._push(event)
         if event.finish_reason is not None:
-            if event.finish_reason == "length" and choice.closed_by_budget:
-                self.stats["closed_by_budget"] += 1
+            self.stats["closed_by_budget"] += event.finish_reason == "length" and choice.closed_by_budget
+            self.stats["content_filtered"] += event.finish_reason == "content_filter"
             self._free(slot)
 
     def _end(self, choice: Choice, reason: str, error: str | None = None) -> None:

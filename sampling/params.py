@@ -46,6 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     stop: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()  # regular expressions no reply may contain: it ends before one, "content_filter"
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
@@ -84,6 +85,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.blocked:
+            from flaxchat.sampling.detokenizer import compiled_patterns  # raises ValueError for a bad pattern
+
+            compiled_patterns(tuple(self.blocked))
         for token in self.logit_bias:
             if not 0 <= int(token) < vocab_size:
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")

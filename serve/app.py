@@ -68,6 +68,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
 
     @app.errorhandler(ChatError)
     async def _chat_error(error: ChatError):
+        if error.code == "content_filter":
+            metrics.filtered_prompts.inc()
         return _error_response(from_chat_error(error))
 
     @app.errorhandler(HTTPException)

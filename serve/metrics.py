@@ -23,6 +23,8 @@ class EngineCollector:
                                   value=stats["guided_choices"])
         yield CounterMetricFamily("flaxchat_closed_by_budget", "Constrained replies whose end was forced to fit "
                                   "max_tokens", value=stats["closed_by_budget"])
+        yield CounterMetricFamily("flaxchat_content_filtered_replies", "Choices ended before blocked text",
+                                  value=stats["content_filtered"])
         yield CounterMetricFamily("flaxchat_mask_seconds", "Host time computing next-token masks",
                                   value=stats["mask_ns"] / 1e9)
         yield CounterMetricFamily("flaxchat_prompt_tokens", "Prompt tokens of admitted requests",
@@ -47,6 +49,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("flaxchat_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
+        self.filtered_prompts = Counter("flaxchat_content_filtered_prompts", "Prompts refused by the content filter",
+                                        registry=self.registry)
         self.latency = Histogram("flaxchat_request_seconds", "Time to the full non-streamed reply",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
         self.registry.register(EngineCollector(engine))

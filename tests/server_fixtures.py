@@ -17,11 +17,12 @@ TINY_ID = "tiny-llama"
 
 
 def start_tiny_server(folder: Path, settings: ServerSettings = ServerSettings(), model: dict | None = None,
-                      **engine_config):
+                      content_filter: tuple[str, ...] = (), **engine_config):
     """``model``: options of tests.engine_fixtures.tiny_model (kind, context, chat_template, extra_tokens)."""
     engine = tiny_engine(folder, model, **engine_config)
     template = (model or {}).get("chat_template", CHAT_TEMPLATE)
-    model = ServedModel(TINY_ID, engine, engine.tokenizer, template, "fp_test", aliases=("tiny",))
+    model = ServedModel(TINY_ID, engine, engine.tokenizer, template, "fp_test", aliases=("tiny",),
+                        content_filter=content_filter)
     server = BackgroundServer(create_app(model, settings)).start()
     return server, engine
 

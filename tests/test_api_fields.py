@@ -185,3 +185,63 @@ def test_openapi_document_describes_what_the_server_validates(server):
         jsonschema.validate({"model": TINY_ID, "messages": HELLO, "colour": 1}, schema)  # the server's 400 too
     responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "422", "503"} <= set(responses)
+
+
+def test_content_filter_ends_a_reply_before_the_match_and_refuses_a_matching_prompt(tmp_path):
+    import regex
+
+    from flaxchat.chat.request import ServedModel
+    from flaxchat.sampling.params import SamplingParams
+    from flaxchat.serve.app import create_app
+    from flaxchat.serve.server import BackgroundServer
+    from tests.engine_fixtures import tiny_engine
+    from tests.gguf_writer import CHAT_TEMPLATE
+
+    engine = tiny_engine(tmp_path, slots=2, max_len=256)
+    try:
+        ids = engine.tokenizer.encode(ServedModel(TINY_ID, engine, engine.tokenizer, CHAT_TEMPLATE, "fp").format
+                                      .render(HELLO))
+        params = SamplingParams(max_tokens=40, temperature=0.9, seed=5)  # what the HTTP request below asks for
+        text = "".join(e.text for e in engine.submit(ids, params).result()[0])
+        start = next(i for i in range(8, len(text) - 3) if text[i:i + 3].strip() == text[i:i + 3])
+        blocked = text[start:start + 3]  # three characters from the middle of the reply the seed gives
+        first = text.find(blocked)
+        served = ServedModel(TINY_ID, engine, engine.tokenizer, CHAT_TEMPLATE, "fp", content_filter=(regex.escape(blocked),))
+        server = BackgroundServer(create_app(served)).start()
+        try:
+            client = openai_client(server)
+            body = dict(model=TINY_ID, messages=HELLO, max_tokens=40, temperature=0.9, seed=5)
+            reply = client.chat.completions.create(**body)
+            assert reply.choices[0].finish_reason == "content_filter"
+            assert reply.choices[0].message.content == text[:first]
+            shown = ""
+            for chunk in client.chat.completions.create(**body, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    shown += chunk.choices[0].delta.content
+                    assert text[:first].startswith(shown)  # never any part of the match
+            assert shown == text[:first]
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model=TINY_ID, messages=[{"role": "user", "content": "x" + blocked}])
+            assert info.value.body["code"] == "content_filter"
+            metrics = httpx.get(server.url + "/metrics").text
+            assert "flaxchat_content_filtered_prompts_total 1.0" in metrics
+            assert "flaxchat_content_filtered_replies_total 2.0" in metrics
+        finally:
+            server.stop()
+    finally:
+        engine.stop()
+
+
+def test_content_filter_file_lines(tmp_path):
+    import regex
+
+    from flaxchat.chat.request import load_content_filter
+
+    path = tmp_path / "filter.txt"
+    path.write_text("# comments and blank lines are skipped\n\nfree (as in beer)\nre:pass\\s*word\n")
+    literal, expression = load_content_filter(str(path))
+    assert regex.search(literal, "it is free (as in beer)!") and not regex.search(literal, "free as in beer")
+    assert regex.search(expression, "pass  word")
+    path.write_text("re:(unclosed\n")
+    with pytest.raises(ValueError, match="bad content filter pattern"):
+        load_content_filter(str(path))

@@ -118,3 +118,36 @@ def test_held_text_is_released_when_no_stop_follows():
     assert stop_filter.push("ART") == "START"
     assert stop_filter.push(" S") == " "
     assert stop_filter.flush() == "S"
+
+
+BLOCKED = (r"sec\s*ret", "bad")
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.text(alphabet="abcdes rt\n", max_size=30), after=st.text(alphabet="abcdes rt", max_size=10),
+       blocked=st.sampled_from(["secret", "sec  ret", "bad"]), cuts=st.lists(st.integers(0, 60), max_size=12))
+def test_no_streamed_prefix_shows_any_part_of_blocked_text(before, after, blocked, cuts):
+    import regex
+
+    text = before + blocked + after
+    first = min(m.start() for m in (regex.search(p, text) for p in BLOCKED) if m)
+    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)])]
+    stream, shown = StopStringFilter((), BLOCKED), ""
+    for piece in pieces:
+        shown += stream.push(piece)
+        assert text[:first].startswith(shown)  # never past the match's start, so no part of it is shown
+        if stream.stopped:
+            break
+    shown += stream.flush()
+    assert shown == text[:first] and stream.stopped and stream.reason == "content_filter"
+
+
+def test_text_without_blocked_matches_is_released_whole():
+    stream = StopStringFilter(("STOP",), BLOCKED)
+    out = "".join(stream.push(c) for c in "a sec of bad") + stream.flush()
+    assert out == "a sec of " and stream.reason == "content_filter"
+    stream = StopStringFilter(("STOP",), BLOCKED)
+    out = "".join(stream.push(c) for c in "a sec, ba") + stream.flush()
+    assert out == "a sec, ba" and not stream.stopped  # partial matches that never completed come out at the end
+    stream = StopStringFilter(("STOP",), BLOCKED)
+    assert stream.push("x STOP then bad") == "x " and stream.reason == "stop"  # whichever comes first
