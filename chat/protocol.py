@@ -6,12 +6,35 @@ Every accepted field is honoured; a field the model does not declare is refused 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+
+
+def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
+    items = [value] if isinstance(value, str) else value or []
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    if any(not s for s in items):
+        raise ValueError("stop sequences must not be empty")
+    return value
+
+
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    for token, bias in (value or {}).items():
+        if not token.lstrip("-").isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias value for token {token} must be between -100 and 100")
+    return value
+
+
+# Fields both the chat and the legacy completion request take, with the same rules.
+Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+LogitBias = Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias)]
 
 
 class TextPart(BaseModel):
@@ -118,7 +141,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     model: str
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias = None
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -128,7 +151,7 @@ class ChatCompletionRequest(BaseModel):
     reasoning_effort: Any = None
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -166,26 +189,6 @@ class ChatCompletionRequest(BaseModel):
     def _refused(cls, value: Any, info: Any) -> Any:
         if value is not None:
             raise PydanticCustomError("unsupported", REFUSED_FIELDS[info.field_name])
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else value or []
-        if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not s for s in items):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias value for token {token} must be between -100 and 100")
         return value
 
     def stop_list(self) -> tuple[str, ...]:
@@ -233,11 +236,11 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
     suffix: str | None = None
@@ -246,9 +249,6 @@ class CompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-
-    _stop = field_validator("stop")(ChatCompletionRequest._stop.__func__)
-    _logit_bias = field_validator("logit_bias")(ChatCompletionRequest._logit_bias.__func__)
 
     @field_validator("suffix")
     @classmethod

@@ -116,8 +116,12 @@ class ChoiceMaker:
                                                top_logprobs=1))
 
     def constraint(self, grammar: str) -> TokenConstraint:
-        """A fresh matcher for ``grammar``; raises ``ConstraintError`` naming the problem. The grammar is
-        compiled once (validating a request, and each of its choices, copy the compiled matcher)."""
+        """A fresh matcher for ``grammar`` (a copy of the compiled one); raises ``ConstraintError``."""
+        return self.compiled(grammar).copy()
+
+    def compiled(self, grammar: str) -> TokenConstraint:
+        """``grammar`` compiled once, kept for reuse (never advanced: choices take copies); raises
+        ``ConstraintError`` naming the problem, so validating a request compiles what its choices will use."""
         with self._lock:
             compiled = self._compiled.get(grammar)
             if compiled is None:
@@ -126,7 +130,7 @@ class ChoiceMaker:
                 if len(self._compiled) > self.GRAMMARS_KEPT:
                     self._compiled.popitem(last=False)
             self._compiled.move_to_end(grammar)
-            return compiled.copy()
+            return compiled
 
     def row(self, params: SamplingParams, prompt: list[int]) -> RowRequest:
         """The device settings every choice of the request shares."""

@@ -159,7 +159,7 @@ class Engine:
         params.validate(self.cfg.vocab_size)
         check_prompt(prompt, self.cfg.vocab_size, self.max_len)
         if params.grammar is not None:
-            self.choices.constraint(params.grammar)  # validate now: a bad grammar fails before queueing
+            self.choices.compiled(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed)
         groups = choice_groups(handle, prompt, params, self.config.slots)
@@ -172,7 +172,7 @@ class Engine:
 
     def check_grammar(self, grammar: str) -> None:
         """Raise ``ConstraintError`` naming the problem if ``grammar`` cannot be used (before any queueing)."""
-        self.choices.constraint(grammar)
+        self.choices.compiled(grammar)
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:

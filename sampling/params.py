@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from flaxchat.sampling.detokenizer import compiled_patterns
+
 MAX_TOP_LOGPROBS = 20
 ALL_ALLOWED = 0xFFFFFFFF  # one 32-bit word of a next-token bitmask with all of its tokens allowed
 
@@ -85,10 +87,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.blocked:
-            from flaxchat.sampling.detokenizer import compiled_patterns  # raises ValueError for a bad pattern
-
-            compiled_patterns(tuple(self.blocked))
+        compiled_patterns(tuple(self.blocked))  # raises ValueError for a bad pattern
         for token in self.logit_bias:
             if not 0 <= int(token) < vocab_size:
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
