@@ -117,13 +117,22 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def min_p_mask(logits: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Drop tokens whose probability is below ``min_p`` times the top token's; 0 = off."""
-    probs = reductions.softmax(logits, axis=-1)
-    threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    remove = probs < threshold
-    top = jnp.argmax(probs, axis=-1)
-    remove = remove.at[jnp.arange(logits.shape[0]), top].set(False)
-    return jnp.where(remove, NEG_INF, logits)
+    """Drop tokens whose probability is below ``min_p`` times the top token's; 0 = off.
+
+    Skipped when no row uses it: a softmax and an argmax over the vocabulary cost ~0.4 ms per step at one
+    row and ~2 ms at 16 (measured), and with ``min_p`` 0 the filter removes nothing, so rows get the same
+    bits either way.
+    """
+
+    def filtered(logits: jax.Array) -> jax.Array:
+        probs = reductions.softmax(logits, axis=-1)
+        threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+        remove = probs < threshold
+        top = jnp.argmax(probs, axis=-1)
+        remove = remove.at[jnp.arange(logits.shape[0]), top].set(False)
+        return jnp.where(remove, NEG_INF, logits)
+
+    return jax.lax.cond(jnp.any(min_p > 0), filtered, lambda x: x, logits)
 
 
 # Vocabulary block of the two-level draw (``categorical``): a draw costs one random number per block plus

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from flaxchat.model import reductions
 from flaxchat.sampling import processors as P
-from flaxchat.sampling.params import MAX_TOP_LOGPROBS
+from flaxchat.sampling.params import ALL_ALLOWED, MAX_TOP_LOGPROBS
 
 
 @flax.struct.dataclass
@@ -45,18 +45,31 @@ class SampleOutput:
 
 def sample(logits: jax.Array, rows: RowSettings, keys: jax.Array) -> SampleOutput:
     """Process and sample ``logits`` ``[B, V]`` (float32) with one typed PRNG key per row."""
-    logits = P.apply_repetition_penalty(logits, rows.seen, rows.repetition)
-    logits = P.apply_presence_frequency(logits, rows.counts, rows.presence, rows.frequency)
+    # Penalties and the constraint mask are passes over every row's vocabulary that leave a row with neutral
+    # settings bit for bit as it was: they run only when some row needs them.
+    penalised = (rows.repetition != 1) | (rows.presence != 0) | (rows.frequency != 0)
+    logits = jax.lax.cond(
+        jnp.any(penalised),
+        lambda x: P.apply_presence_frequency(P.apply_repetition_penalty(x, rows.seen, rows.repetition),
+                                             rows.counts, rows.presence, rows.frequency),
+        lambda x: x, logits)
     logits = logits + rows.bias
-    logits = P.apply_allowed_bitmask(logits, rows.allowed)
+    logits = jax.lax.cond(jnp.any(rows.allowed != jnp.uint32(ALL_ALLOWED)),
+                          lambda x: P.apply_allowed_bitmask(x, rows.allowed), lambda x: x, logits)
     logprobs = reductions.log_softmax(logits, axis=-1)
 
     warped = P.apply_temperature(logits, rows.temperature)
     warped = P.top_k_mask(warped, rows.top_k)
     warped = P.top_p_mask(warped, rows.top_p)
     warped = P.min_p_mask(warped, rows.min_p)
-    sampled = P.categorical(keys, warped)
-    tokens = jnp.where(rows.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    # Each rule runs only when some row needs it (an argmax over the vocabulary alone costs ~0.15 ms at one
+    # row, ~0.6 ms at 16): a row's token is the same whichever other rows made the other rule run.
+    no_tokens = lambda *_: jnp.zeros(logits.shape[0], jnp.int32)  # noqa: E731
+    sampled = jax.lax.cond(jnp.any(rows.temperature > 0),
+                           lambda k, w: P.categorical(k, w).astype(jnp.int32), no_tokens, keys, warped)
+    greedy = jax.lax.cond(jnp.any(rows.temperature <= 0),
+                          lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), no_tokens, logits)
+    tokens = jnp.where(rows.temperature > 0, sampled, greedy)
 
     # The top alternatives cost a pass over every row's vocabulary (~2 ms at 16 rows): only when a row
     # reports them. Rows that do not get zeros, which nobody reads.

@@ -159,3 +159,34 @@ def test_a_rows_draw_does_not_depend_on_the_other_rows():
         alone = np.asarray(jax.jit(P.categorical)(keys[:size], logits[:size]))
         assert np.array_equal(alone, together[:size]), size
     assert len(set(together.tolist())) > 8  # distinct rows draw distinct tokens
+
+
+def test_a_rows_sample_is_the_same_whichever_rules_the_other_rows_switch_on():
+    """``sample`` runs a rule (penalties, the constraint mask, min_p, the draw, the argmax) only when some row
+    needs it; a row's token and logprobs must not depend on whether its neighbours made the rule run."""
+    import jax
+
+    from flaxchat.sampling.params import ALL_ALLOWED
+    from flaxchat.sampling.sampler import RowSettings, sample
+
+    vocab, rows = 4096, 4
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.standard_normal((rows, vocab)).astype(np.float32) * 3)
+    keys = jax.random.split(jax.random.key(5), rows)
+    allowed = np.full((rows, vocab // 32), ALL_ALLOWED, np.uint32)
+    allowed[1, : vocab // 64] = 0  # row 1: half the vocabulary masked
+    settings = RowSettings(
+        temperature=jnp.asarray([0.7, 0.0, 1.3, 0.7]), top_p=jnp.asarray([1.0, 1.0, 0.9, 1.0]),
+        top_k=jnp.asarray([0, 0, 50, 0], jnp.int32), min_p=jnp.asarray([0.0, 0.0, 0.05, 0.0]),
+        presence=jnp.asarray([0.0, 0.5, 0.0, 0.0]), frequency=jnp.asarray([0.0, 0.0, 0.3, 0.0]),
+        repetition=jnp.asarray([1.0, 1.2, 1.0, 1.0]), bias=jnp.zeros((rows, vocab)), allowed=jnp.asarray(allowed),
+        counts=jnp.asarray(rng.integers(0, 3, (rows, vocab)), jnp.int32),
+        seen=jnp.asarray(rng.random((rows, vocab)) < 0.1), top_logprobs=jnp.asarray([0, 3, 0, 0], jnp.int32))
+    together = jax.jit(sample)(logits, settings, keys)
+    for row in (0, 3):  # neutral rows: every rule off
+        alone = jax.jit(sample)(logits[row : row + 1], jax.tree.map(lambda a: a[row : row + 1], settings),
+                                keys[row : row + 1])
+        assert int(alone.tokens[0]) == int(together.tokens[row])
+        assert np.float32(alone.logprobs[0]).tobytes() == np.float32(together.logprobs[row]).tobytes()
+    # the rules did run for the other rows: the greedy row's token is its masked, penalised argmax
+    assert int(together.tokens[1]) >= vocab // 2
