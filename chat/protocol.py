@@ -230,7 +230,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt alone
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=128)

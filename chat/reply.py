@@ -92,6 +92,17 @@ class Reply:
         raw = self.model.tokenizer.token_bytes(token_id)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
+    def prompt_logprob_entries(self) -> list[dict]:
+        """The scored prompt's tokens as logprob entries (the first one has no logprob and no alternatives);
+        available once the first event has arrived."""
+        entries = []
+        for score in self.handle.prompt_logprobs or ():
+            entry = self._token_entry(score.token_id, score.logprob)
+            entry["top_logprobs"] = (None if score.logprob is None else
+                                     [self._token_entry(t.token_id, t.logprob) for t in score.top_logprobs])
+            entries.append(entry)
+        return entries
+
     def _logprob_entries(self, event: TokenEvent) -> list[dict]:
         stop_token = event.finish_reason == "stop" and event.token_id in self.prepared.stop_ids
         if event.token_id is None or event.logprob is None or stop_token:

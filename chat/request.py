@@ -136,7 +136,7 @@ def reply_budget(request: ChatCompletionRequest | CompletionRequest, context: in
                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
                         f"{limit_name}). Please reduce the length of the messages or {limit_name}.",
                         param=limit_name, code="context_length_exceeded", status=400)
-    return max_tokens or room
+    return room if max_tokens is None else max_tokens
 
 
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, vocab: int, budget: int, grammar: str | None,
@@ -222,9 +222,13 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
     """One ``Prepared`` per prompt of a legacy completion request (no template, tools or reasoning)."""
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise ChatError("best_of other than n is not supported", param="best_of", code="unsupported_parameter")
-    if request.echo and request.logprobs is not None:
-        raise ChatError("echo with logprobs needs the prompt's token logprobs, which this server does not compute yet",
-                        param="echo", code="unsupported_parameter")
+    if request.max_tokens == 0 and not request.echo:
+        raise ChatError("max_tokens 0 asks for no completion: only meaningful with echo", param="max_tokens",
+                        code="invalid_parameter")
+    # echo with logprobs scores the prompt's tokens (evaluation harnesses); echo alone with no completion
+    # still runs the prompt, to answer with its usage like any other request
+    prompt_logprobs = (request.logprobs or 0) if request.echo and (request.logprobs is not None or
+                                                                    request.max_tokens == 0) else None
     tokenizer, prepared = model.tokenizer, []
     for prompt in request.prompts():
         check_content(model, prompt if isinstance(prompt, str) else tokenizer.decode(prompt), "prompt")
@@ -237,8 +241,8 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
         budget = reply_budget(request, model.engine.max_len, len(ids))
         params = sampling_params(request, tokenizer.vocab_size, budget, None, None, request.logprobs is not None,
                                  request.logprobs or 0)
-        prepared.append(Prepared(tuple(ids), replace(params, blocked=model.content_filter), NO_TOOLS, None,
-                                 tokenizer.stop_ids))
+        prepared.append(Prepared(tuple(ids), replace(params, blocked=model.content_filter, prompt_logprobs=prompt_logprobs),
+                                 NO_TOOLS, None, tokenizer.stop_ids))
     return prepared
 
 

@@ -191,6 +191,12 @@ LM_HEAD = "lm_head"
 VOCABULARY_BITS = 8
 
 
+def rows_independent(cfg: Any) -> bool:
+    """Whether the model's products compute each row on its own (the quantised weights' kernel), so a row's
+    bits never depend on how many rows a product has; float products on XLA:CPU do not promise that."""
+    return cfg.weights in QUANTISED and kernels.available()
+
+
 def quantize_params(params: Any, weights: str = "int8") -> Any:
     """Float params (the stored layout) -> the layout ``Transformer`` expects with ``weights`` (int8/int4).
 

@@ -25,7 +25,7 @@ from flaxchat.model.attention import grouped_attention
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import KVCache, init_cache, write_layer
 from flaxchat.model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
-                         fused_name, padded)
+                                  fused_name, padded, rows_independent)
 from flaxchat.model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "layer_spec", "param_shapes"]
@@ -307,11 +307,16 @@ class Transformer(nn.Module):
         if logit_indices is None:
             logits = project(x)
         else:
-            # Selected positions (a prefill's last tokens) are projected one batch row at a time: a float32
-            # product's rows change with its row count on XLA:CPU, and a prompt's first-token logits must
-            # not depend on how many prompts were prefilled beside it.
+            # Selected positions (a prefill's last tokens, a scored prompt's every token) are projected one at
+            # a time unless the product computes rows on its own: a float32 product's rows change with its
+            # row count on XLA:CPU, and a prompt's first-token logits must not depend on how many prompts
+            # were prefilled beside it, nor on whether the prompt was scored.
             x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
-            logits = jnp.concatenate([project(x[b:b + 1]) for b in range(x.shape[0])])
+            if rows_independent(cfg):
+                logits = project(x)
+            else:
+                logits = jnp.concatenate([jnp.concatenate([project(x[b:b + 1, j:j + 1]) for j in range(x.shape[1])],
+                                                          axis=1) for b in range(x.shape[0])])
         return logits.astype(jnp.float32), cache
 
 

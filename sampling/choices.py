@@ -24,8 +24,7 @@ from flaxchat.sampling.constraints import ChoiceGuide, TokenConstraint, ll_token
 from flaxchat.sampling.detokenizer import IncrementalDetokenizer, StopStringFilter
 from flaxchat.sampling.params import ALL_ALLOWED, SamplingParams, TokenEvent, TokenLogprob, bitmask_words
 from flaxchat.sampling.requests import RequestHandle
-from flaxchat.sampling.sampler import choice_key
-from flaxchat.sampling.steps import RowRequest, make_row_request
+from flaxchat.sampling.sampler import RowRequest, choice_key, make_row_request
 
 
 @dataclass

@@ -26,6 +26,7 @@ class DeviceSteps(Protocol):
     buckets: tuple[int, ...]  # prefill chunk sizes; the last is the most one call prefills
     pool_blocks: int  # prefix-pool blocks of block_size tokens
     block_size: int
+    score_chunk_size: int  # prompt tokens per score_chunk call
     compiles: int  # traces so far (zero compiles after warm-up is an invariant)
 
     @property
@@ -51,6 +52,10 @@ class DeviceSteps(Protocol):
                       size: int) -> tuple[Logits, State]:
         """Write ``prompt[start:start + size]`` into ``slot`` (which holds ``prompt[:start]``); the logits of
         the prompt's last token when the chunk holds it."""
+
+    def score_chunk(self, state: State, slot: int, prompt: list[int], start: int) -> tuple[Any, Logits, State]:
+        """``prefill_chunk`` of ``score_chunk_size`` tokens that also scores each one's next token
+        (``sampling/scoring.py``): a ``ChunkScores``, the logits, the state."""
 
     def prefill_batch(self, state: State, parts: list[tuple[int, list[int], int]]) -> tuple[tuple[Logits, ...], State]:
         """The rest of several prompts in one call: ``(slot, prompt, start)`` each; their last logits."""

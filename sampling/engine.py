@@ -83,13 +83,7 @@ class Engine:
         self.max_len = min(max_len, cfg.max_position_embeddings)
         if config.prefill_chunk < 1 or config.prefix_block < 1 or config.prefix_cache_mb < 0:
             raise ValueError("prefill_chunk and prefix_block must be >= 1 and prefix_cache_mb >= 0")
-        if steps is None:
-            kv_dtype = config.kv_dtype or cfg.dtype
-            block_bytes = EngineSteps.pool_block_bytes(cfg, kv_dtype, config.prefix_block)
-            pool_blocks = int(config.prefix_cache_mb * 2**20 // block_bytes)
-            steps = EngineSteps(cfg, params, config.slots, self.max_len, config.steps_per_call,
-                                config.largest_prefill_bucket, kv_dtype, pool_blocks, config.prefix_block)
-        self.steps = steps
+        self.steps = steps = steps or EngineSteps.for_engine(cfg, params, self.max_len, config)
         self.choices = ChoiceMaker(tokenizer, cfg.vocab_size, self.max_len)
         self.stats = collections.Counter()
         self.prefix = PrefixIndex(steps.block_size, steps.pool_blocks)
@@ -265,10 +259,13 @@ class Engine:
 
     def _start(self, job: PrefillJob, logits: jax.Array) -> None:
         """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
-        pending, slots = job.request, job.slots
+        pending, slots, params = job.request, job.slots, job.request.params
         if pending.first:
-            pending.handle.cached_tokens = job.cached
-        params = pending.params
+            pending.handle.cached_tokens, pending.handle.prompt_logprobs = job.cached, job.prompt_scores()
+        if params.max_tokens == 0:  # the prompt's scores were all that was asked for
+            for slot in slots:
+                self._slots[slot] = None
+            return pending.finish("length")
         try:
             row = self.choices.row(params, pending.prompt)
             firsts = []

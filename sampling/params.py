@@ -56,6 +56,7 @@ class SamplingParams:
     choice_offset: int = 0  # choices are choice_offset .. choice_offset + n - 1 (replay one choice alone)
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # score the prompt's tokens, with this many alternatives each (None: off)
     grammar: str | None = None  # llguidance grammar (e.g. from constraints.json_schema_grammar); None = free text
     thinking: ThinkingPlan | None = None  # a think block first (reasoning models), with an optional budget
 
@@ -68,7 +69,10 @@ class SamplingParams:
                    self.repetition_penalty, *self.logit_bias.values())
         checks = [
             (all(math.isfinite(float(x)) for x in numbers), "sampling settings must be finite numbers"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "max_tokens must be >= 1 (0 only when the prompt is scored)"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (self.temperature >= 0.0, "temperature must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -101,6 +105,15 @@ class SamplingParams:
 class TokenLogprob:
     token_id: int
     logprob: float
+
+
+@dataclass(frozen=True)
+class PromptTokenScore:
+    """A prompt token with its log-probability given the tokens before it (None for the first token)."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

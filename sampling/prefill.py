@@ -21,6 +21,8 @@ from typing import Any
 import jax
 
 from flaxchat.sampling.prefix_cache import PrefixIndex
+from flaxchat.sampling.params import PromptTokenScore
+from flaxchat.sampling.scoring import prompt_token_scores
 from flaxchat.sampling.shapes import BATCH_PREFILL_ROWS
 from flaxchat.sampling.steps import DecodeState, EngineSteps
 
@@ -36,10 +38,22 @@ class PrefillJob:
     cached: int = 0  # of which came from the prefix cache
     chain: list[int] = field(default_factory=list)  # prefix-index keys of the prompt's cached blocks, in order
     looked_up: bool = False
+    scores: list[Any] = field(default_factory=list)  # a scored prompt's ChunkScores, in order
 
     @property
     def rest(self) -> int:
         return len(self.prompt) - self.done
+
+    @property
+    def scored(self) -> bool:
+        """Whether each prompt token's log-probability is wanted (every token is then computed, none cached)."""
+        return self.request.params.prompt_logprobs is not None
+
+    def prompt_scores(self) -> tuple[PromptTokenScore, ...] | None:
+        """The complete prompt's token scores (host copies), when they were asked for."""
+        if not self.scored:
+            return None
+        return prompt_token_scores(self.prompt, jax.device_get(self.scores), self.request.params.prompt_logprobs)
 
 
 class PrefillFailed(Exception):
@@ -70,7 +84,7 @@ class PrefillQueue:
         self._jobs.remove(job)
 
     def run_one(self, state: DecodeState, budget: int) -> tuple[DecodeState, int, list[tuple[PrefillJob, jax.Array]]]:
-        """One prefill call of at most ``budget`` tokens (a batch of short rests is taken whole). Returns the
+        """One prefill call of at most ``budget`` tokens (a batch of short rests, or a scoring chunk, is taken whole). Returns the
         new state, the tokens computed and the completed jobs with their last-token logits (removed from the
         queue); raises ``PrefillFailed`` naming the jobs of a failed call."""
         batch = [self._jobs[0]]
@@ -80,6 +94,12 @@ class PrefillQueue:
                 sizes = [job.rest for job in batch]
                 all_logits, state = self.steps.prefill_batch(state, [(j.slots[0], j.prompt, j.done) for j in batch])
                 self.stats["batched_prefills"] += 1
+            elif batch[0].scored:  # one scoring chunk of the head job
+                job = batch[0]
+                sizes = [min(self.steps.score_chunk_size, job.rest)]
+                scores, logits, state = self.steps.score_chunk(state, job.slots[0], job.prompt, job.done)
+                job.scores.append(scores)
+                all_logits = (logits,)
             else:  # one chunk of the head job
                 job = batch[0]
                 sizes = [self.steps.chunk_length(min(budget, job.rest))]
@@ -104,7 +124,7 @@ class PrefillQueue:
         for job in self._jobs:
             if not job.looked_up:
                 state = self._take_cached_prefix(state, job)
-            if len(batch) == BATCH_PREFILL_ROWS or self.steps.batch_length_for(job.rest) is None:
+            if len(batch) == BATCH_PREFILL_ROWS or self.steps.batch_length_for(job.rest) is None or job.scored:
                 break
             batch.append(job)
         return state, batch or [self._jobs[0]]
@@ -114,7 +134,7 @@ class PrefillQueue:
         whose logits start the reply)."""
         job.looked_up = True
         self.stats["prompt_tokens"] += len(job.prompt)
-        if not self.prefix.capacity:
+        if not self.prefix.capacity or job.scored:
             return state
         match = self.prefix.match(job.prompt, (len(job.prompt) - 1) // self.prefix.block_size)
         if match.blocks:

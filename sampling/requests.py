@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from dataclasses import dataclass, replace
 
-from flaxchat.sampling.params import SamplingParams, TokenEvent
+from flaxchat.sampling.params import PromptTokenScore, SamplingParams, TokenEvent
 
 
 class EngineError(RuntimeError):
@@ -40,6 +40,7 @@ class RequestHandle:
     def __init__(self, request_id: int, n: int, seed: int):
         self.id, self.n, self.seed = request_id, n, seed
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache (set before the first event)
+        self.prompt_logprobs: tuple[PromptTokenScore, ...] | None = None  # when asked for (set before the first event)
         self.cancelled = threading.Event()
         self._queue: queue.Queue = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -11,10 +11,11 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxchat.model import reductions
 from flaxchat.sampling import processors as P
-from flaxchat.sampling.params import ALL_ALLOWED, MAX_TOP_LOGPROBS
+from flaxchat.sampling.params import ALL_ALLOWED, MAX_TOP_LOGPROBS, bitmask_words
 
 
 @flax.struct.dataclass
@@ -33,6 +34,23 @@ class RowSettings:
     counts: jax.Array  # i32 [B, V] tokens generated so far
     seen: jax.Array  # bool [B, V] prompt + generated tokens
     top_logprobs: jax.Array  # i32 [B] alternatives the row reports per token (0: none)
+
+
+@flax.struct.dataclass
+class RowRequest:
+    """One choice's settings for ``insert`` (scalars and ``[V]`` rows)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    repetition: jax.Array
+    bias: jax.Array  # f32 [V]
+    seen: jax.Array  # bool [V] prompt tokens
+    allowed: jax.Array  # u32 [W]
+    top_logprobs: jax.Array  # i32 alternatives reported per token (0: none)
 
 
 @flax.struct.dataclass
@@ -107,3 +125,24 @@ def request_key(seed: int) -> jax.Array:
 def choice_key(seed: int, choice: int) -> jax.Array:
     """Key of choice ``choice`` of a request; token ``t`` then uses ``fold_in(choice_key, t)``."""
     return jax.random.fold_in(request_key(seed), choice)
+
+
+def make_row_request(vocab_size: int, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     min_p: float = 0.0, presence: float = 0.0, frequency: float = 0.0, repetition: float = 1.0,
+                     logit_bias: dict[int, float] | None = None, prompt: list[int] | None = None,
+                     allowed: np.ndarray | None = None, top_logprobs: int = 0) -> RowRequest:
+    bias = np.zeros(vocab_size, np.float32)
+    for token, value in (logit_bias or {}).items():
+        bias[int(token)] = value
+    seen = np.zeros(vocab_size, bool)
+    if prompt:
+        seen[np.asarray(prompt)] = True
+    if allowed is None:
+        allowed = np.full(bitmask_words(vocab_size), ALL_ALLOWED, np.uint32)
+    return RowRequest(
+        temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), top_k=jnp.int32(top_k),
+        min_p=jnp.float32(min_p), presence=jnp.float32(presence), frequency=jnp.float32(frequency),
+        repetition=jnp.float32(repetition), bias=jnp.asarray(bias), seen=jnp.asarray(seen),
+        allowed=jnp.asarray(allowed), top_logprobs=jnp.int32(top_logprobs),
+    )
+

@@ -16,9 +16,8 @@ bits. ``tests/test_prefix_cache.py`` checks every bucket at odd alignments.
 
 from __future__ import annotations
 
-from flaxchat.model import kernels
 from flaxchat.model.config import ModelConfig
-from flaxchat.model.quant import QUANTISED
+from flaxchat.model.quant import rows_independent
 
 
 def row_buckets(slots: int, smallest: int) -> tuple[int, ...]:
@@ -37,7 +36,7 @@ def smallest_row_bucket(cfg: ModelConfig) -> int:
     quantised weights' kernel computes each row on its own (``model/quant.py``), so any bucket works, one row
     included; float32 products on XLA:CPU take another path at one row, so they start at 2.
     """
-    return 1 if cfg.weights in QUANTISED and kernels.available() else 2
+    return 1 if rows_independent(cfg) else 2
 
 
 def smallest_prefill_bucket(cfg: ModelConfig) -> int:
@@ -47,7 +46,7 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
     M < 64 and M >= 64 (another kernel), so float32 prefill chunks are padded to at least 64 rows. The
     quantised weights' kernel (``model/quant.py``) computes each row on its own, so 16 rows suffice there.
     """
-    return 16 if cfg.weights in QUANTISED and kernels.available() else 64
+    return 16 if rows_independent(cfg) else 64
 
 
 DEFAULT_CONTEXT = 2048  # cache positions per slot unless configured (and at most the model's context)

@@ -24,7 +24,8 @@ from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
-from flaxchat.sampling.sampler import RowSettings, SampleOutput, record_tokens, sample
+from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
+from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
 from flaxchat.sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, LARGEST_PREFILL_BUCKET, prefill_buckets, row_buckets,
                              smallest_prefill_bucket, smallest_row_bucket)
 
@@ -41,23 +42,6 @@ class DecodeState:
     rows: RowSettings
 
 
-@flax.struct.dataclass
-class RowRequest:
-    """One choice's settings for ``insert`` (scalars and ``[V]`` rows)."""
-
-    temperature: jax.Array
-    top_p: jax.Array
-    top_k: jax.Array
-    min_p: jax.Array
-    presence: jax.Array
-    frequency: jax.Array
-    repetition: jax.Array
-    bias: jax.Array  # f32 [V]
-    seen: jax.Array  # bool [V] prompt tokens
-    allowed: jax.Array  # u32 [W]
-    top_logprobs: jax.Array  # i32 alternatives reported per token (0: none)
-
-
 class EngineSteps:
     """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype)."""
 
@@ -70,11 +54,13 @@ class EngineSteps:
         smallest = min(smallest_prefill_bucket(cfg), max_len)
         self.buckets = prefill_buckets(max_len, smallest, max(largest_bucket, smallest))
         self.pool_blocks, self.block_size = pool_blocks, block_size
+        self.score_chunk_size = SCORE_CHUNK
         self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
         self.compiles = 0
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
+        self._score = jax.jit(self._score_impl, donate_argnums=(1,))
         # Batched prefill shapes: their products have BATCH_PREFILL_ROWS x length rows, so they keep a row's
         # bits wherever one-prompt chunks do (>= smallest_prefill_bucket rows).
         self.batch_lengths = tuple(n for n in BATCH_PREFILL_LENGTHS
@@ -87,6 +73,14 @@ class EngineSteps:
                         for k in sorted({1, steps_per_call})}
         self._release = jax.jit(self._release_impl, donate_argnums=(0,))
         self._set_allowed = jax.jit(self._set_allowed_impl, donate_argnums=(0,))
+
+    @classmethod
+    def for_engine(cls, cfg: ModelConfig, params: Any, max_len: int, config: Any) -> "EngineSteps":
+        """The steps an ``EngineConfig`` asks for (its prefix cache's megabytes become pool blocks)."""
+        kv_dtype = config.kv_dtype or cfg.dtype
+        pool_blocks = int(config.prefix_cache_mb * 2**20 // cls.pool_block_bytes(cfg, kv_dtype, config.prefix_block))
+        return cls(cfg, params, config.slots, max_len, config.steps_per_call, config.largest_prefill_bucket, kv_dtype,
+                   pool_blocks, config.prefix_block)
 
     # ---- state -----------------------------------------------------------------------------------
     def init_state(self) -> DecodeState:
@@ -129,6 +123,15 @@ class EngineSteps:
         logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
                                          rows=slots)
         return tuple(logits[i, 0] for i in range(tokens.shape[0])), state.replace(cache=cache)
+
+    def _score_impl(self, params, state: DecodeState, slot, tokens, next_tokens, start, length):
+        """``_prefill_impl`` for a chunk of ``SCORE_CHUNK`` tokens that also scores each one's next token."""
+        self.compiles += 1
+        positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache,
+                                         logit_indices=jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], rows=slot[None])
+        last = jnp.clip(length - 1 - start, 0, tokens.shape[1] - 1)
+        return chunk_scores(logits[0], next_tokens), logits[0, last], state.replace(cache=cache)
 
     def _copy_slot_impl(self, state: DecodeState, dst, src):
         """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
@@ -267,6 +270,16 @@ class EngineSteps:
         return self._prefill(self.params, state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(start),
                              jnp.int32(len(prompt)))
 
+    def score_chunk(self, state: DecodeState, slot: int, prompt: list[int], start: int
+                    ) -> tuple[ChunkScores, jax.Array, DecodeState]:
+        """``prefill_chunk`` of up to ``SCORE_CHUNK`` tokens from ``start`` that also scores them (``sampling/
+        scoring.py``); the last logits are meaningful when the chunk holds the prompt's last token."""
+        chunk, following = prompt[start:start + SCORE_CHUNK], prompt[start + 1:start + SCORE_CHUNK + 1]
+        padded, next_tokens = np.zeros((1, SCORE_CHUNK), np.int32), np.zeros(SCORE_CHUNK, np.int32)
+        padded[0, : len(chunk)], next_tokens[: len(following)] = chunk, following
+        return self._score(self.params, state, jnp.int32(slot), jnp.asarray(padded), jnp.asarray(next_tokens),
+                           jnp.int32(start), jnp.int32(len(prompt)))
+
     def batch_length_for(self, remaining: int) -> int | None:
         """The batched-prefill length that holds ``remaining`` prompt tokens, if any."""
         return next((n for n in self.batch_lengths if n >= remaining), None)
@@ -363,6 +376,7 @@ class EngineSteps:
                                           jnp.int32(0), jnp.int32(bucket))
         for length in self.batch_lengths:
             _, state = self.prefill_batch(state, [(0, [0] * length, 0)])
+        _, _, state = self.score_chunk(state, 0, [0], 0)
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
         state = self.copy_slot(state, 0, 0)
         state = self.save_blocks(state, 0, 0, [0])
@@ -374,24 +388,3 @@ class EngineSteps:
         state = self.release(state, 0)
         jax.block_until_ready(outs)
         return state
-
-
-def make_row_request(vocab_size: int, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     min_p: float = 0.0, presence: float = 0.0, frequency: float = 0.0, repetition: float = 1.0,
-                     logit_bias: dict[int, float] | None = None, prompt: list[int] | None = None,
-                     allowed: np.ndarray | None = None, top_logprobs: int = 0) -> RowRequest:
-    bias = np.zeros(vocab_size, np.float32)
-    for token, value in (logit_bias or {}).items():
-        bias[int(token)] = value
-    seen = np.zeros(vocab_size, bool)
-    if prompt:
-        seen[np.asarray(prompt)] = True
-    if allowed is None:
-        allowed = np.full(bitmask_words(vocab_size), ALL_ALLOWED, np.uint32)
-    return RowRequest(
-        temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), top_k=jnp.int32(top_k),
-        min_p=jnp.float32(min_p), presence=jnp.float32(presence), frequency=jnp.float32(frequency),
-        repetition=jnp.float32(repetition), bias=jnp.asarray(bias), seen=jnp.asarray(seen),
-        allowed=jnp.asarray(allowed), top_logprobs=jnp.int32(top_logprobs),
-    )
-

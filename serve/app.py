@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from flaxchat.chat.reply import Reply
+from flaxchat.chat.responses import ResponsesRequest
 from flaxchat.chat.request import ServedModel, prepare, prepare_completion, submit
 from flaxchat.chat.tokens import detokenize, tokenize
 from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
@@ -24,6 +25,7 @@ from flaxchat.serve.limits import RateLimiter, TokenBudgets
 from flaxchat.serve.metrics import Metrics
 from flaxchat.serve.openapi import openapi_document
 from flaxchat.serve.render import Rendering, TextRendering
+from flaxchat.serve.responses import ResponsesRendering
 
 log = logging.getLogger("flaxchat.server")
 Body = TypeVar("Body", bound=BaseModel)
@@ -155,7 +157,8 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         check_auth()
         return detokenize(model, await read_body(DetokenizeRequest))
 
-    async def respond(caller: str, replies: list[Reply], rendering: Rendering | TextRendering, stream: bool):
+    async def respond(caller: str, replies: list[Reply], rendering: Rendering | TextRendering | ResponsesRendering,
+                      stream: bool):
         """The replies as one JSON object or as server-sent events; their slots freed and tokens charged at the end."""
         def settle() -> None:
             for reply in replies:
@@ -172,10 +175,10 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         async def events():
             try:
                 async for chunk in rendering.chunks():
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
+                    yield rendering.frame(chunk)
+                yield rendering.done_marker
             except ChatError as error:  # headers are gone: report in the stream, as OpenAI does
-                yield f"data: {json.dumps(from_chat_error(error).body())}\n\n".encode()
+                yield rendering.error_frame(error)
             finally:
                 settle()
 
@@ -221,7 +224,26 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
 
     app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
     app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
+    def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+        """The chat request a responses request means; what only the chat rules refuse is refused here."""
+        try:
+            return body.to_chat()
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    async def responses():
+        caller = admit()
+        body = await read_body(ResponsesRequest)
+        chat_request = as_chat_request(body)
+        prepared = prepare(model, chat_request)
+        reply = Reply(model, prepared, submit(model, prepared))
+        rendering = ResponsesRendering(reply, model.id, body)
+        log.info("%s model=%s user=%s prompt_tokens=%d stream=%s seed=%s", rendering.id, body.model, body.user,
+                 reply.prompt_tokens, bool(body.stream), reply.handle.seed)
+        return await respond(caller, [reply], rendering, bool(body.stream))
+
     app.add_url_rule("/v1/completions", "completions", completions, methods=["POST"])
+    app.add_url_rule("/v1/responses", "responses", responses, methods=["POST"])
     if settings.cors_allow_origins:
         origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
         app = cors(app, allow_origin=origins, allow_headers=["Authorization", "Content-Type"],

@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from flaxchat import __version__
 from flaxchat.chat.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from flaxchat.chat.responses import ResponsesRequest
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -23,6 +24,7 @@ ERRORS = {"400": "Invalid format: not JSON, a missing field, a wrong type, an un
 POSTS: dict[str, tuple[type[BaseModel], str, bool]] = {  # path -> (request model, summary, streams)
     "/v1/chat/completions": (ChatCompletionRequest, "Create a chat completion", True),
     "/v1/completions": (CompletionRequest, "Create a text completion (legacy)", True),
+    "/v1/responses": (ResponsesRequest, "Create a response (stateless: no stored responses or conversations)", True),
     "/tokenize": (TokenizeRequest, "Tokenize text or chat messages", False),
     "/detokenize": (DetokenizeRequest, "Token ids to text", False),
 }

@@ -5,14 +5,30 @@ events (``Rendering``), and the legacy ``text_completion`` (``TextRendering``). 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 
+from flaxchat.chat.errors import ChatError
 from flaxchat.chat.reply import Reply, Update
+from flaxchat.serve.errors import from_chat_error
 
 
-class Rendering:
+class ChunkStream:
+    """How chat and text completions go out as server-sent events: ``data:`` lines, then ``[DONE]``."""
+
+    done_marker = b"data: [DONE]\n\n"
+
+    def frame(self, chunk: dict) -> bytes:
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+    def error_frame(self, error: ChatError) -> bytes:
+        """An error after the headers are gone: reported in the stream, as OpenAI does."""
+        return self.frame(from_chat_error(error).body())
+
+
+class Rendering(ChunkStream):
     """The id, timestamp and names every object of one reply carries."""
 
     def __init__(self, reply: Reply, model_name: str, include_usage: bool = False):
@@ -86,7 +102,7 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
             task.cancel()
 
 
-class TextRendering:
+class TextRendering(ChunkStream):
     """Legacy ``text_completion`` objects for the replies to one completion request's prompts: choice
     ``index`` is ``prompt * n + choice``; ``echo`` puts the prompt's text before each choice's."""
 
@@ -95,6 +111,7 @@ class TextRendering:
         self.replies, self.include_usage = replies, include_usage
         self.n = replies[0].prepared.params.n
         self.logprobs_on = replies[0].prepared.params.logprobs
+        self.echoed = echoes is not None
         self.echoes = echoes or [""] * len(replies)
         self.id = "cmpl-" + secrets.token_hex(12)
         self.head = {"id": self.id, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -110,15 +127,25 @@ class TextRendering:
     def _text(update: Update) -> str:
         return "".join(delta.get("content", "") for delta in update.deltas)
 
-    def _logprobs(self, entries: list[dict], offset: int) -> dict:
-        """OpenAI's legacy logprobs: parallel lists, alternatives as {token: logprob}, character offsets."""
-        offsets = []
+    def _logprobs(self, entries: list[dict], offset: int, echoed: list[dict] = ()) -> dict:
+        """OpenAI's legacy logprobs: parallel lists, alternatives as {token: logprob} (None for an echoed first
+        token), character offsets (``echoed`` prompt tokens from 0, generated ones from ``offset``)."""
+        offsets, echo_offset = [], 0
+        for entry in echoed:
+            offsets.append(echo_offset)
+            echo_offset += len(entry["token"])
         for entry in entries:
             offsets.append(offset)
             offset += len(entry["token"])
+        entries = [*echoed, *entries]
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries],
                 "text_offset": offsets}
+
+    def _echoed_entries(self, reply: Reply) -> list[dict]:
+        """The prompt's scored tokens, which come first in an echoed choice's logprobs."""
+        return reply.prompt_logprob_entries() if self.echoed else []
 
     async def completion(self) -> dict:
         choices = []
@@ -129,8 +156,9 @@ class TextRendering:
                 texts[update.index] += self._text(update)
                 entries[update.index] += update.logprobs
                 finish[update.index] = update.finish_reason or finish[update.index]
+            echoed = self._echoed_entries(reply)
             choices += [{"text": texts[i], "index": k * self.n + i, "finish_reason": finish[i],
-                         "logprobs": self._logprobs(entries[i], len(self.echoes[k])) if self.logprobs_on else None}
+                         "logprobs": self._logprobs(entries[i], len(self.echoes[k]), echoed) if self.logprobs_on else None}
                         for i in range(self.n)]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
@@ -138,10 +166,11 @@ class TextRendering:
         offsets: dict[int, int] = {}
         async for k, update in _merged([reply.updates() for reply in self.replies]):
             index, generated = k * self.n + update.index, self._text(update)
-            echo = self.echoes[k] if index not in offsets else ""  # the choice's first chunk: its echo first
+            first = index not in offsets  # the choice's first chunk: its echo (and the prompt's logprobs) first
+            echo, echoed = (self.echoes[k], self._echoed_entries(self.replies[k])) if first else ("", [])
             start = offsets.get(index, 0) + len(echo)  # where this update's generated text starts
             text, offsets[index] = echo + generated, start + len(generated)
-            logprobs = self._logprobs(update.logprobs, start) if self.logprobs_on else None
+            logprobs = self._logprobs(update.logprobs, start, echoed) if self.logprobs_on else None
             if text or update.logprobs:
                 yield self._chunk({"text": text, "index": index, "logprobs": logprobs, "finish_reason": None})
             if update.finish_reason:

@@ -18,7 +18,9 @@ import numpy as np
 
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.tokenizer import SpecialTokens, Tokenizer
+from flaxchat.sampling.params import MAX_TOP_LOGPROBS
 from flaxchat.sampling.sampler import choice_key
+from flaxchat.sampling.scoring import ChunkScores
 
 LETTERS = 'abcdefghijklmnopqrstuvwxyz0123456789 .,:"{}[]'  # token i is LETTERS[i] (JSON fits)
 EOS = len(LETTERS)  # "<eos>", the stop token
@@ -104,6 +106,7 @@ class FakeSteps:
                  block_size: int = 4, batch_lengths: tuple[int, ...] = (4, 8)):
         self.slots, self.buckets, self.pool_blocks, self.block_size = slots, buckets, pool_blocks, block_size
         self.batch_lengths = batch_lengths
+        self.score_chunk_size = 8
         self.compiles = 0
         self.calls: list[tuple[str, Any]] = []
         self.before: dict[str, Callable[[], Any]] = {}
@@ -144,6 +147,18 @@ class FakeSteps:
         size = min(size, self.buckets[-1])
         self._enter("prefill", (slot, start, size))
         return self._write(state, slot, prompt, start, size), state
+
+    def score_chunk(self, state: FakeState, slot: int, prompt: list[int], start: int):
+        """Writes ``score_chunk_size`` tokens like ``prefill_chunk``; the score of token t is -t / 10, each
+        alternative token t + 1 at -(t + 1) / 10."""
+        chunk = self.score_chunk_size
+        size = min(chunk, len(prompt) - start)
+        self._enter("score", (slot, start, size))
+        following = np.zeros(chunk, np.int32)
+        following[: len(prompt[start + 1:start + chunk + 1])] = prompt[start + 1:start + chunk + 1]
+        alternatives = np.repeat((following + 1)[:, None], MAX_TOP_LOGPROBS, axis=1)
+        scores = ChunkScores(-following / 10.0, alternatives, -alternatives / 10.0)
+        return scores, self._write(state, slot, prompt, start, size), state
 
     def prefill_batch(self, state: FakeState, parts: list[tuple[int, list[int], int]]):
         self._enter("prefill_batch", [(slot, start, len(prompt) - start) for slot, prompt, start in parts])

@@ -177,7 +177,7 @@ def test_openapi_document_describes_what_the_server_validates(server):
     import jsonschema
 
     document = httpx.get(server.url + "/openapi.json").json()
-    assert document["openapi"].startswith("3.1") and {"/v1/chat/completions", "/v1/completions", "/tokenize",
+    assert document["openapi"].startswith("3.1") and {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize",
                                                         "/detokenize"} <= set(document["paths"])
     schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": document["components"]}
     jsonschema.validate({"model": TINY_ID, "messages": HELLO, "n": 2, "store": False}, schema)

@@ -60,8 +60,42 @@ def test_logprobs_token_ids_and_echo(client, server):
     assert echoed.choices[0].text == "the heat" + reply.choices[0].text
 
 
-@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
-                                          ({"echo": True, "logprobs": 1}, "echo")])
+def test_echo_with_logprobs_scores_the_prompt_as_harnesses_ask(client, server):
+    """``echo=True, logprobs=1``: the prompt's tokens come first with their log-probabilities (the first one
+    none), then the completion's; ``max_tokens=0`` scores the prompt alone; streamed = whole; the reply is the
+    one without echo."""
+    plain = client.completions.create(model=TINY_ID, prompt="the heat is on", max_tokens=4, seed=6, logprobs=1)
+    ids = httpx.post(server.url + "/tokenize", json={"content": "the heat is on"}).json()["tokens"]
+    scored = client.completions.create(model=TINY_ID, prompt="the heat is on", max_tokens=4, seed=6, logprobs=1,
+                                       echo=True)
+    choice = scored.choices[0]
+    assert choice.text == "the heat is on" + plain.choices[0].text
+    lp, generated = choice.logprobs, plain.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + len(generated.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(top) == 1 for top in lp.top_logprobs[1:])
+    assert lp.tokens[len(ids):] == generated.tokens and lp.token_logprobs[len(ids):] == generated.token_logprobs
+    assert "".join(lp.tokens[: len(ids)]) == "the heat is on" and lp.text_offset == sorted(lp.text_offset)
+    # a top alternative is at least as likely as the token it stands beside
+    assert all(max(top.values()) >= x - 1e-6 for top, x in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+
+    alone = client.completions.create(model=TINY_ID, prompt="the heat is on", max_tokens=0, logprobs=0, echo=True)
+    assert alone.choices[0].text == "the heat is on" and alone.usage.completion_tokens == 0
+    assert alone.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    assert alone.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=TINY_ID, prompt="the heat is on", max_tokens=4, seed=6, logprobs=1,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+
+def test_max_tokens_zero_needs_echo(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(model=TINY_ID, prompt="the heat", max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")])
 def test_what_is_not_supported_is_refused_naming_the_field(client, extra, param):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(model=TINY_ID, prompt="the heat", max_tokens=2, **extra)

@@ -218,3 +218,30 @@ def test_more_choices_than_slots_wait_in_groups_and_share_the_prompt(engine, ste
     assert prefills[0] == (prefills[0][0], 0, 13) and len(loads) == 2  # groups of 4, 4, 2: two reuse the blocks
     assert all(start == 12 and size == 1 for _, start, size in prefills[1:])
     assert engine.busy_slots == 0 and engine.queue_depth == 0
+
+
+def test_a_scored_prompt_gets_every_tokens_logprob_and_the_same_reply(engine, steps):
+    prompt = list(range(1, 20))  # 19 tokens: scoring chunks of 8, 8, 3
+    plain = engine.submit(prompt, SamplingParams(max_tokens=3, seed=2, ignore_eos=True))
+    assert tokens(replies(plain)[0]) == expected_tokens(prompt, 2, 0, 3) and plain.prompt_logprobs is None
+    steps.calls.clear()
+    scored = engine.submit(prompt, SamplingParams(max_tokens=3, seed=2, ignore_eos=True, prompt_logprobs=2))
+    assert tokens(replies(scored)[0]) == expected_tokens(prompt, 2, 0, 3)  # the reply does not change
+    scores = scored.prompt_logprobs
+    assert [s.token_id for s in scores] == prompt and scores[0].logprob is None and scores[0].top_logprobs == ()
+    for score in scores[1:]:  # the fake's numbers: token t scores -t / 10, alternatives t + 1
+        assert score.logprob == pytest.approx(-score.token_id / 10)
+        assert [(t.token_id, t.logprob) for t in score.top_logprobs] == [(score.token_id + 1, pytest.approx(-(score.token_id + 1) / 10))] * 2
+    # every token computed (the cached blocks of the first request are not used), in scoring chunks
+    assert scored.cached_tokens == 0 and not [c for c in steps.calls if c[0] in ("load_blocks", "prefill")]
+    assert [detail[1:] for stage, detail in steps.calls if stage == "score"] == [(0, 8), (8, 8), (16, 3)]
+
+
+def test_a_scored_prompt_with_no_tokens_to_generate_ends_after_its_prompt(engine, steps):
+    handle = engine.submit(PROMPT, SamplingParams(max_tokens=0, prompt_logprobs=0, n=2))
+    choices = replies(handle)
+    assert [[(e.token_id, e.finish_reason) for e in c] for c in choices] == [[(None, "length")]] * 2
+    assert len(handle.prompt_logprobs) == len(PROMPT) and all(s.top_logprobs == () for s in handle.prompt_logprobs)
+    assert engine.busy_slots == 0 and not [c for c in steps.calls if c[0] == "insert"]
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(PROMPT, SamplingParams(max_tokens=0))
