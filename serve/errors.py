@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from flaxchat.chat.errors import ChatError
+from flaxchat.serve.objects import ErrorBody, ErrorResponse
 
 _RANGE_ERRORS = {
     "greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
@@ -30,7 +31,8 @@ class APIError(Exception):
     retry_after: int | None = None
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).wire()
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

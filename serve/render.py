@@ -1,6 +1,7 @@
 """Replies in OpenAI's shapes: one ``chat.completion`` object or ``chat.completion.chunk``s for server-sent
 events (``Rendering``), and the legacy ``text_completion`` (``TextRendering``). All read the same
-``Reply.updates()`` (``chat/reply.py``), so streamed and whole replies agree."""
+``Reply.updates()`` (``chat/reply.py``), so streamed and whole replies agree; every object goes out through
+its model in ``serve/objects.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.reply import Reply, Update
 from flaxchat.serve.errors import from_chat_error
+from flaxchat.serve.objects import ChatCompletion, ChatCompletionChunk, TextCompletion
 
 
 class ChunkStream:
@@ -50,13 +52,14 @@ class Rendering(ChunkStream):
         choices = [{"index": i, "message": self.reply.message(deltas[i]),
                     "logprobs": {"content": logprobs[i]} if logprobs_on else None, "finish_reason": finish[i]}
                    for i in range(n)]
-        return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.reply.usage()}
+        return ChatCompletion.model_validate({**self.head, "object": "chat.completion", "choices": choices,
+                                              "usage": self.reply.usage()}).wire()
 
     def _chunk(self, choice: dict) -> dict:
         chunk = {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
-        return chunk
+        return ChatCompletionChunk.model_validate(chunk).wire()
 
     async def chunks(self) -> AsyncIterator[dict]:
         """The reply as ``chat.completion.chunk`` objects: each choice's role first, then its deltas (the
@@ -74,7 +77,8 @@ class Rendering(ChunkStream):
                 yield self._chunk({"index": update.index, "delta": {}, "logprobs": None,
                                    "finish_reason": update.finish_reason})
         if self.include_usage:
-            yield {**self.head, "object": "chat.completion.chunk", "choices": [], "usage": self.reply.usage()}
+            yield ChatCompletionChunk.model_validate({**self.head, "object": "chat.completion.chunk", "choices": [],
+                                                      "usage": self.reply.usage()}).wire()
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -160,7 +164,7 @@ class TextRendering(ChunkStream):
             choices += [{"text": texts[i], "index": k * self.n + i, "finish_reason": finish[i],
                          "logprobs": self._logprobs(entries[i], len(self.echoes[k]), echoed) if self.logprobs_on else None}
                         for i in range(self.n)]
-        return {**self.head, "choices": choices, "usage": self.usage()}
+        return TextCompletion.model_validate({**self.head, "choices": choices, "usage": self.usage()}).wire()
 
     async def chunks(self) -> AsyncIterator[dict]:
         offsets: dict[int, int] = {}
@@ -176,10 +180,10 @@ class TextRendering(ChunkStream):
             if update.finish_reason:
                 yield self._chunk({"text": "", "index": index, "logprobs": None, "finish_reason": update.finish_reason})
         if self.include_usage:
-            yield {**self.head, "choices": [], "usage": self.usage()}
+            yield TextCompletion.model_validate({**self.head, "choices": [], "usage": self.usage()}).wire()
 
     def _chunk(self, choice: dict) -> dict:
         chunk = {**self.head, "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
-        return chunk
+        return TextCompletion.model_validate(chunk).wire()

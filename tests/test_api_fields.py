@@ -185,6 +185,21 @@ def test_openapi_document_describes_what_the_server_validates(server):
         jsonschema.validate({"model": TINY_ID, "messages": HELLO, "colour": 1}, schema)  # the server's 400 too
     responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "422", "503"} <= set(responses)
+    # what the server sends is what the document says it sends
+    def check(instance: dict, name: str) -> None:
+        jsonschema.validate(instance, {"$ref": f"#/components/schemas/{name}", "components": document["components"]})
+
+    body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}
+    check(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json(), "ChatCompletion")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as events:
+        chunks = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith("data: {")]
+    assert len(chunks) > 2
+    for chunk in chunks:
+        check(chunk, "ChatCompletionChunk")
+    check(httpx.post(server.url + "/v1/completions", json={"model": TINY_ID, "prompt": "hi", "max_tokens": 3,
+                                                           "logprobs": 1, "echo": True}, timeout=60).json(),
+          "TextCompletion")
+    check(httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID}, timeout=60).json(), "ErrorResponse")
 
 
 def test_content_filter_ends_a_reply_before_the_match_and_refuses_a_matching_prompt(tmp_path):
