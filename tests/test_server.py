@@ -217,16 +217,20 @@ def _sse(server, body):
 def test_shapes_validate_against_openai_schemas(server):
     import jsonschema
 
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
     from tests.openai_schemas import CHAT_COMPLETION, CHAT_COMPLETION_CHUNK, ERROR
 
     body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 6, "n": 2, "logprobs": True, "top_logprobs": 3,
             "seed": 9, "stop": "zz"}
     reply = _post(server, body).json()
     jsonschema.validate(reply, CHAT_COMPLETION)
+    ChatCompletion.model_validate(reply)  # and the official SDK's types, generated from OpenAI's own schema
     chunks, done = _sse(server, {**body, "stream_options": {"include_usage": True}})
     assert done
     for chunk in chunks:
         jsonschema.validate(chunk, CHAT_COMPLETION_CHUNK)
+        ChatCompletionChunk.model_validate(chunk)
     for i in range(2):  # per choice: the concatenated stream equals the whole reply, logprobs too
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                        if c["choices"] and c["choices"][0]["index"] == i)
@@ -234,7 +238,8 @@ def test_shapes_validate_against_openai_schemas(server):
         tokens = [e["token"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i
                   and c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]]
         assert tokens == [e["token"] for e in reply["choices"][i]["logprobs"]["content"]]
-    assert chunks[-1]["usage"] == reply["usage"] and chunks[-1]["choices"] == []
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # (the second request may hit the prefix cache)
+    assert [chunks[-1]["usage"][k] for k in counts] == [reply["usage"][k] for k in counts] and chunks[-1]["choices"] == []
     jsonschema.validate(_post(server, {"model": TINY_ID}).json(), ERROR)
 
 
