@@ -248,3 +248,23 @@ def test_a_fused_matrix_gives_each_part_the_bits_it_has_alone():
     fused = np.asarray(product(x, *quantize_blocks(np.concatenate(parts, axis=1)), 160))
     alone = np.concatenate([np.asarray(product(x, *quantize_blocks(w), w.shape[1])) for w in parts], axis=1)
     assert np.array_equal(fused, alone)
+
+
+def test_programs_for_another_backend_never_call_the_cpu_kernels(monkeypatch, tmp_path):
+    """The kernels are registered for the CPU only: on a GPU or TPU backend the model must lower to the XLA
+    formulation (a custom call to a CPU-only target would not compile there)."""
+    from flaxchat.model.quant import prepare_weights
+    from flaxchat.model.transformer import Transformer, init_cache
+    from tests.engine_fixtures import tiny_model
+
+    cfg, params, _ = tiny_model(tmp_path)
+    cfg, params = prepare_weights(cfg, params, "int8")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def lowered() -> str:
+        return jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, t, init_cache(cfg, 1, 8))[0]).lower(
+            params, tokens).as_text()
+
+    assert kernels.available() == ("flaxchat_" in lowered())
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not kernels.available() and "flaxchat_" not in lowered()

@@ -101,7 +101,11 @@ def _load() -> None:
 
 
 def available() -> bool:
-    """Build (once) and register the kernels; False, with ``build_error()`` set, where that fails."""
+    """Build (once) and register the kernels; False, with ``build_error()`` set, where that fails, and False
+    whenever programs run on another backend than the CPU (the kernels are registered for the CPU only: a
+    GPU or TPU runs the XLA formulation)."""
+    if jax.default_backend() != "cpu":
+        return False
     with _lock:
         if "ok" not in _state:
             try:
