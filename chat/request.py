@@ -121,6 +121,19 @@ def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     return schema
 
 
+def check_length_before_tokenizing(model: ServedModel, text: str) -> None:
+    """Refuse a prompt that cannot fit before paying to tokenize it (a megabyte takes ~1.5 s): no token covers
+    more characters than the vocabulary's longest token has bytes, so longer text needs more tokens than the
+    context holds."""
+    tokenizer = model.tokenizer
+    longest = tokenizer.derived("longest_token_bytes",
+                                lambda: max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)))
+    if len(text) > model.engine.max_len * max(longest, 1):
+        raise ChatError(f"This model's maximum context length is {model.engine.max_len} tokens, but the messages "
+                        f"take more than that ({len(text)} characters).", param="messages",
+                        code="context_length_exceeded", status=400)
+
+
 def reply_budget(request: ChatCompletionRequest | CompletionRequest, context: int, prompt_len: int) -> int:
     """The completion's token budget: what the request asks for, else the rest of the context. Raises
     ``ChatError`` (context_length_exceeded) when the prompt, or the prompt plus the budget, does not fit."""
@@ -181,6 +194,7 @@ def prepare(model: ServedModel, request: ChatCompletionRequest) -> Prepared:
     tools = tool_setup(request)
     prompt_text = fmt.render(message_dicts(request.messages), tools, request.reasoning_effort)
     check_content(model, prompt_text, "messages")
+    check_length_before_tokenizing(model, prompt_text)
     ids = model.tokenizer.encode(prompt_text)
     schema = response_schema(request)
     grammar = json_schema_grammar(schema) if schema is not None else None
@@ -233,6 +247,7 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
     for prompt in request.prompts():
         check_content(model, prompt if isinstance(prompt, str) else tokenizer.decode(prompt), "prompt")
         if isinstance(prompt, str):
+            check_length_before_tokenizing(model, prompt)
             ids = tokenizer.encode(prompt, add_bos=tokenizer.special.add_bos)
         else:
             ids = list(prompt)

@@ -88,16 +88,25 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(bounded_numbers(schema), defaults={"whitespace_flexible": False})
 
 
+def _readable(error: str) -> str:
+    """llguidance's message without a backtrace; a panic inside its compiler (seen: the symbol table's limit,
+    with 128 tools of 50 properties) is reported as the limit it is."""
+    first = error.split("<backtrace>")[0].strip()
+    if first.startswith("panic:"):
+        return f"the grammar is too large to compile ({first.removeprefix('panic:').strip()})"
+    return first
+
+
 class TokenConstraint:
     """One choice's matcher."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, words: int):
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
-            raise ConstraintError(f"invalid grammar: {error}")
+            raise ConstraintError(f"invalid grammar: {_readable(error)}")
         self.matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
-            raise ConstraintError(f"invalid grammar: {self.matcher.get_error()}")
+            raise ConstraintError(f"invalid grammar: {_readable(self.matcher.get_error())}")
         self.words = words
 
     def copy(self) -> "TokenConstraint":

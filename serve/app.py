@@ -40,6 +40,24 @@ class ServerSettings:
     cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS
 
 
+def not_unicode(value: object, where: str = "") -> str | None:
+    """The dotted path of the first string that is not valid Unicode (JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no tokenizer can take), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and not_unicode(key) is not None:
+            return where
+        if (found := not_unicode(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
+
+
 def _error_response(error: APIError) -> Response:
     response = Response(json.dumps(error.body()), status=error.status, content_type="application/json")
     if error.retry_after is not None:
@@ -136,8 +154,17 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
             payload = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "The JSON body is nested too deeply", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+        try:
+            where = not_unicode(payload)
+        except RecursionError:
+            raise APIError(400, "The JSON body is nested too deeply", code="invalid_json") from None
+        if where is not None:
+            raise APIError(400, f"{where or 'body'}: text must be valid Unicode (a \\u escape left a lone surrogate)",
+                           param=where or None, code="invalid_value")
         try:
             body = schema.model_validate(payload)
         except ValidationError as exc:
