@@ -121,6 +121,33 @@ def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]
     return frozenset(keys), budgets
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from flaxchat.serve.ledger import Ledger, default_ledger_path
+
+    ledger = Ledger(args.ledger or default_ledger_path())
+    if args.action == "list":
+        for info in ledger.keys():
+            budget = "unlimited" if info.budget is None else str(info.budget)
+            print(f"{info.name}\tbudget={budget}\tspent={info.spent}\treserved={info.reserved}"
+                  f"{chr(9) + 'REVOKED' if info.revoked else ''}")
+        return 0
+    if not args.name:
+        print(f"flaxchat keys {args.action} needs a NAME", file=sys.stderr)
+        return 2
+    if args.action == "add":
+        try:
+            key = ledger.add_key(args.name, args.budget)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(key)  # shown once: the ledger keeps only its hash
+        return 0
+    if not ledger.revoke(args.name):
+        print(f"no key named {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -130,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flaxchat.chat.request import ServedModel, load_content_filter
     from flaxchat.serve.server import fingerprint, serve_until_signalled
     from flaxchat.serve.memory import release_freed_memory, resident_mb
+    from flaxchat.serve.ledger import Ledger, default_ledger_path
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
@@ -162,11 +190,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served = ServedModel(name, engine, model.tokenizer, model.chat_template,
                          fingerprint(model.path, model.manifest, setup), aliases=aliases, content_filter=content_filter)
     keys, budgets = _api_keys(args)
-    app = create_app(served, ServerSettings(api_keys=keys, max_body_bytes=args.max_body_bytes,
+    ledger = Ledger(args.ledger or default_ledger_path())
+    ledger.sync_keys("flag-", {key: budgets.get(key) for key in keys})  # flag and file keys, with their budgets
+    app = create_app(served, ServerSettings(max_body_bytes=args.max_body_bytes, ledger=ledger,
                                             cors_allow_origins=tuple(args.cors_allow_origin or ()),
-                                            rate_limit_per_minute=args.rate_limit, token_budgets=budgets))
-    log.info("serving %s at http://%s:%d/v1 (API keys: %s)", name, args.host, args.port,
-             f"{len(keys)} configured" if keys else "none, open access")
+                                            rate_limit_per_minute=args.rate_limit))
+    active = [k for k in ledger.keys() if not k.revoked]
+    log.info("serving %s at http://%s:%d/v1 (API keys: %s; ledger %s)", name, args.host, args.port,
+             f"{len(active)} valid" if active else "none, open access", ledger.path)
     try:
         serve_until_signalled(app, args.host, args.port)
     finally:
@@ -209,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (then 503)")
     p.add_argument("--api-key", action="append", help="require this bearer key (repeatable); also FLAXCHAT_API_KEYS")
     p.add_argument("--api-keys-file", default=None, help='file with lines "KEY [TOKEN_BUDGET]"')
+    p.add_argument("--ledger", default=None, help="API keys and token accounting, kept across restarts (SQLite; "
+                                                  "default $FLAXCHAT_HOME/ledger.sqlite3; keys: `flaxchat keys`)")
     p.add_argument("--rate-limit", type=int, default=None, help="requests per minute per key (then 429)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--content-filter", metavar="FILE", default=None,
@@ -238,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per engine iteration while other requests are decoding "
                         "(bounds their inter-token gap while a long prompt arrives)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys and their token budgets (kept hashed in the ledger)")
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="the key's name (add, revoke)")
+    p.add_argument("--budget", type=int, default=None, help="total tokens the key may spend (add; default: unlimited)")
+    p.add_argument("--ledger", default=None, help="ledger file (default $FLAXCHAT_HOME/ledger.sqlite3)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied)")
     p.add_argument("--model", default="smollm2-135m-instruct")

@@ -18,10 +18,11 @@ from flaxchat.chat.errors import ChatError
 from flaxchat.chat.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from flaxchat.chat.reply import Reply
 from flaxchat.chat.responses import ResponsesRequest
-from flaxchat.chat.request import ServedModel, prepare, prepare_completion, submit
+from flaxchat.chat.request import Prepared, ServedModel, prepare, prepare_completion, submit
 from flaxchat.chat.tokens import detokenize, tokenize
 from flaxchat.serve.errors import APIError, from_chat_error, from_validation_error
-from flaxchat.serve.limits import RateLimiter, TokenBudgets
+from flaxchat.serve.ledger import Ledger, Reservation, key_hash
+from flaxchat.serve.limits import RateLimiter
 from flaxchat.serve.metrics import Metrics
 from flaxchat.serve.openapi import openapi_document
 from flaxchat.serve.render import Rendering, TextRendering
@@ -37,6 +38,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limit_per_minute: int | None = None  # per API key (per client address without keys)
     token_budgets: Mapping[str, int] = field(default_factory=dict)  # API key -> total tokens allowed
+    ledger: Ledger | None = None  # keys and token accounting (persistent); None: in memory, from the two above
     cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS
 
 
@@ -69,7 +71,10 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     app = Quart("flaxchat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     rate_limiter = RateLimiter(settings.rate_limit_per_minute)
-    budgets = TokenBudgets(settings.token_budgets)
+    ledger = settings.ledger or Ledger()
+    for key in settings.api_keys:
+        ledger.add_key(f"key-{key_hash(key)[:12]}", settings.token_budgets.get(key), key=key)
+    keys_required = bool(settings.api_keys) or ledger.has_keys
     metrics = Metrics(model.engine)
 
     @app.after_request
@@ -106,18 +111,18 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
                                         type="server_error", code="internal_error"))
 
     def check_auth() -> str:
-        """The caller's identity for limits: its API key, or its address when no keys are configured."""
-        if not settings.api_keys:
+        """The caller's identity for limits: its API key's hash, or its address when no keys are configured."""
+        if not keys_required:
             return "addr:" + (request.remote_addr or "?")
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
                            code="invalid_api_key")
-        for known in settings.api_keys:
-            if secrets.compare_digest(key.strip(), known):
-                return known
-        raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+        identity = ledger.identify(key.strip())
+        if identity is None:
+            raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+        return identity
 
     def model_card(name: str) -> dict:
         """OpenAI's model object, plus the context length (vLLM's ``max_model_len``) and the other names."""
@@ -184,13 +189,27 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         check_auth()
         return detokenize(model, await read_body(DetokenizeRequest))
 
-    async def respond(caller: str, replies: list[Reply], rendering: Rendering | TextRendering | ResponsesRendering,
-                      stream: bool):
+    def start(caller: str, prepared: list[Prepared]) -> tuple[Reservation, list[Reply]]:
+        """Reserve the requests' worst case on the caller's budget, then queue them (all or none)."""
+        worst = sum(len(p.prompt_ids) + p.params.max_tokens * p.params.n for p in prepared)
+        reservation, replies = ledger.reserve(caller, worst), []
+        try:
+            for item in prepared:
+                replies.append(Reply(model, item, submit(model, item)))
+        except ChatError:
+            for reply in replies:  # a later prompt was refused: the earlier ones must not run on
+                reply.cancel()
+            ledger.settle(reservation, 0)
+            raise
+        return reservation, replies
+
+    async def respond(reservation: Reservation, replies: list[Reply],
+                      rendering: Rendering | TextRendering | ResponsesRendering, stream: bool):
         """The replies as one JSON object or as server-sent events; their slots freed and tokens charged at the end."""
         def settle() -> None:
             for reply in replies:
                 reply.cancel()  # a no-op once finished; frees the slots if the client went away
-            budgets.charge(caller, sum(reply.prompt_tokens + reply.completion_tokens for reply in replies))
+            ledger.settle(reservation, sum(reply.prompt_tokens + reply.completion_tokens for reply in replies))
 
         if not stream:
             try:
@@ -216,7 +235,7 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
 
     def admit() -> str:
         caller = check_auth()
-        budgets.check(caller)
+        ledger.check(caller)
         rate_limiter.check(caller)
         return caller
 
@@ -224,33 +243,24 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
         caller = admit()
         body = await read_body(ChatCompletionRequest)
         prepared = prepare(model, body)
-        reply = Reply(model, prepared, submit(model, prepared))
+        reservation, (reply,) = start(caller, [prepared])
         usage = bool(body.stream_options and body.stream_options.include_usage)
         rendering = Rendering(reply, model.id, include_usage=usage)
         log.info("%s model=%s user=%s prompt_tokens=%d n=%d stream=%s seed=%s", rendering.id, body.model,
                  body.user, reply.prompt_tokens, prepared.params.n, bool(body.stream), reply.handle.seed)
-        return await respond(caller, [reply], rendering, bool(body.stream))
+        return await respond(reservation, [reply], rendering, bool(body.stream))
 
     async def completions():
         caller = admit()
         body = await read_body(CompletionRequest)
-        replies = []
-        try:
-            for prepared in prepare_completion(model, body):
-                replies.append(Reply(model, prepared, submit(model, prepared)))
-        except ChatError:
-            for reply in replies:  # a later prompt was refused: the earlier ones must not run on
-                reply.cancel()
-            raise
+        reservation, replies = start(caller, prepare_completion(model, body))
         echoes = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
         usage = bool(body.stream_options and body.stream_options.include_usage)
         rendering = TextRendering(replies, model.id, echoes, include_usage=usage)
         log.info("%s model=%s user=%s prompts=%d n=%d stream=%s", rendering.id, body.model, body.user, len(replies),
                  replies[0].prepared.params.n, bool(body.stream))
-        return await respond(caller, replies, rendering, bool(body.stream))
+        return await respond(reservation, replies, rendering, bool(body.stream))
 
-    app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
-    app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
     def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         """The chat request a responses request means; what only the chat rules refuse is refused here."""
         try:
@@ -261,14 +271,15 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     async def responses():
         caller = admit()
         body = await read_body(ResponsesRequest)
-        chat_request = as_chat_request(body)
-        prepared = prepare(model, chat_request)
-        reply = Reply(model, prepared, submit(model, prepared))
+        prepared = prepare(model, as_chat_request(body))
+        reservation, (reply,) = start(caller, [prepared])
         rendering = ResponsesRendering(reply, model.id, body)
         log.info("%s model=%s user=%s prompt_tokens=%d stream=%s seed=%s", rendering.id, body.model, body.user,
                  reply.prompt_tokens, bool(body.stream), reply.handle.seed)
-        return await respond(caller, [reply], rendering, bool(body.stream))
+        return await respond(reservation, [reply], rendering, bool(body.stream))
 
+    app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
+    app.add_url_rule("/api/v1/chat/completions", "chat_completions_alias", chat_completions, methods=["POST"])
     app.add_url_rule("/v1/completions", "completions", completions, methods=["POST"])
     app.add_url_rule("/v1/responses", "responses", responses, methods=["POST"])
     if settings.cors_allow_origins:

@@ -1,4 +1,5 @@
-"""Per-key request rate limits (429) and token budgets (402), kept in memory for the server's lifetime."""
+"""Per-key request rate limits (429), kept in memory for the server's lifetime (token budgets, which must
+survive restarts, are in ``serve/ledger.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import collections
 import math
 import threading
 import time
-from collections.abc import Mapping
 
 from flaxchat.serve.errors import APIError
 
@@ -32,23 +32,3 @@ class RateLimiter:
                 raise APIError(429, f"Rate limit reached: {self.per_minute} requests per minute. Retry in {wait}s.",
                                type="rate_limit_error", code="rate_limit_exceeded", retry_after=wait)
             log.append(now)
-
-
-class TokenBudgets:
-    """Keys with a budget may spend that many tokens (prompt + completion) in total; then 402."""
-
-    def __init__(self, budgets: Mapping[str, int]):
-        self.budgets = dict(budgets)
-        self.spent: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-
-    def check(self, key: str) -> None:
-        budget = self.budgets.get(key)
-        if budget is not None and self.spent[key] >= budget:
-            raise APIError(402, f"This API key has used its budget of {budget} tokens.",
-                           type="insufficient_quota", code="insufficient_quota")
-
-    def charge(self, key: str, tokens: int) -> None:
-        if key in self.budgets:
-            with self._lock:
-                self.spent[key] += tokens

@@ -19,7 +19,7 @@ from flaxchat.serve.objects import ChatCompletion, ErrorResponse, TextCompletion
 from flaxchat.serve.openapi import openapi_document
 from tests.server_fixtures import serving
 
-FUZZ_EXAMPLES = int(os.environ.get("FLAXCHAT_FUZZ_EXAMPLES", "70"))
+FUZZ_EXAMPLES = int(os.environ.get("FLAXCHAT_FUZZ_EXAMPLES", "45"))
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
 REPLY_MODELS = {"/v1/chat/completions": ChatCompletion, "/v1/completions": TextCompletion}
 SEEN: Counter = Counter()

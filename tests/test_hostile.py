@@ -52,7 +52,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serving(tmp_path_factory.mktemp("hostile"), model={"context": 1024}, slots=2, max_len=1024)
+    yield from serving(tmp_path_factory.mktemp("hostile"), slots=2, max_len=256)
 
 
 def _healthy(server) -> None:
