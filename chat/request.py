@@ -268,9 +268,11 @@ def submit(model: ServedModel, prepared: Prepared) -> RequestHandle:
     except QueueFullError as exc:
         raise ChatError(f"The server is overloaded: {exc}. Retry shortly.", code="server_overloaded", status=503,
                         type="server_error", retry_after=1) from None
-    except EngineStoppedError:
-        raise ChatError("the server is shutting down", code="server_shutting_down", status=503, type="server_error",
-                        retry_after=1) from None
+    except EngineStoppedError as exc:
+        failed = model.engine.failure is not None
+        raise ChatError(f"the engine has stopped ({exc}); the server needs a restart" if failed else
+                        "the server is shutting down", code="engine_stopped" if failed else "server_shutting_down",
+                        status=503, type="server_error", retry_after=None if failed else 1) from None
     except ConstraintError as exc:
         raise _grammar_error(prepared.tools, exc) from None
     except PromptTooLongError as exc:

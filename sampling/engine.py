@@ -19,7 +19,7 @@ chunking, cached blocks or the other rows (``sampling/shapes.py``, ``sampling/st
 
 Threads: the engine thread alone owns the device state (``_state``), the slot table (``_slots``), the
 prefill queue, the prefix index and every ``Choice`` (detokenizers, guides); callers touch only the waiting
-queue (``_waiting``, under ``_lock``) and their own handle's event queue.
+queue (``_waiting``, a ``WaitingRequests`` under its lock) and their own handle's event queue.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from flaxchat.sampling.device_steps import DeviceSteps
 from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from flaxchat.sampling.prefix_cache import PrefixIndex
-from flaxchat.sampling.requests import (EngineStoppedError, QueueFullError, QueuedRequest, RequestHandle, check_prompt,
-                                        choice_groups)
+from flaxchat.sampling.requests import RequestHandle, WaitingRequests, check_prompt, choice_groups
 from flaxchat.sampling.sampler import choice_key
 from flaxchat.sampling.shapes import DEFAULT_CONTEXT, LARGEST_PREFILL_BUCKET
 from flaxchat.sampling.steps import DecodeState, EngineSteps
@@ -88,12 +87,10 @@ class Engine:
         self.stats = collections.Counter()
         self.prefix = PrefixIndex(steps.block_size, steps.pool_blocks)
         self.prefill_queue = PrefillQueue(self.steps, self.prefix, self.stats)
-        self._waiting: collections.deque[QueuedRequest] = collections.deque()
+        self._waiting = WaitingRequests(config.queue_size)
         self._slots: list[Choice | PrefillJob | None] = [None] * config.slots
-        self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
-        self._running = False
         self._state: DecodeState | None = None
         self._inflight: _InFlight | None = None  # the decode call whose outputs the host has not read yet
         self.warmup_seconds: float | None = None
@@ -104,21 +101,16 @@ class Engine:
         self.choices.prepare()
         self._state = self.steps.warmup()
         self.warmup_seconds = time.perf_counter() - started
-        self._running = True
+        self._waiting.open = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         """Stop the loop; in-flight and waiting requests end with ``finish_reason='cancelled'``."""
-        with self._lock:
-            self._running = False
-            self._lock.notify_all()
+        self._waiting.close("cancelled")
         if self._thread is not None:
             self._thread.join()
-        for pending in list(self._waiting):
-            pending.finish("cancelled")
-        self._waiting.clear()
         self._end_started("cancelled")
 
     def __enter__(self) -> "Engine":
@@ -130,6 +122,15 @@ class Engine:
     @property
     def compile_count(self) -> int:
         return self.steps.compiles
+
+    @property
+    def healthy(self) -> bool:
+        return self._waiting.open and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread died, if it did."""
+        return self._waiting.failure
 
     @property
     def busy_slots(self) -> int:
@@ -148,20 +149,13 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
         """Queue a request (more choices than slots: in groups, ``choice_groups``). Raises ``ValueError`` for bad
         settings, ``PromptTooLongError`` when the prompt leaves no room, ``QueueFullError`` when the queue is full."""
-        if not self._running:
-            raise EngineStoppedError("the engine is not running")
         params.validate(self.cfg.vocab_size)
         check_prompt(prompt, self.cfg.vocab_size, self.max_len)
         if params.grammar is not None:
             self.choices.compiled(params.grammar)  # validate now: a bad grammar fails before queueing
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         handle = RequestHandle(next(self._ids), params.n, seed)
-        groups = choice_groups(handle, prompt, params, self.config.slots)
-        with self._lock:
-            if len(self._waiting) + len(groups) > self.config.queue_size:
-                raise QueueFullError(f"the request queue is full ({self.config.queue_size} waiting)")
-            self._waiting.extend(groups)
-            self._lock.notify_all()
+        self._waiting.add(choice_groups(handle, prompt, params, self.config.slots))
         return handle
 
     def check_grammar(self, grammar: str) -> None:
@@ -170,11 +164,21 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """The engine thread. If it dies of what the loop cannot survive, every request ends with an error and
+        the engine reports itself stopped (``failure``), so no caller is left waiting."""
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001
+            log.critical("the engine thread died", exc_info=True)
+            self._waiting.close("error", f"the engine stopped: {exc!r}")
+            self._end_started("error", self.failure)
+
+    def _serve(self) -> None:
         while True:
-            with self._lock:
-                while self._running and not self._waiting and self.busy_slots == 0:
-                    self._lock.wait(timeout=0.1)
-                if not self._running:
+            with self._waiting.lock:
+                while self._waiting.open and not self._waiting and self.busy_slots == 0:
+                    self._waiting.lock.wait(timeout=0.1)
+                if not self._waiting.open:
                     self._collect()  # tokens already computed still reach their streams
                     return
             try:
@@ -188,10 +192,7 @@ class Engine:
                 log.exception("engine loop error")
 
     def _drop_cancelled(self) -> None:
-        with self._lock:
-            for pending in [p for p in self._waiting if p.handle.cancelled.is_set()]:
-                self._waiting.remove(pending)
-                pending.finish("cancelled")
+        self._waiting.drop_cancelled()
         for job in [job for job in self.prefill_queue if job.request.handle.cancelled.is_set()]:
             self._abandon(job, "cancelled")
         for slot, choice in enumerate(self._slots):
@@ -221,11 +222,10 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into the prefill queue while their choices fit in free slots."""
         while True:
-            with self._lock:
-                free = [i for i, c in enumerate(self._slots) if c is None]
-                if not self._waiting or len(free) < self._waiting[0].params.n:
-                    return
-                pending = self._waiting.popleft()
+            free = [i for i, c in enumerate(self._slots) if c is None]
+            pending = self._waiting.pop_fitting(len(free))
+            if pending is None:
+                return
             job = PrefillJob(pending, pending.prompt, free[: pending.params.n])
             for slot in job.slots:
                 self._slots[slot] = job

@@ -106,6 +106,54 @@ class QueuedRequest:
                                          seed=self.handle.seed))
 
 
+class WaitingRequests:
+    """Submitted requests (or groups of their choices) waiting for slots: the one structure callers and the
+    engine thread share (under ``lock``). ``close`` refuses new ones and ends the waiting ones."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.lock = threading.Condition()
+        self.open = False
+        self.failure: str | None = None  # why the engine stopped, when it died
+        self._items: collections.deque[QueuedRequest] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, groups: list[QueuedRequest]) -> None:
+        with self.lock:
+            if not self.open:
+                raise EngineStoppedError(self.failure or "the engine is not running")
+            if len(self._items) + len(groups) > self.capacity:
+                raise QueueFullError(f"the request queue is full ({self.capacity} waiting)")
+            self._items.extend(groups)
+            self.lock.notify_all()
+
+    def pop_fitting(self, free_slots: int) -> QueuedRequest | None:
+        """The head request when its choices fit in ``free_slots`` (first come, first served)."""
+        with self.lock:
+            if not self._items or self._items[0].params.n > free_slots:
+                return None
+            return self._items.popleft()
+
+    def drop_cancelled(self) -> None:
+        with self.lock:
+            cancelled = [p for p in self._items if p.handle.cancelled.is_set()]
+            for pending in cancelled:
+                self._items.remove(pending)
+        for pending in cancelled:
+            pending.finish("cancelled")
+
+    def close(self, reason: str, failure: str | None = None) -> None:
+        with self.lock:
+            self.open, self.failure = False, failure
+            waiting = list(self._items)
+            self._items.clear()
+            self.lock.notify_all()
+        for pending in waiting:
+            pending.finish(reason, failure)
+
+
 def choice_groups(handle: RequestHandle, prompt: list[int], params: SamplingParams,
                   slots: int) -> list[QueuedRequest]:
     """A request with more choices than the engine has slots, as groups of at most ``slots`` choices that wait

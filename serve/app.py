@@ -136,7 +136,11 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     @app.get("/health")
     async def health():
         engine = model.engine
-        return {"status": "ok", "model": model.id, "busy_slots": engine.busy_slots, "queue_depth": engine.queue_depth}
+        body = {"status": "ok", "model": model.id, "busy_slots": engine.busy_slots, "queue_depth": engine.queue_depth}
+        if not engine.healthy:  # the engine thread died (or stopped): say so rather than let requests hang
+            body |= {"status": "engine stopped", "error": engine.failure}
+            return Response(json.dumps(body), status=503, content_type="application/json")
+        return body
 
     @app.get("/v1/models")
     async def list_models():

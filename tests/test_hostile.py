@@ -86,3 +86,33 @@ def test_model_ids_with_path_tricks_are_not_found(server, path):
     reply = httpx.get(server.url + path, timeout=30)
     assert reply.status_code == 404 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert "passwd" not in reply.text or "does not exist" in reply.text
+
+
+class _ThreadKiller(BaseException):
+    """What no engine loop iteration survives."""
+
+
+def test_last_a_dead_engine_thread_turns_health_to_503_and_nothing_hangs(server):
+    """(Runs last in this module: it kills the module's engine.) A stream in flight ends with an error event,
+    /health says 503, and a new request is refused at once with a 503 instead of waiting forever."""
+    import json
+
+    from tests.step_hooks import set_step_hook
+
+    assert httpx.get(server.url + "/health").status_code == 200
+
+    def hook(stage: str) -> None:
+        if stage == "decode":
+            raise _ThreadKiller()
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": TINY_ID, "messages": HELLO, "max_tokens": 50, "stream": True}) as stream:
+        set_step_hook(server.engine, hook)
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert any("error" in json.loads(line[6:]) for line in lines if line != "data: [DONE]")
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+    started = time.perf_counter()
+    refused = httpx.post(server.url + "/v1/chat/completions", json={"model": TINY_ID, "messages": HELLO}, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stopped"
+    assert time.perf_counter() - started < 5

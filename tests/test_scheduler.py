@@ -13,7 +13,7 @@ import pytest
 
 from flaxchat.sampling.engine import Engine, EngineConfig
 from flaxchat.sampling.params import SamplingParams
-from flaxchat.sampling.requests import QueueFullError, collect_text
+from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, collect_text
 from tests.fake_steps import EOS, FakeSteps, LetterTokenizer, expected_tokens, fake_config, first_token
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -245,3 +245,31 @@ def test_a_scored_prompt_with_no_tokens_to_generate_ends_after_its_prompt(engine
     assert engine.busy_slots == 0 and not [c for c in steps.calls if c[0] == "insert"]
     with pytest.raises(ValueError, match="max_tokens"):
         engine.submit(PROMPT, SamplingParams(max_tokens=0))
+
+
+class _ThreadKiller(BaseException):
+    """What no loop iteration survives (the loop catches Exception, as it must, and nothing broader)."""
+
+
+def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(steps):
+    engine = engine_on(steps)
+    try:
+        release = held(steps, "decode")
+        running = engine.submit(PROMPT, SamplingParams(max_tokens=50, seed=1, ignore_eos=True))
+        wait_until(lambda: engine.busy_slots == 1)
+        waiting = [engine.submit(PROMPT, SamplingParams(n=4, max_tokens=5, seed=2)) for _ in range(2)]
+
+        def die():
+            release.wait(10)
+            raise _ThreadKiller()
+
+        steps.before["decode"] = die
+        release.set()
+        for handle in [running, *waiting]:  # nobody is left waiting: each choice ends with the reason
+            ends = [e for events in handle.result().values() for e in events if e.finish_reason]
+            assert ends and all(e.finish_reason == "error" and "engine stopped" in e.error for e in ends)
+        assert not engine.healthy and "_ThreadKiller" in engine.failure
+        with pytest.raises(EngineStoppedError, match="engine stopped"):
+            engine.submit(PROMPT, SamplingParams(max_tokens=2))
+    finally:
+        engine.stop()
