@@ -245,14 +245,15 @@ def prepare_completion(model: ServedModel, request: CompletionRequest) -> list[P
                                                                     request.max_tokens == 0) else None
     tokenizer, prepared = model.tokenizer, []
     for prompt in request.prompts():
-        check_content(model, prompt if isinstance(prompt, str) else tokenizer.decode(prompt), "prompt")
         if isinstance(prompt, str):
+            check_content(model, prompt, "prompt")
             check_length_before_tokenizing(model, prompt)
             ids = tokenizer.encode(prompt, add_bos=tokenizer.special.add_bos)
         else:
             ids = list(prompt)
-            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            if any(not 0 <= t < tokenizer.vocab_size for t in ids):  # (checked before decoding them)
                 raise ChatError("the prompt contains token ids outside the vocabulary", param="prompt")
+            check_content(model, tokenizer.decode(ids), "prompt")
         budget = reply_budget(request, model.engine.max_len, len(ids))
         params = sampling_params(request, tokenizer.vocab_size, budget, None, None, request.logprobs is not None,
                                  request.logprobs or 0)

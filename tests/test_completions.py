@@ -100,3 +100,10 @@ def test_what_is_not_supported_is_refused_naming_the_field(client, extra, param)
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(model=TINY_ID, prompt="the heat", max_tokens=2, **extra)
     assert info.value.body["param"] == param
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_a_clear_error(server):
+    """(found by the fuzzer: such ids reached the content filter's decode first, a 500)"""
+    for prompt in ([-5, 3], [10**15], [[1, 2], [99999999]]):
+        reply = httpx.post(server.url + "/v1/completions", json={"model": TINY_ID, "prompt": prompt, "max_tokens": 2})
+        assert reply.status_code in (400, 422) and reply.json()["error"]["param"] == "prompt", reply.text

@@ -12,10 +12,14 @@ import threading
 import openai
 import pytest
 
-from flaxchat.serve.app import ServerSettings
+from flaxchat.chat.request import ServedModel
+from flaxchat.serve.app import ServerSettings, create_app
 from flaxchat.serve.errors import APIError
 from flaxchat.serve.ledger import Ledger, key_hash
-from tests.server_fixtures import TINY_ID, start_tiny_server
+from flaxchat.serve.server import BackgroundServer
+from tests.engine_fixtures import tiny_engine
+from tests.gguf_writer import CHAT_TEMPLATE
+from tests.server_fixtures import TINY_ID
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -112,8 +116,10 @@ def test_a_servers_budgets_survive_its_restart(tmp_path):
     path = tmp_path / "ledger.sqlite3"
     key = Ledger(path).add_key("dave", budget=45)
     spent = 0
-    for run in range(2):
-        server, engine = start_tiny_server(tmp_path / f"run{run}", ServerSettings(ledger=Ledger(path)))
+    engine = tiny_engine(tmp_path / "model")
+    for run in range(2):  # two servers, one after the other, on one ledger file (and one engine: it is not the subject)
+        model = ServedModel(TINY_ID, engine, engine.tokenizer, CHAT_TEMPLATE, "fp_test")
+        server = BackgroundServer(create_app(model, ServerSettings(ledger=Ledger(path)))).start()
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
             if run == 0:  # one request fits (worst case ~26 tokens), and is charged what it used
@@ -126,7 +132,7 @@ def test_a_servers_budgets_survive_its_restart(tmp_path):
                     openai.OpenAI(base_url=server.url + "/v1", api_key="fc-wrong", max_retries=0).models.list()
         finally:
             server.stop()
-            engine.stop()
+    engine.stop()
     assert [(k.spent, k.reserved) for k in Ledger(path).keys()] == [(spent, 0)]
 
 
