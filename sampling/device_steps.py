@@ -42,8 +42,9 @@ class DeviceSteps(Protocol):
     def chunk_length(self, n: int) -> int:
         """How many of ``n`` remaining prompt tokens the next ``prefill_chunk`` should take."""
 
-    def batch_length_for(self, remaining: int) -> int | None:
-        """The batched-prefill length that holds ``remaining`` tokens, or None when they do not fit one."""
+    def batch_plan(self, rests: list[int]) -> tuple[tuple[int, int], int] | None:
+        """The batched prefill call for the queue's leading prompts, which have ``rests`` tokens to go:
+        ``(shape, how many)``, or None when no batched call takes two or more (``sampling/shapes.py``)."""
 
     def row_bucket_for(self, n: int) -> int:
         """The decode row bucket that runs ``n`` live slots."""
@@ -57,8 +58,10 @@ class DeviceSteps(Protocol):
         """``prefill_chunk`` of ``score_chunk_size`` tokens that also scores each one's next token
         (``sampling/scoring.py``): a ``ChunkScores``, the logits, the state."""
 
-    def prefill_batch(self, state: State, parts: list[tuple[int, list[int], int]]) -> tuple[tuple[Logits, ...], State]:
-        """The rest of several prompts in one call: ``(slot, prompt, start)`` each; their last logits."""
+    def prefill_batch(self, state: State, parts: list[tuple[int, list[int], int]], shape: tuple[int, int]
+                      ) -> tuple[tuple[Logits, ...], State]:
+        """The rest of several prompts in one call of ``shape`` (from ``batch_plan``): ``(slot, prompt, start)``
+        each; their last logits."""
 
     def load_blocks(self, state: State, slot: int, blocks: list[int]) -> State:
         """Fill ``slot``'s first ``len(blocks)`` blocks from the prefix pool."""

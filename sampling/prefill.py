@@ -23,7 +23,6 @@ import jax
 from flaxchat.sampling.prefix_cache import PrefixIndex
 from flaxchat.sampling.params import PromptTokenScore
 from flaxchat.sampling.scoring import prompt_token_scores
-from flaxchat.sampling.shapes import BATCH_PREFILL_ROWS
 from flaxchat.sampling.steps import DecodeState, EngineSteps
 
 
@@ -89,11 +88,13 @@ class PrefillQueue:
         queue); raises ``PrefillFailed`` naming the jobs of a failed call."""
         batch = [self._jobs[0]]
         try:
-            state, batch = self._take_cached_prefixes(state)
-            if len(batch) > 1:  # each job's whole rest, in one call
+            state, batch, shape = self._next_call(state)
+            if shape is not None:  # each job's whole rest, in one call
                 sizes = [job.rest for job in batch]
-                all_logits, state = self.steps.prefill_batch(state, [(j.slots[0], j.prompt, j.done) for j in batch])
+                all_logits, state = self.steps.prefill_batch(state, [(j.slots[0], j.prompt, j.done) for j in batch],
+                                                             shape)
                 self.stats["batched_prefills"] += 1
+                self.stats[f"batched_prefills_{shape[0]}x{shape[1]}"] += 1
             elif batch[0].scored:  # one scoring chunk of the head job
                 job = batch[0]
                 sizes = [min(self.steps.score_chunk_size, job.rest)]
@@ -117,17 +118,41 @@ class PrefillQueue:
                 finished.append((job, logits))
         return state, sum(sizes), finished
 
-    def _take_cached_prefixes(self, state: DecodeState) -> tuple[DecodeState, list[PrefillJob]]:
-        """The jobs of the next call: the head, with the jobs right behind it when every one of them has a
-        rest short enough for one batched call. Each job looks its cached prefix up when first considered."""
-        batch: list[PrefillJob] = []
-        for job in self._jobs:
+    def _next_call(self, state: DecodeState) -> tuple[DecodeState, list[PrefillJob], tuple[int, int] | None]:
+        """The jobs of the next call and its batched shape: the head and the jobs right behind it whose rests
+        fit one batched call (``EngineSteps.batch_plan``), else the head alone (shape None).
+
+        The head takes its cached prefix when first considered; a job behind it only when it joins a batch
+        (until then its rest is what the index holds now), so it still finds the blocks the head is saving."""
+        head = self._jobs[0]
+        if not head.looked_up:
+            state = self._take_cached_prefix(state, head)
+        candidates = []
+        for job in self._jobs:  # no more than the slots
+            if job.scored:  # a scored prompt goes alone, in scoring chunks
+                break
+            candidates.append(job)
+        if len(candidates) < 2:
+            return state, [head], None
+        plan = self.steps.batch_plan([job.rest if job.looked_up else self._rest_if_looked_up(job)
+                                      for job in candidates])
+        if plan is None:
+            return state, [head], None
+        (prompts, length), taken = plan
+        batch = candidates[:taken]
+        for job in batch:
             if not job.looked_up:
                 state = self._take_cached_prefix(state, job)
-            if len(batch) == BATCH_PREFILL_ROWS or self.steps.batch_length_for(job.rest) is None or job.scored:
-                break
-            batch.append(job)
-        return state, batch or [self._jobs[0]]
+        return state, batch, (prompts, length)
+
+    def _rest_if_looked_up(self, job: PrefillJob) -> int:
+        """The tokens ``job`` would have left to compute if it took its cached prefix now."""
+        if not self.prefix.capacity or job.scored:
+            return job.rest
+        return len(job.prompt) - self.prefix.match(job.prompt, self._max_blocks(job), touch=False).tokens
+
+    def _max_blocks(self, job: PrefillJob) -> int:
+        return (len(job.prompt) - 1) // self.prefix.block_size  # >= 1 token is left: its logits start the reply
 
     def _take_cached_prefix(self, state: DecodeState, job: PrefillJob) -> DecodeState:
         """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,
@@ -136,7 +161,7 @@ class PrefillQueue:
         self.stats["prompt_tokens"] += len(job.prompt)
         if not self.prefix.capacity or job.scored:
             return state
-        match = self.prefix.match(job.prompt, (len(job.prompt) - 1) // self.prefix.block_size)
+        match = self.prefix.match(job.prompt, self._max_blocks(job))
         if match.blocks:
             state = self.steps.load_blocks(state, job.slots[0], list(match.blocks))
         job.done = job.cached = match.tokens

@@ -69,8 +69,9 @@ class PrefixIndex:
         end = len(tokens) // size if end is None else min(end, len(tokens) // size)
         return [tuple(tokens[i * size:(i + 1) * size]) for i in range(start, end)]
 
-    def match(self, tokens: list[int], max_blocks: int) -> PrefixMatch:
-        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``); touches them."""
+    def match(self, tokens: list[int], max_blocks: int, touch: bool = True) -> PrefixMatch:
+        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``); touches them
+        unless ``touch`` is False (a look that does not count as a use)."""
         parent, blocks, keys, names = self.ROOT, [], [], []
         for block_tokens in self.blocks_of(tokens, 0, max_blocks):
             entry = self._entries.get((parent, block_tokens))
@@ -80,7 +81,8 @@ class PrefixIndex:
             blocks.append(entry.block)
             keys.append(entry.key)
             parent = entry.key
-        self._touch(names)
+        if touch:
+            self._touch(names)
         return PrefixMatch(tuple(blocks), tuple(keys), self.block_size)
 
     def add(self, parent: int, block_tokens: tuple[int, ...]) -> tuple[int, int, bool] | None:

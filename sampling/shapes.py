@@ -51,8 +51,12 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
 
 DEFAULT_CONTEXT = 2048  # cache positions per slot unless configured (and at most the model's context)
 LARGEST_PREFILL_BUCKET = 1024  # the longest prefill call; longer prompts go in chunks
-BATCH_PREFILL_ROWS = 4  # prompts per batched prefill call
-BATCH_PREFILL_LENGTHS = (16, 32)  # tokens per prompt in a batched prefill call (4 x 16 = 64 rows: exact in float32)
+# Batched prefill calls: (prompts, tokens per prompt). (16, 4) takes a crowd whose prompts are cached but
+# for a token or two (a shared system prompt asked the same questions again, retries) in one call; the
+# others take the short rests of a few prompts. A shape runs only where its product has enough rows to keep
+# a row's bits (``batch_shapes``).
+BATCH_PREFILL_SHAPES = ((4, 4), (16, 4), (4, 16), (4, 32))
+CALL_COST_ROWS = 8  # a device call's fixed cost in prompt rows (int4 on CPU: ~15 ms, against ~2 ms a row)
 
 
 def prefill_buckets(max_len: int, smallest: int = 16, largest: int = LARGEST_PREFILL_BUCKET) -> tuple[int, ...]:
@@ -68,3 +72,31 @@ def prefill_buckets(max_len: int, smallest: int = 16, largest: int = LARGEST_PRE
         size *= 4
     buckets.append(min(max_len, largest))
     return tuple(buckets)
+
+
+def batch_shapes(slots: int, smallest: int, largest: int) -> tuple[tuple[int, int], ...]:
+    """The ``BATCH_PREFILL_SHAPES`` an engine compiles: at most ``slots`` prompts (more could never wait at
+    once), at least 2, with ``prompts x tokens >= smallest`` rows (the smallest prefill bucket: fewer rows
+    would move a row's bits) and fewer tokens than the largest bucket."""
+    shapes = {(min(prompts, slots), length) for prompts, length in BATCH_PREFILL_SHAPES}
+    return tuple(sorted(((p, n) for p, n in shapes if p >= 2 and p * n >= smallest and n < largest),
+                        key=lambda shape: (shape[0] * shape[1], shape)))
+
+
+def batch_plan(shapes: tuple[tuple[int, int], ...], rests: list[int]) -> tuple[tuple[int, int], int] | None:
+    """The batched call for the prompts at the head of the queue, whose remaining tokens are ``rests`` (in
+    queue order): ``(shape, how many of them)``, or None when no shape takes two or more.
+
+    A shape takes the leading prompts whose rests fit its length, up to its prompt count; the plan is the
+    one with the fewest rows per prompt taken (counting a call's fixed cost, ``CALL_COST_ROWS``), the
+    smaller shape on a tie."""
+    best: tuple[float, tuple[int, int], int] | None = None
+    for prompts, length in shapes:
+        taken = 0
+        while taken < min(prompts, len(rests)) and rests[taken] <= length:
+            taken += 1
+        if taken >= 2:
+            cost = (prompts * length + CALL_COST_ROWS) / taken
+            if best is None or cost < best[0]:
+                best = (cost, (prompts, length), taken)
+    return None if best is None else best[1:]

@@ -26,8 +26,8 @@ from flaxchat.model.transformer import KVCache, Transformer, init_cache
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
-from flaxchat.sampling.shapes import (BATCH_PREFILL_LENGTHS, BATCH_PREFILL_ROWS, LARGEST_PREFILL_BUCKET, prefill_buckets, row_buckets,
-                             smallest_prefill_bucket, smallest_row_bucket)
+from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, prefill_buckets, row_buckets,
+                                     smallest_prefill_bucket, smallest_row_bucket)
 
 
 @flax.struct.dataclass
@@ -61,10 +61,9 @@ class EngineSteps:
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
         self._score = jax.jit(self._score_impl, donate_argnums=(1,))
-        # Batched prefill shapes: their products have BATCH_PREFILL_ROWS x length rows, so they keep a row's
-        # bits wherever one-prompt chunks do (>= smallest_prefill_bucket rows).
-        self.batch_lengths = tuple(n for n in BATCH_PREFILL_LENGTHS
-                                   if BATCH_PREFILL_ROWS * n >= smallest and n < self.buckets[-1])
+        # Batched prefill (prompts, length) shapes: their products have >= smallest_prefill_bucket rows, so
+        # they keep a row's bits wherever one-prompt chunks do.
+        self.batch_shapes = batch_shapes(slots, smallest, self.buckets[-1])
         self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
         self._load_blocks = jax.jit(self._load_blocks_impl, donate_argnums=(0,))
@@ -280,17 +279,16 @@ class EngineSteps:
         return self._score(self.params, state, jnp.int32(slot), jnp.asarray(padded), jnp.asarray(next_tokens),
                            jnp.int32(start), jnp.int32(len(prompt)))
 
-    def batch_length_for(self, remaining: int) -> int | None:
-        """The batched-prefill length that holds ``remaining`` prompt tokens, if any."""
-        return next((n for n in self.batch_lengths if n >= remaining), None)
+    def batch_plan(self, rests: list[int]) -> tuple[tuple[int, int], int] | None:
+        """The batched prefill call for prompts with ``rests`` tokens to go (``sampling/shapes.batch_plan``)."""
+        return batch_plan(self.batch_shapes, rests)
 
-    def prefill_batch(self, state: DecodeState, parts: list[tuple[int, list[int], int]]
+    def prefill_batch(self, state: DecodeState, parts: list[tuple[int, list[int], int]], shape: tuple[int, int]
                       ) -> tuple[tuple[jax.Array, ...], DecodeState]:
-        """Prefill the rest of up to ``BATCH_PREFILL_ROWS`` prompts in one call: ``parts`` are
-        ``(slot, prompt, start)`` with ``len(prompt) - start`` within a batch length. Returns each part's
-        last-token logits, in order."""
-        length = self.batch_length_for(max(len(prompt) - start for _, prompt, start in parts))
-        rows = BATCH_PREFILL_ROWS
+        """Prefill the rest of several prompts in one call of ``shape`` (one of ``batch_shapes``: prompts,
+        length): ``parts`` are ``(slot, prompt, start)`` with ``len(prompt) - start`` within the length.
+        Returns each part's last-token logits, in order."""
+        rows, length = shape
         slots, starts = np.full(rows, self.slots, np.int32), np.zeros(rows, np.int32)
         lengths, tokens = np.ones(rows, np.int32), np.zeros((rows, length), np.int32)
         for i, (slot, prompt, start) in enumerate(parts):
@@ -374,8 +372,8 @@ class EngineSteps:
         for bucket in self.buckets:
             logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
                                           jnp.int32(0), jnp.int32(bucket))
-        for length in self.batch_lengths:
-            _, state = self.prefill_batch(state, [(0, [0] * length, 0)])
+        for shape in self.batch_shapes:
+            _, state = self.prefill_batch(state, [(0, [0] * shape[1], 0)], shape)
         _, _, state = self.score_chunk(state, 0, [0], 0)
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
         state = self.copy_slot(state, 0, 0)

@@ -21,6 +21,7 @@ from flaxchat.model.tokenizer import SpecialTokens, Tokenizer
 from flaxchat.sampling.params import MAX_TOP_LOGPROBS
 from flaxchat.sampling.sampler import choice_key
 from flaxchat.sampling.scoring import ChunkScores
+from flaxchat.sampling.shapes import batch_plan
 
 LETTERS = 'abcdefghijklmnopqrstuvwxyz0123456789 .,:"{}[]'  # token i is LETTERS[i] (JSON fits)
 EOS = len(LETTERS)  # "<eos>", the stop token
@@ -103,9 +104,9 @@ class FakeSteps:
     """``DeviceSteps`` in numpy; ``calls`` records (stage, detail) in order."""
 
     def __init__(self, slots: int = 4, buckets: tuple[int, ...] = (8, 32), pool_blocks: int = 16,
-                 block_size: int = 4, batch_lengths: tuple[int, ...] = (4, 8)):
+                 block_size: int = 4, batch_shapes: tuple[tuple[int, int], ...] = ((4, 4), (4, 8))):
         self.slots, self.buckets, self.pool_blocks, self.block_size = slots, buckets, pool_blocks, block_size
-        self.batch_lengths = batch_lengths
+        self.batch_shapes = batch_shapes
         self.score_chunk_size = 8
         self.compiles = 0
         self.calls: list[tuple[str, Any]] = []
@@ -119,8 +120,8 @@ class FakeSteps:
     def chunk_length(self, n: int) -> int:
         return min(n, self.buckets[-1])
 
-    def batch_length_for(self, remaining: int) -> int | None:
-        return next((n for n in self.batch_lengths if n >= remaining), None)
+    def batch_plan(self, rests: list[int]) -> tuple[tuple[int, int], int] | None:
+        return batch_plan(self.batch_shapes, rests)
 
     def row_bucket_for(self, n: int) -> int:
         return next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= n)
@@ -160,7 +161,9 @@ class FakeSteps:
         scores = ChunkScores(-following / 10.0, alternatives, -alternatives / 10.0)
         return scores, self._write(state, slot, prompt, start, size), state
 
-    def prefill_batch(self, state: FakeState, parts: list[tuple[int, list[int], int]]):
+    def prefill_batch(self, state: FakeState, parts: list[tuple[int, list[int], int]], shape: tuple[int, int]):
+        assert shape in self.batch_shapes and len(parts) <= shape[0]
+        assert all(len(prompt) - start <= shape[1] for _, prompt, start in parts)
         self._enter("prefill_batch", [(slot, start, len(prompt) - start) for slot, prompt, start in parts])
         return tuple(self._write(state, slot, prompt, start, len(prompt) - start) for slot, prompt, start in parts), state
 

@@ -94,7 +94,7 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
     what makes cached blocks interchangeable with freshly computed ones."""
     cfg, params, _ = with_weights(float_model, weights)
     cfg = cfg.replace(prompt_activations=prompt_activations)
-    steps = EngineSteps(cfg, params, 2, MAX_LEN, largest_bucket=MAX_LEN, kv_dtype=kv_dtype)
+    steps = EngineSteps(cfg, params, 16, MAX_LEN, largest_bucket=MAX_LEN, kv_dtype=kv_dtype)  # 16: every batch shape
     prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
     state = steps.init_state()
     reference, state = steps.prefill(state, 0, prompt)
@@ -113,14 +113,15 @@ def test_prefill_rows_are_identical_for_every_chunk_size_and_alignment(float_mod
             assert np.array_equal(np.asarray(logits), np.asarray(reference)), (bucket, offset)
     # The prompt's last tokens in a batched call (with another prompt beside it): same rows, same logits.
     other = np.random.default_rng(2).integers(3, cfg.vocab_size, 150).tolist()
-    for length in steps.batch_lengths:
-        start = len(prompt) - length + 3
+    assert steps.batch_shapes
+    for shape in steps.batch_shapes:
+        start, other_start = len(prompt) - shape[1] + (3 if shape[1] > 3 else 0), len(other) - shape[1]
         _, state = steps.prefill(state, 1, prompt[:start])
-        _, state = steps.prefill(state, 0, other[:140])
-        (logits, _), state = steps.prefill_batch(state, [(1, prompt, start), (0, other, 140)])
+        _, state = steps.prefill(state, 0, other[:other_start])
+        (logits, _), state = steps.prefill_batch(state, [(1, prompt, start), (0, other, other_start)], shape)
         rows = _cache_rows(state, 1, len(prompt))
-        assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), length
-        assert np.array_equal(np.asarray(logits), np.asarray(reference)), length
+        assert all(np.array_equal(a, b) for a, b in zip(reference_rows, rows)), shape
+        assert np.array_equal(np.asarray(logits), np.asarray(reference)), shape
     if prompt_activations == "int8":  # the integer path ran: float activations give other bits
         float_steps = EngineSteps(cfg.replace(prompt_activations="float32"), params, 2, MAX_LEN, kv_dtype=kv_dtype)
         float_logits, _ = float_steps.prefill(float_steps.init_state(), 0, prompt)
@@ -269,13 +270,16 @@ def test_no_compiles_after_warmup_with_prefix_reuse(engines):
     assert engine.compile_count == compiled
 
 
-@pytest.mark.parametrize("weights", ["int8", "float32"])
-def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weights):
+@pytest.mark.parametrize("weights,rests,shape", [("int8", (5, 12, 20, 9), (4, 16)), ("float32", (5, 12, 20, 9), (4, 16)),
+                                                  ("int8", (1, 3, 2, 4), (4, 4)), ("float32", (1, 3, 2, 4), (4, 16))])
+def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weights, rests, shape):
     """Requests that share a cached system prompt queue up behind a long prompt; their short rests then go
-    in one batched prefill call, and each seeded reply is bit-identical to its reply alone with no cache."""
+    in one batched prefill call (of the smallest shape that keeps the bits: 4 x 4 rows are enough for the
+    quantised kernel, float32 needs 64), and each seeded reply is bit-identical to its reply alone with no
+    cache."""
     rng = np.random.default_rng(7)
     system = rng.integers(3, 200, 64).tolist()
-    prompts = [system + rng.integers(3, 200, n).tolist() for n in (5, 12, 20, 9)]
+    prompts = [system + rng.integers(3, 200, n).tolist() for n in rests]
     settings = [SamplingParams(max_tokens=6, temperature=0.8, seed=100 + i, logprobs=True) for i in range(4)]
 
     alone = [_reply(engines(weights, cached=False), p, s)[0] for p, s in zip(prompts, settings)]
@@ -293,6 +297,7 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
                     for h in handles]
         blocker.result()
         assert engine.stats["batched_prefills"] > batched_before
+        assert engine.stats[f"batched_prefills_{shape[0]}x{shape[1]}"] >= 1
         assert all(h.cached_tokens == 64 for h in handles)
         assert together == alone
     finally:

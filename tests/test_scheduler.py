@@ -14,6 +14,7 @@ import pytest
 from flaxchat.sampling.engine import Engine, EngineConfig
 from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, collect_text
+from flaxchat.sampling.shapes import batch_plan, batch_shapes
 from tests.fake_steps import EOS, FakeSteps, LetterTokenizer, expected_tokens, fake_config, first_token
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -170,6 +171,39 @@ def test_a_repeated_prompt_reuses_its_cached_blocks(engine, steps):
     loads = [detail for stage, detail in steps.calls if stage == "load_blocks"]
     assert len(loads) == 1 and len(loads[0][1]) == 3
     assert [detail for stage, detail in steps.calls if stage == "prefill"] == [(loads[0][0], 12, 1)]
+
+
+def test_a_crowd_behind_one_prompt_finds_its_blocks_and_goes_in_one_batched_call():
+    """Prompts queued behind the head take their cached prefix only when they join a batch, so they find
+    the blocks the head saves meanwhile; their short rests then go in one call of the cheapest shape."""
+    steps = FakeSteps(slots=6, batch_shapes=((2, 4), (4, 4), (4, 8)))
+    engine = engine_on(steps)
+    try:
+        shared = list(range(1, 21))  # 5 blocks of 4
+        release = held(steps, "prefill")  # the head's prefill waits until the crowd is queued
+        handles = [engine.submit(shared + [30 + i], SamplingParams(max_tokens=2, seed=i, ignore_eos=True))
+                   for i in range(5)]
+        wait_until(lambda: engine.queue_depth == 0)
+        release.set()
+        for i, handle in enumerate(handles):
+            assert tokens(replies(handle)[0]) == expected_tokens(shared + [30 + i], i, 0, 2)
+        assert [h.cached_tokens for h in handles] == [0, 20, 20, 20, 20]
+        batches = [detail for stage, detail in steps.calls if stage == "prefill_batch"]
+        assert batches == [[(slot, 20, 1) for slot in (1, 2, 3, 4)]]  # one (4, 4) call: 4 rests of 1 token
+    finally:
+        engine.stop()
+
+
+def test_the_batch_plan_takes_the_fewest_rows_per_prompt():
+    shapes = batch_shapes(16, 16, 1024)
+    assert shapes == ((4, 4), (4, 16), (16, 4), (4, 32))  # by rows
+    assert batch_shapes(16, 64, 1024) == ((4, 16), (16, 4), (4, 32))  # float32: >= 64 rows
+    assert batch_shapes(4, 16, 64) == ((4, 4), (4, 16), (4, 32))  # 16 prompts cannot wait on 4 slots
+    assert batch_plan(shapes, [1] * 16) == ((16, 4), 16)
+    assert batch_plan(shapes, [1] * 5) == ((4, 4), 4)  # 24 rows for 4 beats 72 for 5
+    assert batch_plan(shapes, [2, 12, 30, 3]) == ((4, 32), 4)
+    assert batch_plan(shapes, [12, 2, 40]) == ((4, 16), 2)  # the leading prompts only
+    assert batch_plan(shapes, [40, 1, 1]) is None and batch_plan(shapes, [3]) is None
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(steps):
