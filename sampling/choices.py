@@ -107,12 +107,10 @@ class ChoiceMaker:
 
     def prepare(self) -> None:
         """Build the tokenizer's grammar views (about a second) and compile the small jax ops a choice's
-        start runs on the host (~0.3-0.7 s), so the first request after start is not the slow one."""
+        start runs on the host (its key), so the first request after start is not the slow one."""
         ll_tokenizer(self.tokenizer, self.vocab_size)
         vocab_facts(self.tokenizer, self.vocab_size)
         jax.block_until_ready(choice_key(0, 0))
-        jax.block_until_ready(make_row_request(self.vocab_size, temperature=1.0, logit_bias={0: 1.0}, prompt=[0],
-                                               top_logprobs=1))
 
     def constraint(self, grammar: str) -> TokenConstraint:
         """A fresh matcher for ``grammar`` (a copy of the compiled one); raises ``ConstraintError``."""

@@ -1,7 +1,9 @@
 """Logit processors against transformers' processors/warpers on random logits (hypothesis)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from flaxchat.sampling import processors as P
+from flaxchat.sampling.sampler import choice_key, request_key
 
 VOCAB = 37
 # XLA:CPU flushes subnormal floats to zero, so logits like 9e-44 would tie with 0 there but not in torch.
@@ -190,3 +193,10 @@ def test_a_rows_sample_is_the_same_whichever_rules_the_other_rows_switch_on():
         assert np.float32(alone.logprobs[0]).tobytes() == np.float32(together.logprobs[row]).tobytes()
     # the rules did run for the other rows: the greedy row's token is its masked, penalised argmax
     assert int(together.tokens[1]) >= vocab // 2
+
+
+@pytest.mark.parametrize("seed,choice", [(0, 0), (7, 3), (2**32 + 1, 1), (2**64 - 1, 127)])
+def test_a_choice_key_is_the_request_key_folded_with_the_choice_index(seed, choice):
+    """choice_key runs as one jitted call; its bits are the eager definition's."""
+    expected = jax.random.fold_in(request_key(seed), choice)
+    assert np.array_equal(jax.random.key_data(choice_key(seed, choice)), jax.random.key_data(expected))
