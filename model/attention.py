@@ -54,9 +54,11 @@ def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups)
     ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window`` when the int32 scalar
     ``window`` is positive). Returns the output and the cache, passed through unchanged.
 
-    On CPU, where the kernels are built, decode (one position per row) runs
-    ``model/kernels/decode_attention.cc`` and a prompt chunk ``model/kernels/prefill_attention.cc``;
-    elsewhere the XLA formulation below runs.
+    On CPU, where the kernels are built, ``model/kernels/prefill_attention.cc`` runs it, for prompt chunks
+    and decode steps (one position per row) alike: a position's attention is then the same arithmetic
+    whichever kind of call computes it, so keys and values written while decoding equal the ones a prefill
+    of the same tokens writes (``EngineSteps.decode_extends_prefix``). Elsewhere the XLA formulation below
+    runs.
 
     The cache is read in blocks with an online softmax, and only as many blocks as the furthest row needs
     are visited, so a step costs what the live sequences need rather than the whole cache. A block that is
@@ -75,10 +77,9 @@ def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups)
     q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
     q = q * jnp.asarray(dim**-0.5, q.dtype)
     layer, window = jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)
-    if kernels.available() and (seq == 1 or dim % 16 == 0):
-        kernel = _decode_kernel if seq == 1 else _prefill_kernel
+    if kernels.available() and dim % 16 == 0:
         out = jax.lax.platform_dependent(q, cache, layer, rows, positions, window,
-                                         cpu=functools.partial(kernel, groups=groups),
+                                         cpu=functools.partial(_prefill_kernel, groups=groups),
                                          default=lambda *args: _blockwise(*args, groups)[0])
         return out, cache
     return _blockwise(q, cache, layer, rows, positions, window, groups)
@@ -90,17 +91,10 @@ def _cache_operands(cache: KVCache) -> tuple[jax.Array, ...]:
             no_scales if cache.v_scale is None else cache.v_scale)
 
 
-def _decode_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
-    """One query position per row (``model/kernels/decode_attention.cc``): each row computed on its own."""
-    out = jax.ffi.ffi_call(kernels.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), *_cache_operands(cache), rows.astype(jnp.int32), positions[:, 0].astype(jnp.int32),
-        layer, window)
-    return _heads_last(out.astype(q.dtype), 1, groups)
-
-
 def _prefill_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
-    """A chunk of positions per row (``model/kernels/prefill_attention.cc``): each query row computed on its
-    own over cache blocks aligned to absolute positions, so a row's bits do not depend on the chunking."""
+    """Positions per row, a chunk's or a decode step's one (``model/kernels/prefill_attention.cc``): each
+    query row computed on its own over cache blocks aligned to absolute positions, so a row's bits do not
+    depend on the chunking or the other rows."""
     out = jax.ffi.ffi_call(kernels.PREFILL_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), *_cache_operands(cache), rows.astype(jnp.int32), positions.astype(jnp.int32),
         layer, window)

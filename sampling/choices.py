@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,12 +38,14 @@ class Choice:
     want_logprobs: bool
     top_logprobs: int
     guide: ChoiceGuide | None = None
+    sequence: list[int] = field(default_factory=list)  # the prompt and the tokens sampled so far
     generated: int = 0
     finished: bool = False
 
     def accept(self, token: int, logprob: Any, top_ids: Any, top_lps: Any) -> TokenEvent:
         """The event for this choice's next sampled token (``finished`` is set when it ends the choice)."""
         self.generated += 1
+        self.sequence.append(token)
         if self.guide is not None:
             try:
                 self.guide.advance(token)
@@ -138,11 +140,11 @@ class ChoiceMaker:
             top_logprobs=params.top_logprobs if params.logprobs else 0,
         )
 
-    def choice(self, handle: RequestHandle, params: SamplingParams, prompt_len: int, index: int,
+    def choice(self, handle: RequestHandle, params: SamplingParams, prompt: list[int], index: int,
                row: RowRequest) -> tuple[Choice, RowRequest]:
         """Choice ``index`` of a request and its row settings (with its first-token mask when guided)."""
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.stop_ids)
-        budget = min(params.max_tokens, self.max_len - prompt_len)
+        budget = min(params.max_tokens, self.max_len - len(prompt))
         guide = None
         if params.grammar is not None or params.thinking is not None:
             constraint = self.constraint(params.grammar) if params.grammar is not None else None
@@ -153,5 +155,6 @@ class ChoiceMaker:
             if mask is not None:
                 row = row.replace(allowed=jnp.asarray(mask))
         choice = Choice(handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
-                        StopStringFilter(params.stop, params.blocked), params.logprobs, params.top_logprobs, guide)
+                        StopStringFilter(params.stop, params.blocked), params.logprobs, params.top_logprobs, guide,
+                        list(prompt))
         return choice, row

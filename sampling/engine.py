@@ -270,7 +270,7 @@ class Engine:
             row = self.choices.row(params, pending.prompt)
             firsts = []
             for i, slot in enumerate(slots):
-                choice, choice_row = self.choices.choice(pending.handle, params, len(pending.prompt),
+                choice, choice_row = self.choices.choice(pending.handle, params, pending.prompt,
                                                          params.choice_offset + i, row)
                 self.stats["guided_choices"] += choice.guide is not None
                 if slot != slots[0]:
@@ -380,6 +380,8 @@ class Engine:
         if event.finish_reason is not None:
             self.stats["closed_by_budget"] += event.finish_reason == "length" and choice.closed_by_budget
             self.stats["content_filtered"] += event.finish_reason == "content_filter"
+            if self.steps.decode_extends_prefix:  # its last token's KV is not in the slot
+                self._state = self.prefill_queue.save_sequence(self._state, slot, choice.sequence[:-1])
             self._free(slot)
 
     def _end(self, choice: Choice, reason: str, error: str | None = None) -> None:

@@ -14,6 +14,7 @@ batch computed them (``sampling/steps.py``), and only prefill fills the pool (``
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from flaxchat.sampling.prefix_cache import PrefixIndex
 from flaxchat.sampling.params import PromptTokenScore
 from flaxchat.sampling.scoring import prompt_token_scores
 from flaxchat.sampling.steps import DecodeState, EngineSteps
+
+log = logging.getLogger("flaxchat.engine")
 
 
 @dataclass(eq=False)
@@ -169,19 +172,40 @@ class PrefillQueue:
         self.stats["prefix_hit_tokens"] += match.tokens
         return state
 
-    def _save_new_blocks(self, state: DecodeState, job: PrefillJob) -> DecodeState:
-        """Put the job's newly prefilled full blocks into the pool (one device copy per run of new blocks;
-        blocks another request cached meanwhile are in the pool already)."""
+    def save_sequence(self, state: DecodeState, slot: int, tokens: list[int]) -> DecodeState:
+        """Put the full blocks of ``tokens``, whose keys and values ``slot``'s cache holds (a finished reply's
+        prompt and tokens, when decoding writes what prefill would: ``EngineSteps.decode_extends_prefix``),
+        into the pool, so a next turn that resends the reply finds them. A failure only loses the blocks."""
         if not self.prefix.capacity:
             return state
-        first = len(job.chain)
+        try:
+            end = len(tokens) // self.prefix.block_size
+            chain = list(self.prefix.match(tokens, end).keys)
+            cached = len(chain)
+            state = self._save_blocks(state, slot, tokens, chain, end)
+            self.stats["reply_blocks_cached"] += len(chain) - cached
+        except Exception:  # noqa: BLE001
+            log.exception("saving a finished reply's blocks failed")
+        return state
+
+    def _save_new_blocks(self, state: DecodeState, job: PrefillJob) -> DecodeState:
+        """Put the job's newly prefilled full blocks into the pool."""
+        if not self.prefix.capacity:
+            return state
+        return self._save_blocks(state, job.slots[0], job.prompt, job.chain, job.done // self.prefix.block_size)
+
+    def _save_blocks(self, state: DecodeState, slot: int, tokens: list[int], chain: list[int], end: int) -> DecodeState:
+        """Blocks ``len(chain) .. end - 1`` of ``tokens`` from ``slot``'s cache into the pool, their keys
+        appended to ``chain`` (the keys of the blocks before them); one device copy per run of new blocks,
+        blocks another request cached meanwhile are in the pool already."""
+        first = len(chain)
         targets: list[int | None] = []
-        for block_tokens in self.prefix.blocks_of(job.prompt, first, job.done // self.prefix.block_size):
-            added = self.prefix.add(job.chain[-1] if job.chain else PrefixIndex.ROOT, block_tokens)
+        for block_tokens in self.prefix.blocks_of(tokens, first, end):
+            added = self.prefix.add(chain[-1] if chain else PrefixIndex.ROOT, block_tokens)
             if added is None:  # the pool cannot hold this chain any further
                 break
             key, block, is_new = added
-            job.chain.append(key)
+            chain.append(key)
             targets.append(block if is_new else None)
         runs: list[tuple[int, list[int]]] = []  # (first cache block, pool blocks) of consecutive new blocks
         for i, block in enumerate(targets):
@@ -192,7 +216,7 @@ class PrefillQueue:
             else:
                 runs.append((first + i, [block]))
         for start, blocks in runs:
-            state = self.steps.save_blocks(state, job.slots[0], start, blocks)
-        if len(job.chain) > first:
-            self.prefix.touch_chain(job.prompt, len(job.chain))
+            state = self.steps.save_blocks(state, slot, start, blocks)
+        if len(chain) > first:
+            self.prefix.touch_chain(tokens, len(chain))
         return state

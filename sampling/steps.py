@@ -24,6 +24,7 @@ from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
+from flaxchat.sampling.kv_agreement import decode_matches_prefill
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
 from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, prefill_buckets, row_buckets,
@@ -58,6 +59,7 @@ class EngineSteps:
         self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
         self.compiles = 0
+        self.decode_extends_prefix = False  # decoded tokens' KV equals prefill's (measured at warm-up)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
         self._score = jax.jit(self._score_impl, donate_argnums=(1,))
@@ -365,7 +367,7 @@ class EngineSteps:
 
     def warmup(self) -> DecodeState:
         """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
-        so serving never compiles."""
+        so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``)."""
         state = self.init_state()
         v = self.cfg.vocab_size
         row = make_row_request(v, temperature=1.0)
@@ -384,5 +386,6 @@ class EngineSteps:
                 outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
         state = self.set_allowed(state, {})
         state = self.release(state, 0)
+        self.decode_extends_prefix, state = decode_matches_prefill(self, state)
         jax.block_until_ready(outs)
         return state

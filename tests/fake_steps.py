@@ -104,11 +104,13 @@ class FakeSteps:
     """``DeviceSteps`` in numpy; ``calls`` records (stage, detail) in order."""
 
     def __init__(self, slots: int = 4, buckets: tuple[int, ...] = (8, 32), pool_blocks: int = 16,
-                 block_size: int = 4, batch_shapes: tuple[tuple[int, int], ...] = ((4, 4), (4, 8))):
+                 block_size: int = 4, batch_shapes: tuple[tuple[int, int], ...] = ((4, 4), (4, 8)),
+                 decode_extends_prefix: bool = False):
         self.slots, self.buckets, self.pool_blocks, self.block_size = slots, buckets, pool_blocks, block_size
         self.batch_shapes = batch_shapes
         self.score_chunk_size = 8
         self.compiles = 0
+        self.decode_extends_prefix = decode_extends_prefix  # decode appends to the slot's cache as prefill would
         self.calls: list[tuple[str, Any]] = []
         self.before: dict[str, Callable[[], Any]] = {}
 

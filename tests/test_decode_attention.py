@@ -1,4 +1,5 @@
-"""The decode-attention kernel against the XLA formulation, and its rows' independence of the other rows."""
+"""The attention kernel on decode steps (one query position per row) against the XLA formulation, and its
+rows' independence of the other rows."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxchat.model import kernels
-from flaxchat.model.attention import _blockwise, _decode_kernel
+from flaxchat.model.attention import _blockwise, _prefill_kernel as _decode_kernel
 from flaxchat.model.kv_cache import SCALE_GROUP, KVCache, dequantize_entries, quantize_entries, storage_dtype, to_storage
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.build_error()}")

@@ -304,6 +304,27 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
         set_step_hook(engine, None)
 
 
+@pytest.mark.parametrize("weights,kv_dtype", [("int8", None), ("int4", "int8"), ("float32", None)])
+def test_a_next_turn_reuses_the_replys_blocks_and_keeps_its_bits(engines, weights, kv_dtype):
+    """Where decoding writes the keys and values a prefill would (the quantised kernels, XLA without FMA
+    contraction: measured at warm-up), a finished reply's full blocks join the prefix cache, so the next
+    turn, which resends the reply, computes only its new tokens; its seeded reply is bit-identical to the
+    same request on an engine without a prefix cache. Float32 weights (XLA's dot) do not qualify."""
+    engine = engines(weights, kv_dtype=kv_dtype)
+    assert engine.steps.decode_extends_prefix == (weights != "float32")
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(3, 200, 37).tolist()
+    first, _ = _reply(engine, prompt, SamplingParams(max_tokens=40, temperature=0.8, seed=5, ignore_eos=True))
+    reply = [token for token, _, _ in first]
+    following = prompt + reply + rng.integers(3, 200, 9).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=6, logprobs=True, top_logprobs=2)
+    warm, cached = _reply(engine, following, params)
+    cold, _ = _reply(engines(weights, cached=False, kv_dtype=kv_dtype), following, params)
+    assert warm == cold
+    in_slot = len(prompt) + len(reply) - 1  # the last sampled token's KV is never written
+    assert cached == (in_slot // BLOCK * BLOCK if engine.steps.decode_extends_prefix else len(prompt) // BLOCK * BLOCK)
+
+
 @pytest.mark.parametrize("bad", [dict(prefill_chunk=0), dict(prefix_block=0), dict(prefix_cache_mb=-1)])
 def test_bad_prefill_settings_are_refused(float_model, bad):
     cfg, params, tokenizer = float_model

@@ -194,6 +194,25 @@ def test_a_crowd_behind_one_prompt_finds_its_blocks_and_goes_in_one_batched_call
         engine.stop()
 
 
+@pytest.mark.parametrize("extends", [True, False])
+def test_a_finished_replys_blocks_serve_the_next_turn_where_decode_writes_what_prefill_would(extends):
+    steps = FakeSteps(decode_extends_prefix=extends)
+    engine = engine_on(steps)
+    try:
+        prompt = list(range(1, 11))  # 10 tokens: 2 full blocks of 4
+        first = engine.submit(prompt, SamplingParams(max_tokens=9, seed=3, ignore_eos=True))
+        reply = tokens(replies(first)[0])
+        assert reply == expected_tokens(prompt, 3, 0, 9)
+        following = prompt + reply + [20, 21]  # the next turn resends the reply
+        nxt = engine.submit(following, SamplingParams(max_tokens=2, seed=4, ignore_eos=True))
+        assert tokens(replies(nxt)[0]) == expected_tokens(following, 4, 0, 2)
+        # The slot held 10 + 8 tokens (the last sampled one's KV is never written): 4 full blocks.
+        assert nxt.cached_tokens == (16 if extends else 8)
+        assert engine.stats["reply_blocks_cached"] == (2 if extends else 0)
+    finally:
+        engine.stop()
+
+
 def test_the_batch_plan_takes_the_fewest_rows_per_prompt():
     shapes = batch_shapes(16, 16, 1024)
     assert shapes == ((4, 4), (4, 16), (16, 4), (4, 32))  # by rows

@@ -2,10 +2,10 @@
 
 ``qmatmul`` (``qmatmul.cc``, the layout in ``qmatmul.h``): float32 activations times 8-bit or 4-bit
 block-quantised weights (``model/quant.py``); ``qmatmul_q8.cc``: int8 activations for prompt chunks.
-``decode_attention`` (``decode_attention.cc``): one query position per row over its KV cache, and
-``prefill_attention`` (``prefill_attention.cc``): a prompt chunk's positions over it (``model/attention.py``).
-All compute each row on its own, so a row's bits never depend on the other rows of a call or on how a
-prompt was cut into chunks (the seed contract across decode buckets and the prefix cache). The shared library is built with
+``prefill_attention`` (``prefill_attention.cc``): each row's query positions over its KV cache, a prompt
+chunk's or a decode step's one (``model/attention.py``). All compute each row on its own, so a row's bits
+never depend on the other rows of a call or on how a sequence was cut into chunks and steps (the seed
+contract across decode buckets and the prefix cache, decoded tokens' blocks included). The shared library is built with
 the machine's C++ compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that ship with
 jaxlib, into ``$FLAXCHAT_KERNEL_CACHE`` (default ``~/.cache/flaxchat/kernels``, shared by every
 ``FLAXCHAT_HOME``) under a name that includes a hash of the sources, the flags and the jax version, so a
@@ -32,15 +32,13 @@ import jax
 QMATMUL_TARGET = "flaxchat_qmatmul"
 QMATMUL4_TARGET = "flaxchat_qmatmul4"
 QMATMUL4_Q8_TARGET = "flaxchat_qmatmul4_q8"
-DECODE_ATTENTION_TARGET = "flaxchat_decode_attention"
 PREFILL_ATTENTION_TARGET = "flaxchat_prefill_attention"
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "qmatmul_q8.cc", "decode_attention.cc",
-                                                                 "prefill_attention.cc"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "qmatmul_q8.cc", "prefill_attention.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "qmatmul.h", "cache_entries.h",
                                                                  "vector_math.h"))
 _TARGETS = {QMATMUL_TARGET: "FlaxchatQMatmul", QMATMUL4_TARGET: "FlaxchatQMatmul4", QMATMUL4_Q8_TARGET: "FlaxchatQMatmul4Q8",
-            DECODE_ATTENTION_TARGET: "FlaxchatDecodeAttention", PREFILL_ATTENTION_TARGET: "FlaxchatPrefillAttention"}
+            PREFILL_ATTENTION_TARGET: "FlaxchatPrefillAttention"}
 # -ffp-contract=off: the compiler may not fuse a*b+c on its own, so the arithmetic is exactly what the
 # source spells out, on every code path.
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w")

@@ -1,7 +1,7 @@
 // The KV cache as the attention kernels read it: one layer of the stacked caches [L, R, KV, S, D], entries
 // stored as float32, bfloat16 (as uint16 bits) or int8 codes with float32 scales [L, R, KV, S, groups].
 //
-// Both kernels (decode_attention.cc, prefill_attention.cc) take the whole stack plus the layer as an operand,
+// The attention kernel (prefill_attention.cc) takes the whole stack plus the layer as an operand,
 // so the model's loop over layers never slices a layer's cache out (XLA:CPU would copy it); `LayerOf`
 // checks the operands once and points at the layer.
 #pragma once

@@ -1,6 +1,8 @@
-// Prefill attention: T new query positions per row over that row's KV cache (which already holds them).
+// Attention of T new query positions per row over that row's KV cache (which already holds them): a prompt
+// chunk's, or a decode step's one (T = 1), by the same arithmetic, so a position's keys and values are the
+// same whichever kind of call wrote them (decoded tokens' blocks can then serve as cached prefix).
 //   q [B, KV, G * T, D] float32 (already scaled by D^-0.5; row g * T + t is query head g at position t),
-//   caches [L, R, KV, S, D] as in decode_attention.cc (cache_entries.h), rows [B] (>= R: a padding row),
+//   caches [L, R, KV, S, D] (cache_entries.h), rows [B] (>= R: a padding row),
 //   positions [B, T] (a query at position p sees keys <= p, or the last `window` of them; window <= 0: all),
 //   layer and window int32 scalars -> out [B, KV, G * T, D] float32.
 //
