@@ -28,6 +28,7 @@ class DeviceSteps(Protocol):
     block_size: int
     score_chunk_size: int  # prompt tokens per score_chunk call
     compiles: int  # traces so far (zero compiles after warm-up is an invariant)
+    max_len: int  # cache positions per slot
     decode_extends_prefix: bool  # decoded tokens' KV equals prefill's: finished replies' blocks may be cached
 
     @property

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from flaxchat.sampling.prefix_cache import PrefixIndex
+from flaxchat.sampling.prefix_cache import PrefixIndex, PrefixMatch
 from flaxchat.sampling.params import PromptTokenScore
 from flaxchat.sampling.scoring import prompt_token_scores
 from flaxchat.sampling.steps import DecodeState, EngineSteps
@@ -152,10 +152,16 @@ class PrefillQueue:
         """The tokens ``job`` would have left to compute if it took its cached prefix now."""
         if not self.prefix.capacity or job.scored:
             return job.rest
-        return len(job.prompt) - self.prefix.match(job.prompt, self._max_blocks(job), touch=False).tokens
+        return len(job.prompt) - self._match(job.prompt, touch=False).tokens
 
-    def _max_blocks(self, job: PrefillJob) -> int:
-        return (len(job.prompt) - 1) // self.prefix.block_size  # >= 1 token is left: its logits start the reply
+    def _match(self, prompt: list[int], touch: bool = True) -> PrefixMatch:
+        """The cached prefix a prompt can take: whole blocks and a tail, leaving >= 1 token to compute (its
+        logits start the reply); no tail whose block would end past the cache (a copy there would clamp)."""
+        size = self.prefix.block_size
+        match = self.prefix.match(prompt, (len(prompt) - 1) // size, touch, tail_limit=len(prompt) - 1)
+        if match.tail_block is not None and (len(match.blocks) + 1) * size > self.steps.max_len:
+            match = PrefixMatch(match.blocks, match.keys, size)
+        return match
 
     def _take_cached_prefix(self, state: DecodeState, job: PrefillJob) -> DecodeState:
         """Copy the longest cached prefix of the prompt into the job's slot (leaving >= 1 token to compute,
@@ -164,9 +170,9 @@ class PrefillQueue:
         self.stats["prompt_tokens"] += len(job.prompt)
         if not self.prefix.capacity or job.scored:
             return state
-        match = self.prefix.match(job.prompt, self._max_blocks(job))
-        if match.blocks:
-            state = self.steps.load_blocks(state, job.slots[0], list(match.blocks))
+        match = self._match(job.prompt)
+        if match.tokens:
+            state = self.steps.load_blocks(state, job.slots[0], list(match.pool_blocks))
         job.done = job.cached = match.tokens
         job.chain = list(match.keys)
         self.stats["prefix_hit_tokens"] += match.tokens
@@ -184,6 +190,7 @@ class PrefillQueue:
             cached = len(chain)
             state = self._save_blocks(state, slot, tokens, chain, end)
             self.stats["reply_blocks_cached"] += len(chain) - cached
+            state = self._save_tail(state, slot, tokens, chain)
         except Exception:  # noqa: BLE001
             log.exception("saving a finished reply's blocks failed")
         return state
@@ -192,7 +199,20 @@ class PrefillQueue:
         """Put the job's newly prefilled full blocks into the pool."""
         if not self.prefix.capacity:
             return state
-        return self._save_blocks(state, job.slots[0], job.prompt, job.chain, job.done // self.prefix.block_size)
+        state = self._save_blocks(state, job.slots[0], job.prompt, job.chain, job.done // self.prefix.block_size)
+        return self._save_tail(state, job.slots[0], job.prompt, job.chain) if job.rest == 0 else state
+
+    def _save_tail(self, state: DecodeState, slot: int, tokens: list[int], chain: list[int]) -> DecodeState:
+        """The partial last block of ``tokens`` (in ``slot``'s cache) into the pool as a tail, when every
+        whole block before it is cached (``chain``) and its block lies within the cache."""
+        size = self.prefix.block_size
+        end = len(tokens) // size
+        if len(tokens) % size == 0 or len(chain) != end or (end + 1) * size > self.steps.max_len:
+            return state
+        added = self.prefix.add_tail(chain[-1] if chain else PrefixIndex.ROOT, tuple(tokens[end * size:]))
+        if added is not None and added[1]:
+            state = self.steps.save_blocks(state, slot, end, [added[0]])
+        return state
 
     def _save_blocks(self, state: DecodeState, slot: int, tokens: list[int], chain: list[int], end: int) -> DecodeState:
         """Blocks ``len(chain) .. end - 1`` of ``tokens`` from ``slot``'s cache into the pool, their keys

@@ -10,9 +10,13 @@ Why blocks and not a radix tree over tokens: the KV lives in a fixed-shape devic
 whole blocks in and out of; a block is the unit of storage, so it is the unit of lookup too, and a block
 table is a plain dict.
 
-Only prefill writes cached blocks (decode writes KV with a different formulation, whose bits differ from
-prefill's), and a request copies the blocks it matched into its own slot, so a sequence never writes into
-a block another sequence reads. Eviction is least-recently-used; a lookup or insert touches a chain leaf
+A *tail* is a partial block (its first 1..block_size-1 tokens) cached after a chain: a finished prompt's or
+reply's last, partial block, so a request that resends the whole sequence (a retry, the next turn of a
+chat) computes only what is new. A tail occupies a whole pool block and is a leaf.
+
+Blocks come from prefill, and from decoding where it writes the KV a prefill would
+(``sampling/kv_agreement.py``); a request copies the blocks it matched into its own slot, so a sequence
+never writes into a block another sequence reads. Eviction is least-recently-used; a lookup or insert touches a chain leaf
 first and root last, so a parent is never older than its children and evicting the oldest entry never
 strands a cached child behind a missing parent.
 """
@@ -26,15 +30,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """The cached blocks that start a prompt: pool block ids and entry keys, in prompt order."""
+    """The cached blocks that start a prompt: pool block ids and entry keys of whole blocks, in prompt
+    order, then possibly a tail (a partial block: its first ``tail`` tokens match)."""
 
     blocks: tuple[int, ...]
     keys: tuple[int, ...]
     block_size: int
+    tail: int = 0
+    tail_block: int | None = None
 
     @property
     def tokens(self) -> int:
-        return len(self.blocks) * self.block_size
+        return len(self.blocks) * self.block_size + self.tail
+
+    @property
+    def pool_blocks(self) -> tuple[int, ...]:
+        """The pool blocks to load, the tail's last."""
+        return self.blocks if self.tail_block is None else (*self.blocks, self.tail_block)
 
 
 @dataclass
@@ -69,9 +81,10 @@ class PrefixIndex:
         end = len(tokens) // size if end is None else min(end, len(tokens) // size)
         return [tuple(tokens[i * size:(i + 1) * size]) for i in range(start, end)]
 
-    def match(self, tokens: list[int], max_blocks: int, touch: bool = True) -> PrefixMatch:
-        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``); touches them
-        unless ``touch`` is False (a look that does not count as a use)."""
+    def match(self, tokens: list[int], max_blocks: int, touch: bool = True, tail_limit: int = 0) -> PrefixMatch:
+        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``), then the longest
+        cached tail that continues it within ``tail_limit`` tokens in all; touches them unless ``touch`` is
+        False (a look that does not count as a use)."""
         parent, blocks, keys, names = self.ROOT, [], [], []
         for block_tokens in self.blocks_of(tokens, 0, max_blocks):
             entry = self._entries.get((parent, block_tokens))
@@ -81,9 +94,25 @@ class PrefixIndex:
             blocks.append(entry.block)
             keys.append(entry.key)
             parent = entry.key
+        start, tail, tail_block = len(blocks) * self.block_size, 0, None
+        for length in range(min(self.block_size - 1, tail_limit - start, len(tokens) - start), 0, -1):
+            entry = self._entries.get((parent, tuple(tokens[start:start + length])))
+            if entry is not None:
+                names.append((parent, tuple(tokens[start:start + length])))
+                tail, tail_block = length, entry.block
+                break
         if touch:
             self._touch(names)
-        return PrefixMatch(tuple(blocks), tuple(keys), self.block_size)
+        return PrefixMatch(tuple(blocks), tuple(keys), self.block_size, tail, tail_block)
+
+    def add_tail(self, parent: int, tail_tokens: tuple[int, ...]) -> tuple[int, bool] | None:
+        """Make room for a tail (the first tokens of a partial block) after ``parent``: ``(pool block,
+        is_new)`` as ``add`` (the block's other positions are never read: a request that loads it computes
+        them first). A tail is a leaf: nothing is keyed under it."""
+        if not 0 < len(tail_tokens) < self.block_size:
+            raise ValueError("a tail is a partial block")
+        added = self._place((parent, tail_tokens), parent)
+        return None if added is None else (added[0].block, added[1])
 
     def add(self, parent: int, block_tokens: tuple[int, ...]) -> tuple[int, int, bool] | None:
         """Make room for the block after ``parent`` and return ``(key, pool block, is_new)``; ``is_new``
@@ -91,10 +120,18 @@ class PrefixIndex:
         longer cached (evicted) or the pool has no blocks."""
         if len(block_tokens) != self.block_size:
             raise ValueError("only full blocks are cached")
-        name = (parent, block_tokens)
+        added = self._place((parent, block_tokens), parent)
+        if added is None:
+            return None
+        entry, is_new = added
+        self._live.add(entry.key)
+        return entry.key, entry.block, is_new
+
+    def _place(self, name: tuple[int, tuple[int, ...]], parent: int) -> tuple[_Entry, bool] | None:
+        """The entry ``name`` (found, or made in a free or evicted pool block) and whether it is new."""
         if (entry := self._entries.get(name)) is not None:
             self._entries.move_to_end(name)
-            return entry.key, entry.block, False
+            return entry, False
         if parent != self.ROOT and parent not in self._live:
             return None
         if not self._free:
@@ -108,8 +145,7 @@ class PrefixIndex:
                 return None
         entry = _Entry(next(self._keys), self._free.pop())
         self._entries[name] = entry
-        self._live.add(entry.key)
-        return entry.key, entry.block, True
+        return entry, True
 
     def _touch(self, names: list[tuple[int, tuple[int, ...]]]) -> None:
         for name in reversed(names):  # leaf first, root last: the root ends most recent

@@ -49,6 +49,25 @@ def test_index_matches_the_longest_cached_run_of_full_blocks():
     assert index.used_blocks == 3
 
 
+def test_a_tail_continues_a_chain_and_is_evicted_like_a_leaf():
+    index = PrefixIndex(block_size=4, capacity=3)
+    assert _chain(index, list(range(8))) == [0, 1]
+    parent = index.match(list(range(8)), 2).keys[-1]
+    assert index.add_tail(parent, (8, 9)) == (2, True)
+    assert index.add_tail(parent, (8, 9)) == (2, False)  # already cached
+    whole = list(range(12))
+    found = index.match(whole, 2, tail_limit=11)
+    assert (found.tokens, found.tail, found.pool_blocks) == (10, 2, (0, 1, 2))
+    assert index.match(whole, 2, tail_limit=9).tail == 0  # the tail would pass the limit
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 7, 8, 7], 2, tail_limit=9).tail == 0  # it does not continue the prompt
+    assert index.match(whole, 2).tail == 0  # no tail asked for
+    with pytest.raises(ValueError):
+        index.add_tail(parent, (1, 2, 3, 4))
+    index.match(list(range(8)), 2)  # the chain is now more recent than the tail
+    assert _chain(index, [50, 51, 52, 53]) == [2]  # the pool is full: the tail, least recently used, goes
+    assert index.match(whole, 2, tail_limit=11).tokens == 8
+
+
 def test_index_evicts_least_recently_used_leaves_first():
     index = PrefixIndex(block_size=2, capacity=4)
     a, b = [1, 1, 2, 2, 3, 3], [7, 7, 8, 8]
@@ -322,7 +341,7 @@ def test_a_next_turn_reuses_the_replys_blocks_and_keeps_its_bits(engines, weight
     cold, _ = _reply(engines(weights, cached=False, kv_dtype=kv_dtype), following, params)
     assert warm == cold
     in_slot = len(prompt) + len(reply) - 1  # the last sampled token's KV is never written
-    assert cached == (in_slot // BLOCK * BLOCK if engine.steps.decode_extends_prefix else len(prompt) // BLOCK * BLOCK)
+    assert cached == (in_slot if engine.steps.decode_extends_prefix else len(prompt))  # whole blocks and a tail
 
 
 @pytest.mark.parametrize("bad", [dict(prefill_chunk=0), dict(prefix_block=0), dict(prefix_cache_mb=-1)])

@@ -206,8 +206,9 @@ def test_a_finished_replys_blocks_serve_the_next_turn_where_decode_writes_what_p
         following = prompt + reply + [20, 21]  # the next turn resends the reply
         nxt = engine.submit(following, SamplingParams(max_tokens=2, seed=4, ignore_eos=True))
         assert tokens(replies(nxt)[0]) == expected_tokens(following, 4, 0, 2)
-        # The slot held 10 + 8 tokens (the last sampled one's KV is never written): 4 full blocks.
-        assert nxt.cached_tokens == (16 if extends else 8)
+        # The slot held 10 + 8 tokens (the last sampled one's KV is never written): 4 full blocks and a tail
+        # of 2; without the reply's blocks, the prompt's 2 blocks and its own tail of 2.
+        assert nxt.cached_tokens == (18 if extends else 10)
         assert engine.stats["reply_blocks_cached"] == (2 if extends else 0)
     finally:
         engine.stop()
