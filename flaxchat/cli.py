@@ -181,6 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              args.steps_per_call, engine.prefix.capacity)
     engine.start()
     release_freed_memory()  # the compiler's scratch memory
+    log.info("finished replies' blocks %s the prefix cache (decoded KV %s prefill's)",
+             *(("join", "equals") if engine.steps.decode_extends_prefix else ("stay out of", "differs from")))
     log.info("warm-up took %.1fs (%d compiled steps); resident memory %.0f MB", engine.warmup_seconds,
              engine.compile_count, resident_mb() or float("nan"))
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))

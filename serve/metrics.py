@@ -31,6 +31,9 @@ class EngineCollector:
                                   value=stats["prompt_tokens"])
         yield CounterMetricFamily("flaxchat_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache "
                                   "instead of being prefilled", value=stats["prefix_hit_tokens"])
+        yield CounterMetricFamily("flaxchat_prefix_cache_reply_blocks", "Blocks of finished replies put in the "
+                                  "prefix cache (where decoding writes what prefill would)",
+                                  value=stats["reply_blocks_cached"])
         yield CounterMetricFamily("flaxchat_prefix_cache_evictions", "Prompt blocks evicted from the prefix cache",
                                   value=self.engine.prefix.evictions)
         yield GaugeMetricFamily("flaxchat_prefix_cache_bytes", "Device bytes of cached prompt blocks",

@@ -399,6 +399,7 @@ def test_metrics(server, client):
     assert 'flaxchat_http_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert 'flaxchat_http_requests_total{route="/v1/chat/completions",status="404"}' in text
     assert "flaxchat_request_seconds_count" in text and "flaxchat_busy_slots" in text
+    assert "flaxchat_prefix_cache_reply_blocks_total" in text
     generated = float(next(line for line in text.splitlines() if line.startswith("flaxchat_generated_tokens_total"))
                       .split()[-1])
     assert generated >= 3
