@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from quart import Quart
 
 log = logging.getLogger("flaxchat.server")
-ENGINE_BUILD = "flaxchat-0.1.0/engine-3"  # engine-3: two-level categorical draw (engine-2: int8 blocks and kernel)
+ENGINE_BUILD = "flaxchat-0.1.0/engine-4"  # engine-4: one attention kernel, XLA without FMA (engine-3: two-level categorical draw; engine-2: int8 blocks and kernel)
 
 
 def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> str:
