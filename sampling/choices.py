@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 import jax
-import jax.numpy as jnp
 
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.closing import vocab_facts
@@ -153,7 +152,7 @@ class ChoiceMaker:
             mask = guide.mask(budget)
             guide.masked = mask is not None
             if mask is not None:
-                row = row.replace(allowed=jnp.asarray(mask))
+                row = row.replace(allowed=np.asarray(mask, np.uint32))
         choice = Choice(handle, index, budget, stop_ids, IncrementalDetokenizer(self.tokenizer),
                         StopStringFilter(params.stop, params.blocked), params.logprobs, params.top_logprobs, guide,
                         list(prompt))

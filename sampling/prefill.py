@@ -4,11 +4,13 @@ tokens the next device call computes.
 Host bookkeeping around ``EngineSteps``, used by the engine thread alone. ``PrefillQueue.run_one(state,
 budget)`` makes one device call — a chunk of the head prompt, or the short rests of the head and the prompts
 right behind it at once — after copying each new job's longest cached prefix into its slot, saves the newly
-prefilled full blocks into the prefix pool, and returns the prompts that are complete, with the logits of
-their last token.
+prefilled full blocks (and a complete prompt's partial last block, a tail) into the prefix pool, and returns
+the prompts that are complete, with the logits of their last token. ``save_sequence`` does the same for a
+finished reply where decoding writes what prefill would.
 
 Why none of this moves a seeded reply's bits: prefill rows are identical whatever chunk size, alignment or
-batch computed them (``sampling/steps.py``), and only prefill fills the pool (``sampling/prefix_cache.py``).
+batch computed them (``sampling/steps.py``), and the pool holds only blocks a prefill computed or would
+have computed bit for bit (``sampling/kv_agreement.py``, ``sampling/prefix_cache.py``).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class PrefillQueue:
 
     def _rest_if_looked_up(self, job: PrefillJob) -> int:
         """The tokens ``job`` would have left to compute if it took its cached prefix now."""
-        if not self.prefix.capacity or job.scored:
+        if not self.prefix.capacity:
             return job.rest
         return len(job.prompt) - self._match(job.prompt, touch=False).tokens
 

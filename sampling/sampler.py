@@ -38,7 +38,8 @@ class RowSettings:
 
 @flax.struct.dataclass
 class RowRequest:
-    """One choice's settings for ``insert`` (scalars and ``[V]`` rows)."""
+    """One choice's settings for ``insert`` (scalars and ``[V]`` rows; host numpy values until the jitted
+    insert takes them)."""
 
     temperature: jax.Array
     top_p: jax.Array
