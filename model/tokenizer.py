@@ -17,6 +17,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 import tokenizers
 
+from flaxchat.model.token_segments import PieceCache, encode_by_pieces, piece_pattern
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -105,8 +107,21 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @cached_property
+    def _pieces(self) -> tuple[re.Pattern, dict[str, int], PieceCache] | None:
+        """How ``encode`` cuts text into independently tokenized pieces (``model/token_segments.py``), or None."""
+        pattern = piece_pattern(self.backend)
+        if pattern is None:
+            return None
+        added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        return pattern, added, PieceCache()
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        pieces = self._pieces
+        if pieces is None:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:
+            ids = encode_by_pieces(self.backend, *pieces, text)
         if add_bos and self.special.bos_id is not None:
             ids = [self.special.bos_id] + ids
         return ids

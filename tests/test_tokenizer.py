@@ -153,3 +153,75 @@ def test_sentencepiece_tokenizers_work_with_grammars(spm_pair):
     assert all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
     bad = llguidance.LLMatcher(ll_tokenizer(ours, ours.vocab_size), grammar)
     assert not all(bad.consume_token(t) for t in ours.encode('<|im_end|>{"wrd":1}')[1:])
+
+
+# --- tokenizing by pieces (model/token_segments.py) ---------------------------------------------
+
+
+def _trained_bpe(pre_tokenizer, lstrip: bool = False):
+    """A small byte-level BPE trained here, with special and plain added tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|im_start|>", "<|im_end|>"])
+    backend.train_from_iterator(CORPUS * 20, trainer)
+    backend.add_tokens([AddedToken("<think>", lstrip=lstrip), "</think>"])  # added, not special (as Qwen's)
+    return HFTokenizer(backend, SpecialTokens())
+
+
+def _texts_with_added_tokens(seed: int, count: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    pieces = [*CORPUS, "<|im_start|>", "<|im_end|>", "<think>", "</think>", " ", "\n", "<|im_", "think>"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))) for _ in range(count)]
+
+
+def test_a_prompt_tokenized_by_pieces_gets_the_ids_of_the_whole_text():
+    """Cut at added tokens and tokenized piece by piece (pieces seen before come from the cache), every
+    text gets exactly the ids the tokenizer gives the whole text: cold, then again from the cache."""
+    from tokenizers import pre_tokenizers
+
+    ours = _trained_bpe(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    assert ours._pieces is not None
+    texts = _texts_with_added_tokens(0, 300)
+    for _ in range(2):
+        for text in texts:
+            assert ours.encode(text) == ours.backend.encode(text, add_special_tokens=False).ids, text
+    assert len(ours._pieces[2]) > 0  # long pieces were remembered
+
+
+def test_tokenizers_that_look_across_pieces_are_tokenized_whole():
+    from tokenizers import pre_tokenizers
+
+    for backend in (_trained_bpe(pre_tokenizers.Metaspace(prepend_scheme="first")),
+                    _trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=True)),
+                    _trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), lstrip=True)):
+        assert backend._pieces is None
+        for text in _texts_with_added_tokens(1, 50):
+            assert backend.encode(text) == backend.backend.encode(text, add_special_tokens=False).ids
+
+
+def test_the_piece_cache_keeps_the_recently_used_within_its_budget():
+    from flaxchat.model.token_segments import SMALLEST_CACHED, PieceCache
+
+    cache = PieceCache(max_chars=10 * SMALLEST_CACHED)
+    pieces = [str(i) * SMALLEST_CACHED for i in range(10)]
+    for i, piece in enumerate(pieces):
+        cache.put(piece, [i])
+    assert cache.get(pieces[0]) == [0]  # now the most recently used
+    cache.put("x" * SMALLEST_CACHED, [99])
+    assert cache.get(pieces[1]) is None and cache.get(pieces[0]) == [0] and len(cache) == 10
+    cache.put("short", [1])  # too short to be worth remembering
+    assert cache.get("short") is None
+
+
+@pytest.mark.default_model
+def test_smollm2_by_pieces_equals_transformers(smollm2_tokenizers):
+    ours, reference = smollm2_tokenizers
+    assert ours._pieces is not None
+    for text in _texts_with_added_tokens(2, 60) * 2:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False), text
