@@ -196,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ledger.sync_keys("flag-", {key: budgets.get(key) for key in keys})  # flag and file keys, with their budgets
     app = create_app(served, ServerSettings(max_body_bytes=args.max_body_bytes, ledger=ledger,
                                             cors_allow_origins=tuple(args.cors_allow_origin or ()),
+                                            read_timeout=args.read_timeout,
                                             rate_limit_per_minute=args.rate_limit))
     active = [k for k in ledger.keys() if not k.revoked]
     log.info("serving %s at http://%s:%d/v1 (API keys: %s; ledger %s)", name, args.host, args.port,
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patterns no prompt or reply may contain, one per line (literal, or 're:' and a regular "
                         "expression): a matching prompt is refused (400), a reply ends before a match "
                         "(finish_reason content_filter)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a client silent this long while sending a request is disconnected, and a body not "
+                        "complete by then gets a 408 (slow-drip clients cannot hold the server)")
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeatable; '*' for any); off by default")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)

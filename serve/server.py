@@ -32,9 +32,11 @@ def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> s
     return "fp_" + digest.hexdigest()[:12]
 
 
-def hypercorn_config(host: str, port: int) -> Config:
+def hypercorn_config(host: str, port: int, read_timeout: float | None = None) -> Config:
+    """``read_timeout``: seconds a connection may send nothing while a request is expected (None: forever)."""
     config = Config()
     config.bind = [f"{host}:{port}"]
+    config.read_timeout = read_timeout
     config.graceful_timeout = 10.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -42,7 +44,8 @@ def hypercorn_config(host: str, port: int) -> Config:
 
 
 async def run_app(app: Quart, host: str, port: int, shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
-    await serve(app, hypercorn_config(host, port), shutdown_trigger=shutdown_trigger)
+    config = hypercorn_config(host, port, app.config.get("FLAXCHAT_READ_TIMEOUT"))
+    await serve(app, config, shutdown_trigger=shutdown_trigger)
 
 
 def serve_until_signalled(app: Quart, host: str, port: int) -> None:

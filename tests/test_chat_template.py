@@ -159,6 +159,32 @@ def test_sandbox_blocks_escapes():
         render_chat("{% for %}", [])
 
 
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "loops that call": "{% for i in range(100000) %}{% for j in range(100000) %}{{ j|string }}{% endfor %}{% endfor %}",
+    "repetition": "{{ 'abc' * 1000000000 }}",
+    "a huge power": "{% set b = 100000000 %}{{ 10 ** b }}",
+    "doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "huge output": "{% for i in range(100000) %}{{ messages }}{{ messages }}{% endfor %}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_a_template_that_loops_or_grows_fails_within_its_budget(name):
+    """A chat template is code from a model repository: one that loops, or builds huge values, fails its
+    render in bounded time (RENDER_SECONDS) and memory (RENDER_CHARS), and the next render is unaffected."""
+    import time
+
+    from flaxchat.chat.template import RENDER_SECONDS
+
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError):
+        render_chat(HOSTILE_TEMPLATES[name], [{"role": "user", "content": "x" * 2000}])
+    assert time.monotonic() - started < RENDER_SECONDS + 1.5
+    assert render_chat(CHATML, CONVERSATIONS[0]).startswith("<|im_start|>")
+
+
 QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text()
 THINKING_CONVERSATION = [
     {"role": "user", "content": "2+2?"},

@@ -12,6 +12,7 @@ to generate 128 x 200 tokens.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -22,14 +23,19 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
+from flaxchat.serve.app import ServerSettings
 from flaxchat.serve.objects import ChatCompletion, ErrorResponse, TextCompletion
 from flaxchat.serve.openapi import openapi_document
 from tests.server_fixtures import TINY_ID, serving
 
 
+READ_TIMEOUT = 2.0  # seconds (the default is 30): short, so the slow-drip tests end soon
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serving(tmp_path_factory.mktemp("hostile"), slots=4, max_len=256)
+    yield from serving(tmp_path_factory.mktemp("hostile"), ServerSettings(read_timeout=READ_TIMEOUT),
+                       slots=4, max_len=256)
 
 
 # ---- generated requests ----------------------------------------------------------------------------------
@@ -171,6 +177,54 @@ def test_model_ids_with_path_tricks_are_not_found(server, path):
     reply = httpx.get(server.url + path, timeout=30)
     assert reply.status_code == 404 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert "passwd" not in reply.text or "does not exist" in reply.text
+
+
+def _drip(server, head: bytes, body: bytes, pause: float) -> tuple[bytes, float]:
+    """Sends ``head`` at once, then ``body`` a byte every ``pause`` seconds until the server answers or closes;
+    returns what it answered and when (seconds after the first byte)."""
+    import socket
+
+    started = time.perf_counter()
+    with socket.create_connection((server.host, server.port), timeout=30) as conn:
+        conn.sendall(head)
+        conn.settimeout(pause)
+        answer = b""
+        for byte in body:
+            try:
+                conn.sendall(bytes([byte]))
+                chunk = conn.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:  # reset: the server closed the connection
+                break
+            answer += chunk
+            if not chunk or answer:
+                break
+        return answer, time.perf_counter() - started
+
+
+def test_slow_drip_clients_are_cut_off_and_others_are_served(server):
+    """A client that trickles its request cannot hold a connection past the read timeout: one that stalls
+    in its headers is disconnected, one whose body trickles gets a 408 in the OpenAI error shape, and a
+    healthy request meanwhile is answered as usual."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps({"model": TINY_ID, "messages": HELLO, "max_tokens": 3}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with ThreadPoolExecutor(2) as pool:
+        stalled = pool.submit(_drip, server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", b"X" * 200,
+                              READ_TIMEOUT * 3)
+        trickled = pool.submit(_drip, server, head, body, 0.5)
+        _healthy(server)
+        answer, seconds = stalled.result()
+        assert answer == b"" and seconds < READ_TIMEOUT * 3 + 5  # closed without an answer
+        answer, seconds = trickled.result()
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and seconds < READ_TIMEOUT + 5, answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    _healthy(server)
 
 
 class _ThreadKiller(BaseException):
