@@ -87,9 +87,19 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Pat
             raise CheckpointError(path, f"metadata key {arch_name}.{key} is missing")
         return value
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    layers = int(get("block_count"))
+    try:
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        layers = int(get("block_count"))
+    except (TypeError, ValueError):
+        raise CheckpointError(path, "metadata: head_count, embedding_length and block_count must be numbers") from None
+    # The header's counts size what is built from it: check them against the tensors the file holds (a
+    # corrupt block_count of 2**31 must not become a list of 2**31 layers).
+    blocks = {name.split(".")[1] for name in tensor_names if name.startswith("blk.") and name.count(".") >= 2}
+    if layers != len(blocks) or any(not b.isdigit() or int(b) >= layers for b in blocks):
+        raise CheckpointError(path, f"metadata says {layers} layers, but the file's tensors are of {len(blocks)}")
+    if not (0 < heads <= hidden <= 1 << 20):
+        raise CheckpointError(path, f"metadata: implausible head_count {heads} / embedding_length {hidden}")
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type in ("none", None):
         scaling = RopeScaling()
@@ -137,8 +147,22 @@ def _open(path: Path) -> gguf.GGUFReader:
 
 
 def load_gguf(path: str | Path, **overrides: Any) -> GGUFModel:
-    """Read a GGUF file into config, params and tokenizer files; raise ``CheckpointError`` on any problem."""
+    """Read a GGUF file into config, params and tokenizer files; raise ``CheckpointError`` on any problem.
+
+    A corrupt file may fail anywhere its bytes are interpreted (a metadata string that is not UTF-8, a
+    vocabulary the tokenizer library refuses, ...): whatever the reader did not anticipate is reported as
+    a ``CheckpointError`` too, naming the exception (tests/test_bad_input.py mutates files to find them)."""
     path = Path(path)
+    try:
+        return _load_gguf(path, **overrides)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointError(path, f"corrupt GGUF file ({type(exc).__name__}: {first})") from None
+
+
+def _load_gguf(path: Path, **overrides: Any) -> GGUFModel:
     reader = _open(path)
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}

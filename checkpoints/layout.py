@@ -54,7 +54,11 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
     ``fetch(name)`` returns a float numpy array or raises ``KeyError``. Every tensor is shape-checked
     against the model so a mismatched checkpoint fails loudly instead of loading half a model.
     """
-    shapes = param_shapes(cfg)
+    try:
+        shapes = param_shapes(cfg)
+    except Exception as exc:  # noqa: BLE001 - a corrupt header's sizes (a zero vocabulary, say) fail here
+        raise CheckpointError(source, f"the config describes no buildable model ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     params: dict = {}
 
     def load(name: str, transpose: bool, want: jax.ShapeDtypeStruct) -> np.ndarray:

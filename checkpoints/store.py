@@ -2,8 +2,10 @@
 
 Each stored model holds ``params/`` (orbax), ``config.json`` (ModelConfig), the tokenizer files,
 ``tokenizer_config.json`` (special tokens + chat template) and ``manifest.json`` (where it came from).
-A model is written into a temporary sibling folder and renamed into place, so a crash never leaves a
-half-written model that looks complete.
+A model is written into a hidden sibling folder (``.<name>-<pid>-...``), its manifest last, and renamed
+into place; a copy it replaces is first renamed aside, so a crash (even ``kill -9``) never leaves a
+half-written or half-deleted model that looks complete. The next write cleans up after a dead writer, and
+puts back a replaced copy whose successor never arrived.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,12 +85,45 @@ def model_dir(name: str) -> Path:
 
 
 def is_stored(name: str) -> bool:
-    return (model_dir(name) / "manifest.json").is_file()
+    final = model_dir(name)
+    if not final.exists() and final.parent.is_dir():
+        _clean_up_after_dead_writers(final, remove=False)  # a replaced copy whose successor never arrived
+    return (final / "manifest.json").is_file()
 
 
 def list_models() -> list[str]:
+    """The stored models (hidden folders are writes in progress or left by a crash, never models)."""
     root = flaxchat_home() / "models"
-    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "manifest.json").is_file())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_up_after_dead_writers(final: Path, remove: bool = True) -> None:
+    """If the model ``final`` is missing, put back the copy a killed writer had renamed aside (the whole of
+    it, with its manifest); with ``remove``, delete the other hidden folders killed writers left."""
+    mine = re.compile(rf"\.{re.escape(final.name)}-(\d+)-[a-z0-9_]+(-aside)?")  # mkdtemp's names, not a longer model's
+    for leftover in sorted(final.parent.glob(f".{final.name}-*")):
+        match = mine.fullmatch(leftover.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if _alive(pid) and pid != os.getpid():
+            continue  # another process is writing this model right now
+        if leftover.name.endswith("-aside") and not final.exists() and (leftover / "manifest.json").is_file():
+            leftover.rename(final)
+        elif remove:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
@@ -106,10 +142,13 @@ def store_model(
     tokenizer_config: dict[str, Any],
     source: dict[str, Any],
 ) -> Path:
-    """Write a model into the store atomically (replacing an older copy)."""
+    """Write a model into the store atomically (replacing an older copy; see the module docstring)."""
     final = model_dir(name)
+    if final.name.startswith("."):
+        raise CheckpointError(final, "a model name cannot start with '.'")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    _clean_up_after_dead_writers(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-{os.getpid()}-", dir=final.parent))
     try:
         save_params(staging / "params", params)
         (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -118,10 +157,12 @@ def store_model(
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
         if tokenizer_config.get("chat_template"):
             (staging / "chat_template.jinja").write_text(tokenizer_config["chat_template"])
-        (staging / "manifest.json").write_text(json.dumps({"name": final.name, **source}, indent=2))
+        (staging / "manifest.json").write_text(json.dumps({"name": final.name, **source}, indent=2))  # last
+        aside = final.parent / f"{staging.name}-aside"
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(aside)  # whole, with its manifest: put back by the next write if we die now
         staging.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -210,7 +251,7 @@ def load_model(name: str, dtype: str | None = None, weights: str = "float32",
     ``weights="int8"``), tokenizer and chat template. The store keeps float weights; quantisation happens
     at load, on the host. ``prompt_activations`` sets ``ModelConfig.prompt_activations``."""
     folder = model_dir(name)
-    if not (folder / "manifest.json").is_file():
+    if not is_stored(name):
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
     cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     cast = dtype is not None and dtype != cfg.dtype

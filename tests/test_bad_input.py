@@ -161,3 +161,81 @@ def test_store_import_of_bad_file_leaves_nothing(tmp_path, monkeypatch, gguf_fil
     with pytest.raises(CheckpointError):
         import_path(broken, "broken")
     assert not is_stored("broken") and list_models() == []
+
+
+# ---- mutation fuzzing (issue 14, item 1) -------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = 60  # per reader; a long run: FLAXCHAT_CHECKPOINT_FUZZ=5000
+
+
+def _examples() -> int:
+    import os
+
+    return int(os.environ.get("FLAXCHAT_CHECKPOINT_FUZZ", FUZZ_EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A valid tiny GGUF and safetensors folder, and how many leading bytes hold each one's header."""
+    folder = tmp_path_factory.mktemp("pristine")
+    hf = folder / "hf"
+    gguf_path = write_gguf(make_tiny_model("llama", hf), folder / "tiny.gguf")
+    header = gguf.GGUFReader(gguf_path).data_offset
+    weights = (hf / "model.safetensors").read_bytes()
+    return {"gguf": (gguf_path.read_bytes(), header), "hf": (hf, 8 + int.from_bytes(weights[:8], "little"))}
+
+
+def _mutations(header: int):
+    """Byte overwrites, mostly in the header (where lengths, counts, types and offsets live), and a cut."""
+    place = st.one_of(st.integers(0, header - 1), st.integers(0, header - 1).map(lambda i: i - i % 8))
+    value = st.one_of(st.integers(0, 255), st.sampled_from([0x00, 0x7F, 0x80, 0xFF]))
+    return st.tuples(st.lists(st.tuples(place, value), min_size=1, max_size=6), st.none() | st.floats(0.0, 1.0))
+
+
+def _mutated(data: bytes, header: int, mutation) -> bytes:
+    edits, cut = mutation
+    out = bytearray(data)
+    for where, value in edits:
+        out[where] = value
+    return bytes(out[: int(len(out) * cut)] if cut is not None else out)
+
+
+def _only_checkpoint_errors(load, path, size: int) -> None:
+    """``load(path)`` succeeds or raises CheckpointError, in bounded time and memory (tracemalloc's peak,
+    numpy's buffers included, stays within a few times what the pristine model needs)."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        load(path)
+    except CheckpointError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 20
+    assert peak < 64 * size + (64 << 20), peak
+
+
+@given(mutation=st.data())
+@settings(max_examples=_examples(), deadline=None, suppress_health_check=list(HealthCheck))
+def test_a_mutated_gguf_gives_a_checkpoint_error_or_a_model(pristine, tmp_path_factory, mutation):
+    data, header = pristine["gguf"]
+    path = tmp_path_factory.mktemp("fuzz") / "mutated.gguf"
+    path.write_bytes(_mutated(data, header, mutation.draw(_mutations(header))))
+    _only_checkpoint_errors(load_gguf, path, len(data))
+
+
+@given(mutation=st.data())
+@settings(max_examples=_examples(), deadline=None, suppress_health_check=list(HealthCheck))
+def test_a_mutated_safetensors_gives_a_checkpoint_error_or_a_model(pristine, tmp_path_factory, mutation):
+    source, header = pristine["hf"]
+    folder = tmp_path_factory.mktemp("fuzz") / "hf"
+    shutil.copytree(source, folder)
+    data = (source / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(_mutated(data, header, mutation.draw(_mutations(header))))
+    _only_checkpoint_errors(load_hf_folder, folder, len(data))

@@ -1,15 +1,17 @@
 """orbax round trip and the model store (import -> save -> restore without the original files)."""
 
+import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from flaxchat.checkpoints.hf_import import load_hf_folder
 from flaxchat.checkpoints.orbax_io import restore_params, save_params
-from flaxchat.checkpoints.store import import_path, list_models, load_model
+from flaxchat.checkpoints.store import import_path, is_stored, list_models, load_model
 from flaxchat.model.transformer import Transformer, init_cache
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
@@ -72,6 +74,57 @@ def test_store_import_gguf_is_idempotent(tmp_path, monkeypatch):
     assert stored.chat_template and stored.tokenizer.special.eos_token == "<|im_end|>"
     assert stored.tokenizer.stop_ids == frozenset({2, 0})  # EOS <|im_end|> and <|endoftext|>
     assert stored.manifest["source"] == "gguf" and len(stored.manifest["sha256"]) == 64
+
+
+KILLED_IMPORT = """
+import os, pathlib, shutil, signal, sys
+from flaxchat.checkpoints import store
+point = sys.argv[2]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "params":  # orbax wrote the params; nothing else yet
+    real_save = store.save_params
+    store.save_params = lambda *a, **k: (real_save(*a, **k), die())
+if point == "manifest":  # everything written, not yet renamed into place
+    real_write = pathlib.Path.write_text
+    def write_text(self, *a, **k):
+        real_write(self, *a, **k)
+        if self.name == "manifest.json":
+            die()
+    pathlib.Path.write_text = write_text
+if point in ("aside", "swapped"):  # after the old copy is renamed aside / after the new one took its place
+    real_rename, renames = pathlib.Path.rename, []
+    def rename(self, target):
+        result = real_rename(self, target)
+        renames.append(target)
+        if len(renames) == (1 if point == "aside" else 2):
+            die()
+        return result
+    pathlib.Path.rename = rename
+store.import_path(sys.argv[1], "tiny")
+"""
+
+
+@pytest.mark.parametrize("point", ["params", "manifest", "aside", "swapped"])
+def test_an_import_killed_at_any_point_leaves_the_store_consistent(tmp_path, monkeypatch, point):
+    """``kill -9`` during ``flaxchat import`` over a stored model: the model is still listed and loads (the old
+    copy or the new one, whole), no half-written folder is listed, and the next import cleans up."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("FLAXCHAT_HOME", str(home))
+    path = write_gguf(make_tiny_model("llama", tmp_path / "hf"), tmp_path / "tiny.gguf")
+    import_path(path, "tiny")
+    result = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(path), point], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "FLAXCHAT_HOME": str(home), "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    leftovers = [p.name for p in (home / "models").iterdir() if p.name.startswith(".")]
+    assert leftovers  # the killed writer's folders are there ...
+    assert is_stored("tiny") and list_models() == ["tiny"]  # ... yet the model is whole (put back if need be)
+    assert load_model("tiny").manifest["source"] == "gguf"
+    import_path(path, "tiny")
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]  # the dead writer's leftovers are gone
+    assert load_model("tiny").tokenizer.special.eos_token == "<|im_end|>"
 
 
 def _tiny_tokenizer_json() -> str:
