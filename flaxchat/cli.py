@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving %s at http://%s:%d/v1 (API keys: %s; ledger %s)", name, args.host, args.port,
              f"{len(active)} valid" if active else "none, open access", ledger.path)
     try:
-        serve_until_signalled(app, args.host, args.port)
+        serve_until_signalled(app, args.host, args.port, on_signal=engine.drain)
     finally:
         engine.stop()
         log.info("stopped")

@@ -106,6 +106,11 @@ class Engine:
         self._thread.start()
         return self
 
+    def drain(self) -> None:
+        """The server is going away: waiting requests end now (``finish_reason='cancelled'``) and new ones are
+        refused, while those already prefilling or decoding run to their end (then ``stop``)."""
+        self._waiting.refuse()
+
     def stop(self) -> None:
         """Stop the loop; in-flight and waiting requests end with ``finish_reason='cancelled'``."""
         self._waiting.close("cancelled")

@@ -114,6 +114,7 @@ class WaitingRequests:
         self.capacity = capacity
         self.lock = threading.Condition()
         self.open = False
+        self.refusing = False  # draining: started requests go on, new ones are refused (``refuse``)
         self.failure: str | None = None  # why the engine stopped, when it died
         self._items: collections.deque[QueuedRequest] = collections.deque()
 
@@ -122,7 +123,7 @@ class WaitingRequests:
 
     def add(self, groups: list[QueuedRequest]) -> None:
         with self.lock:
-            if not self.open:
+            if not self.open or self.refusing:
                 raise EngineStoppedError(self.failure or "the engine is not running")
             if len(self._items) + len(groups) > self.capacity:
                 raise QueueFullError(f"the request queue is full ({self.capacity} waiting)")
@@ -142,6 +143,17 @@ class WaitingRequests:
             for pending in cancelled:
                 self._items.remove(pending)
         for pending in cancelled:
+            pending.finish("cancelled")
+
+    def refuse(self) -> None:
+        """Refuse new requests and end the waiting ones (``finish_reason='cancelled'``: the server is going
+        away), while the engine goes on with the started ones."""
+        with self.lock:
+            self.refusing = True
+            waiting = list(self._items)
+            self._items.clear()
+            self.lock.notify_all()
+        for pending in waiting:
             pending.finish("cancelled")
 
     def close(self, reason: str, failure: str | None = None) -> None:

@@ -48,14 +48,22 @@ async def run_app(app: Quart, host: str, port: int, shutdown_trigger: Callable[[
     await serve(app, config, shutdown_trigger=shutdown_trigger)
 
 
-def serve_until_signalled(app: Quart, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; hypercorn then stops accepting and lets in-flight requests finish."""
+def serve_until_signalled(app: Quart, host: str, port: int, on_signal: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; hypercorn then stops accepting and lets in-flight requests finish (for up to
+    its graceful timeout). ``on_signal`` runs first (the engine's ``drain``: queued requests get a 503 at
+    once, so their clients can go elsewhere instead of waiting out the timeout)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            if on_signal is not None:
+                on_signal()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         await run_app(app, host, port, stop.wait)
 
     asyncio.run(main())

@@ -129,6 +129,29 @@ def test_a_full_queue_refuses_and_the_queue_drains(steps):
         engine.stop()
 
 
+def test_draining_ends_the_waiting_refuses_new_ones_and_lets_the_started_finish(steps):
+    """What SIGTERM does (``Engine.drain``): requests waiting for a slot end at once as cancelled (a 503 with
+    Retry-After to their clients), new ones are refused, and the decoding ones run to their budget."""
+    engine = engine_on(steps)
+    try:
+        release = held(steps, "decode")
+        started = engine.submit(PROMPT, SamplingParams(n=steps.slots, max_tokens=4, ignore_eos=True, seed=1))
+        wait_until(lambda: any(stage == "decode" for stage, _ in steps.calls))
+        waiting = [engine.submit(PROMPT, SamplingParams(max_tokens=4)) for _ in range(3)]
+        engine.drain()
+        for handle in waiting:
+            (events,) = replies(handle)
+            assert [e.finish_reason for e in events] == ["cancelled"] and tokens(events) == []
+        with pytest.raises(EngineStoppedError):
+            engine.submit(PROMPT, SamplingParams(max_tokens=4))
+        release.set()
+        for index, events in enumerate(replies(started)):
+            assert tokens(events) == expected_tokens(PROMPT, 1, index, 4) and events[-1].finish_reason == "length"
+        assert engine.busy_slots == 0 and engine.healthy
+    finally:
+        engine.stop()
+
+
 def test_a_failed_decode_call_ends_its_choices_and_the_engine_goes_on(engine, steps):
     failures = iter([RuntimeError("device lost")])
 

@@ -148,22 +148,32 @@ def test_tool_calls_validate_for_20_seeds(served, tool_choice):
 
 
 def test_sigterm_lets_in_flight_requests_finish(served):  # keep last: it stops the server
+    """SIGTERM under load: the decoding requests finish with their full answers, the queued ones get a 503
+    (server_shutting_down, Retry-After) at once instead of waiting out the graceful timeout, no request is
+    left without an answer, and the process exits cleanly."""
     url, process = served
-    result = {}
+    results: dict[int, httpx.Response] = {}
 
-    def long_request():
-        result["response"] = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-            "model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 60})
+    def request(i: int) -> None:
+        results[i] = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "smollm2", "messages": [{"role": "user", "content": f"Write a long story, number {i}."}],
+            "max_tokens": 60, "seed": i})
 
-    thread = threading.Thread(target=long_request)
-    thread.start()
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(14)]  # 8 slots: some must wait
+    for thread in threads:
+        thread.start()
     deadline = time.time() + 30
-    while httpx.get(url + "/health").json()["busy_slots"] == 0 and time.time() < deadline:
+    while httpx.get(url + "/health").json()["busy_slots"] < 8 and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    thread.join(120)
-    assert result["response"].status_code == 200
-    assert result["response"].json()["choices"][0]["finish_reason"] in ("stop", "length")
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 14
+    finished = [r for r in results.values() if r.status_code == 200]
+    refused = [r for r in results.values() if r.status_code == 503]
+    assert len(finished) + len(refused) == 14 and len(finished) >= 8 and refused
+    assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in finished)
+    assert all(r.json()["error"]["code"] == "server_shutting_down" and r.headers.get("retry-after") for r in refused)
     assert process.wait(60) == 0
     log = process.stdout.read()
     assert "warm-up took" in log and f"serving smollm2-135m-instruct at {url}/v1" in log and "stopped" in log
