@@ -36,6 +36,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
     "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"]}}}
+LONG_WORDS = 700  # the long prompt's words (~1,000 tokens of the default model)
 SEEDED = {"messages": [{"role": "user", "content": "Tell me about lighthouses."}], "max_tokens": 24,
           "temperature": 0.8, "seed": 7}
 
@@ -52,7 +53,7 @@ def body(kind: str, rng: random.Random, model: str) -> dict:
     if kind == "json_schema":
         return {"model": model, "messages": ask, "max_tokens": 40, "response_format": PERSON}
     if kind == "long":
-        notes = " ".join(rng.choice(WORDS) for _ in range(700))
+        notes = " ".join(rng.choice(WORDS) for _ in range(LONG_WORDS))
         return {"model": model, "messages": [{"role": "system", "content": "Notes: " + notes}] + ask, "max_tokens": 8}
     return {"model": model, "messages": ask, "temperature": "hot"}  # malformed
 
