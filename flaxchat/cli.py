@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "expression): a matching prompt is refused (400), a reply ends before a match "
                         "(finish_reason content_filter)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a client silent this long while sending a request is disconnected, and a body not "
-                        "complete by then gets a 408 (slow-drip clients cannot hold the server)")
+                   help="a request body not complete this long after its headers gets a 408 (slow-drip clients "
+                        "cannot hold the server; headers must arrive within 5 s)")
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeatable; '*' for any); off by default")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)

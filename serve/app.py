@@ -40,8 +40,8 @@ class ServerSettings:
     token_budgets: Mapping[str, int] = field(default_factory=dict)  # API key -> total tokens allowed
     ledger: Ledger | None = None  # keys and token accounting (persistent); None: in memory, from the two above
     cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS
-    # Seconds a client may take to send its request: a connection silent this long is closed (hypercorn's
-    # read timeout) and a body not complete by then gets a 408, so slow-drip clients cannot hold the server.
+    # Seconds a client may take to send its request body (then 408), so slow-drip clients cannot hold the
+    # server; headers must be complete within hypercorn's keep-alive timeout (5 s, serve/server.py).
     read_timeout: float = 30.0
 
 
@@ -74,7 +74,6 @@ def create_app(model: ServedModel, settings: ServerSettings = ServerSettings()) 
     app = Quart("flaxchat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BODY_TIMEOUT"] = settings.read_timeout  # Quart: 408 when the body takes longer
-    app.config["FLAXCHAT_READ_TIMEOUT"] = settings.read_timeout  # serve/server.py: hypercorn's read timeout
     rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     ledger = settings.ledger or Ledger()
     for key in settings.api_keys:

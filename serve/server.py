@@ -32,11 +32,13 @@ def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> s
     return "fp_" + digest.hexdigest()[:12]
 
 
-def hypercorn_config(host: str, port: int, read_timeout: float | None = None) -> Config:
-    """``read_timeout``: seconds a connection may send nothing while a request is expected (None: forever)."""
+def hypercorn_config(host: str, port: int) -> Config:
+    """hypercorn's settings. A connection must complete a request's headers within ``keep_alive_timeout``
+    (5 s) of going idle, so a client trickling its headers is cut off; a trickled body meets the app's body
+    timeout (``ServerSettings.read_timeout``: 408). hypercorn's own ``read_timeout`` stays off: it counts
+    silence on the socket even while a request is being answered, and would cut a long generation."""
     config = Config()
     config.bind = [f"{host}:{port}"]
-    config.read_timeout = read_timeout
     config.graceful_timeout = 10.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -44,8 +46,7 @@ def hypercorn_config(host: str, port: int, read_timeout: float | None = None) ->
 
 
 async def run_app(app: Quart, host: str, port: int, shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
-    config = hypercorn_config(host, port, app.config.get("FLAXCHAT_READ_TIMEOUT"))
-    await serve(app, config, shutdown_trigger=shutdown_trigger)
+    await serve(app, hypercorn_config(host, port), shutdown_trigger=shutdown_trigger)
 
 
 def serve_until_signalled(app: Quart, host: str, port: int, on_signal: Callable[[], None] | None = None) -> None:

@@ -205,9 +205,9 @@ def _drip(server, head: bytes, body: bytes, pause: float) -> tuple[bytes, float]
 
 
 def test_slow_drip_clients_are_cut_off_and_others_are_served(server):
-    """A client that trickles its request cannot hold a connection past the read timeout: one that stalls
-    in its headers is disconnected, one whose body trickles gets a 408 in the OpenAI error shape, and a
-    healthy request meanwhile is answered as usual."""
+    """A client that trickles its request cannot hold a connection: one that stalls in its headers is
+    disconnected (hypercorn's keep-alive timeout, 5 s), one whose body trickles gets a 408 in the OpenAI error
+    shape after the read timeout, and a healthy request meanwhile is answered as usual."""
     from concurrent.futures import ThreadPoolExecutor
 
     body = json.dumps({"model": TINY_ID, "messages": HELLO, "max_tokens": 3}).encode()
@@ -219,13 +219,32 @@ def test_slow_drip_clients_are_cut_off_and_others_are_served(server):
         trickled = pool.submit(_drip, server, head, body, 0.5)
         _healthy(server)
         answer, seconds = stalled.result()
-        assert answer == b"" and seconds < READ_TIMEOUT * 3 + 5  # closed without an answer
+        assert answer == b"" and seconds < 5 + READ_TIMEOUT * 3 + 2  # closed without an answer
         answer, seconds = trickled.result()
     status, _, rest = answer.partition(b"\r\n")
     assert status.startswith(b"HTTP/1.1 408") and seconds < READ_TIMEOUT + 5, answer[:300]
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert set(error) == {"message", "type", "param", "code"}
     _healthy(server)
+
+
+def test_a_request_answered_slower_than_the_read_timeout_is_not_cut(server):
+    """The read timeout is for receiving a request, not for answering it: a reply that takes several times
+    the timeout to compute (its prefill slowed past it here) still arrives whole, streamed or not."""
+    from tests.step_hooks import set_step_hook
+
+    set_step_hook(server.engine, lambda stage: time.sleep(READ_TIMEOUT + 0.5) if stage == "prefill" else None)
+    try:
+        started = time.perf_counter()
+        body = {"model": TINY_ID, "messages": HELLO, "max_tokens": 12, "seed": 1}
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and time.perf_counter() - started > READ_TIMEOUT
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        set_step_hook(server.engine, None)
 
 
 class _ThreadKiller(BaseException):
