@@ -170,7 +170,7 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, vocab: i
         max_tokens=budget,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else max(request.top_p, 1e-6),  # top_p 0 keeps only the top token
-        top_k=request.top_k or 0,
+        top_k=min(request.top_k or 0, vocab),  # k >= the vocabulary keeps every token (and fits an int32)
         min_p=request.min_p or 0.0,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,

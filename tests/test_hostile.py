@@ -140,6 +140,8 @@ CASES = {
     "logit_bias with 100,000 entries": ({"model": TINY_ID, "messages": HELLO, "max_tokens": 2,
                                          "logit_bias": {str(i): 1 for i in range(100_000)}}, {422}, "vocabulary"),
     "max_tokens 10^9": ({"model": TINY_ID, "messages": HELLO, "max_tokens": 10**9}, {400}, "context length"),
+    # found by the long fuzz run: a top_k past int32 was a 500 (it now means "every token", as any k >= vocab)
+    "top_k 2^62": ({"model": TINY_ID, "messages": HELLO, "max_tokens": 3, "top_k": 2**62}, {200}, ""),
     "a 1 MB message": ({"model": TINY_ID, "messages": [{"role": "user", "content": "a" * 1_000_000}], "max_tokens": 2},
                        {400}, "context length"),
 }
