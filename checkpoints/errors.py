@@ -8,3 +8,9 @@ class CheckpointError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An unanticipated exception as a short phrase for a ``CheckpointError``: its type and first line."""
+    text = str(exc).splitlines()[0][:limit] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

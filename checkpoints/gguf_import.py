@@ -15,7 +15,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.errors import CheckpointError, first_line
 from flaxchat.checkpoints.layout import assemble_params
 from flaxchat.checkpoints.tokenizer_files import byte_level_bpe_json, sentencepiece_proto
 from flaxchat.model.config import ModelConfig, RopeScaling, UnsupportedModelError
@@ -158,8 +158,7 @@ def load_gguf(path: str | Path, **overrides: Any) -> GGUFModel:
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise CheckpointError(path, f"corrupt GGUF file ({type(exc).__name__}: {first})") from None
+        raise CheckpointError(path, f"corrupt GGUF file ({first_line(exc)})") from None
 
 
 def _load_gguf(path: Path, **overrides: Any) -> GGUFModel:

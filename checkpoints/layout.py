@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.checkpoints.errors import CheckpointError, first_line
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.transformer import param_shapes
 
@@ -57,8 +57,7 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
     try:
         shapes = param_shapes(cfg)
     except Exception as exc:  # noqa: BLE001 - a corrupt header's sizes (a zero vocabulary, say) fail here
-        raise CheckpointError(source, f"the config describes no buildable model ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise CheckpointError(source, f"the config describes no buildable model ({first_line(exc)})") from None
     params: dict = {}
 
     def load(name: str, transpose: bool, want: jax.ShapeDtypeStruct) -> np.ndarray:

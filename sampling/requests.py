@@ -148,17 +148,19 @@ class WaitingRequests:
     def refuse(self) -> None:
         """Refuse new requests and end the waiting ones (``finish_reason='cancelled'``: the server is going
         away), while the engine goes on with the started ones."""
-        with self.lock:
-            self.refusing = True
-            waiting = list(self._items)
-            self._items.clear()
-            self.lock.notify_all()
-        for pending in waiting:
-            pending.finish("cancelled")
+        self._end_waiting("cancelled", refusing=True)
 
     def close(self, reason: str, failure: str | None = None) -> None:
+        """Stop: refuse new requests, end the waiting ones with ``reason``, and let the engine loop exit."""
+        self._end_waiting(reason, failure, open=False)
+
+    def _end_waiting(self, reason: str, failure: str | None = None, **state: bool) -> None:
+        """Set ``state`` (``open`` / ``refusing``) and end every waiting request, under the lock."""
         with self.lock:
-            self.open, self.failure = False, failure
+            for name, value in state.items():
+                setattr(self, name, value)
+            if not self.open:
+                self.failure = failure
             waiting = list(self._items)
             self._items.clear()
             self.lock.notify_all()
