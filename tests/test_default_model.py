@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from flaxchat.checkpoints.gguf_import import load_gguf
 from flaxchat.checkpoints.store import load_model
 from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 from flaxchat.model.transformer import Transformer, init_cache
@@ -27,15 +26,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def ours_and_reference(default_gguf):
+def ours_and_reference(default_imported, default_reference_folder):
+    """Our import of the GGUF and transformers' (its GGUF loader's result, saved once per run as a folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    imported = load_gguf(default_gguf)
-    tokenizer = HFTokenizer.from_json(imported.tokenizer_files["tokenizer.json"].decode(), SpecialTokens())
-    folder, name = str(default_gguf.parent), default_gguf.name
-    ref_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    ref_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return imported, tokenizer, ref_model, ref_tokenizer
+    tokenizer = HFTokenizer.from_json(default_imported.tokenizer_files["tokenizer.json"].decode(), SpecialTokens())
+    ref_model = AutoModelForCausalLM.from_pretrained(default_reference_folder, dtype=torch.float32).eval()
+    ref_tokenizer = AutoTokenizer.from_pretrained(default_reference_folder)
+    return default_imported, tokenizer, ref_model, ref_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,10 @@ from tests.test_tokenizer import CORPUS
 
 
 @pytest.fixture(scope="module")
-def smollm2(default_gguf):
-    import gguf
-
-    from flaxchat.checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
+def smollm2(default_imported):
     from flaxchat.model.tokenizer import HFTokenizer, SpecialTokens
 
-    files, _ = tokenizer_from_metadata(read_metadata(gguf.GGUFReader(default_gguf)), default_gguf)
-    return HFTokenizer.from_json(files["tokenizer.json"].decode(), SpecialTokens())
+    return HFTokenizer.from_json(default_imported.tokenizer_files["tokenizer.json"].decode(), SpecialTokens())
 
 
 def _stream(tokenizer, ids):

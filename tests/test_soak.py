@@ -1,5 +1,5 @@
-"""The soak of ``bench/soak.py`` in short (issue 14): many clients for ``FLAXCHAT_SOAK_SECONDS`` (30 s in the
-suite, to keep it within its ~15 minutes; the issue's CI version is 60) against the real server over the tiny
+"""The soak of ``bench/soak.py`` in short (issue 14): many clients for ``FLAXCHAT_SOAK_SECONDS`` (60 s, the
+issue's CI version; bench/soak.py runs the 10-minute one) against the real server over the tiny
 model, mixing streaming, ``n``, forced tool calls, ``json_schema``, long prompts, dropped streams and
 malformed bodies. Nothing may fail or go unanswered, no program may compile, every slot must be free at the
 end, and a seeded request asked during the load must get its reply alone."""
@@ -17,7 +17,7 @@ import pytest
 
 from tests.server_fixtures import TINY_ID, serving
 
-SECONDS = float(os.environ.get("FLAXCHAT_SOAK_SECONDS", "30"))
+SECONDS = float(os.environ.get("FLAXCHAT_SOAK_SECONDS", "60"))
 
 
 def _bench_soak():

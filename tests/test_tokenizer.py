@@ -25,15 +25,11 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizers(default_gguf):
+def smollm2_tokenizers(default_imported, default_reference_folder):
     from transformers import AutoTokenizer
 
-    from flaxchat.checkpoints.gguf_import import read_metadata, tokenizer_from_metadata
-    import gguf
-
-    files, _ = tokenizer_from_metadata(read_metadata(gguf.GGUFReader(default_gguf)), default_gguf)
-    ours = HFTokenizer.from_json(files["tokenizer.json"].decode(), SpecialTokens())
-    reference = AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+    ours = HFTokenizer.from_json(default_imported.tokenizer_files["tokenizer.json"].decode(), SpecialTokens())
+    reference = AutoTokenizer.from_pretrained(default_reference_folder)  # transformers' reading of the GGUF
     return ours, reference
 
 
