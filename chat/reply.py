@@ -21,6 +21,7 @@ class Update:
     deltas: list[dict]  # message deltas: {"content"}, {"reasoning_content"}, {"tool_calls"}
     logprobs: list[dict]  # OpenAI logprob entries of the event's token (empty without logprobs)
     finish_reason: str | None  # OpenAI's: "tool_calls" when a reply that called tools stopped
+    token_id: int | None = None  # the generated token (a stop token too), None for an event without one
 
 
 def check_event(event: TokenEvent) -> None:
@@ -71,7 +72,7 @@ class Reply:
             if self.prepared.legacy_functions:
                 deltas = [_as_function_call(delta) for delta in deltas]
                 finish = "function_call" if finish == "tool_calls" else finish
-            yield Update(i, deltas, self._logprob_entries(event) if params.logprobs else [], finish)
+            yield Update(i, deltas, self._logprob_entries(event) if params.logprobs else [], finish, event.token_id)
 
     def message(self, deltas: list[dict]) -> dict:
         """The assistant message the deltas make (``deltas`` as ``updates()`` gave them)."""

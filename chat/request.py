@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -36,6 +37,7 @@ class ServedModel:
     aliases: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
     content_filter: tuple[str, ...] = ()  # regular expressions no prompt or reply may contain (load_content_filter)
+    provenance: Mapping[str, str] = field(default_factory=dict)  # checkpoints/provenance.py: what the fingerprint hashes
     format: ChatFormat = field(init=False)
 
     def __post_init__(self) -> None:

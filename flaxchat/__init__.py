@@ -32,3 +32,12 @@ if "--xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
 _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "model" / "transformer.py").is_file():
     __path__.append(str(_checkout))
+
+
+def __getattr__(name: str):
+    """``flaxchat.LLM`` (and its result types) without importing JAX for ``import flaxchat`` alone."""
+    if name in ("LLM", "Result", "Choice", "Score", "write_jsonl", "read_results"):
+        from flaxchat import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'flaxchat' has no attribute {name!r}")

@@ -8,16 +8,6 @@ import sys
 import time
 
 
-def _setup_jax() -> None:
-    """Persistent compilation cache under FLAXCHAT_HOME so restarts reuse compiled steps."""
-    import jax
-
-    from flaxchat.checkpoints.store import flaxchat_home
-
-    jax.config.update("jax_compilation_cache_dir", str(flaxchat_home() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
     from flaxchat.checkpoints.store import is_stored, pull
 
@@ -48,16 +38,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """One answer through the same engine (and so the same tokens for a seed) as the server, streamed."""
-    from flaxchat.checkpoints.store import DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
+    from flaxchat.checkpoints.store import load_model
+    from flaxchat.launch import kv_dtype_for, resolve_model, setup_jax
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
     from flaxchat.chat.template import render_chat
 
-    _setup_jax()
-    name = canonical_name(args.model)
-    if not is_stored(name) and name == DEFAULT_MODEL:
-        pull(name)
-    model = load_model(name, dtype=args.dtype, weights=args.weights, prompt_activations=args.prompt_activations)
+    setup_jax()
+    model = load_model(resolve_model(args.model), dtype=args.dtype, weights=args.weights,
+                       prompt_activations=args.prompt_activations)
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
@@ -74,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # One slot and a context just long enough: the warm-up compiles only the shapes this answer uses.
     engine = Engine(model.cfg, model.params, tokenizer,
                     EngineConfig(slots=1, max_len=len(prompt_ids) + args.max_tokens, prefix_cache_mb=0,
-                                 kv_dtype=_kv_dtype("auto", model.cfg.weights))).start()
+                                 kv_dtype=kv_dtype_for("auto", model.cfg.weights))).start()
     try:
         handle = engine.submit(prompt_ids, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                                           seed=seed))
@@ -90,18 +79,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     print(f"[seed {seed}, {generated} tokens]", file=sys.stderr)
     return 0
-
-
-def _kv_dtype(choice: str, weights: str) -> str:
-    """``auto``: int8 (codes with a float32 scale per 32 elements, 56 % of bfloat16's memory) with quantised
-    weights, whose CPU kernels read int8 entries as fast as bfloat16 ones and keep the quality bar with them
-    (int4 weights + int8 KV: 6 of 6 greedy continuations, log-likelihood 0.22 %, bench/RESULTS.md);
-    bfloat16 otherwise (float32 weights: the parity setting, and accelerators, where no kernel reads int8)."""
-    from flaxchat.model.quant import QUANTISED
-
-    if choice != "auto":
-        return choice
-    return "int8" if weights in QUANTISED else "bfloat16"
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[frozenset[str], dict[str, int]]:
@@ -151,46 +128,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from flaxchat.checkpoints.store import ALIASES, DEFAULT_MODEL, canonical_name, is_stored, load_model, pull
-    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.chat.request import load_content_filter
+    from flaxchat.launch import LaunchOptions, launch
     from flaxchat.serve.app import ServerSettings, create_app
-    from flaxchat.chat.request import ServedModel, load_content_filter
-    from flaxchat.serve.server import fingerprint, serve_until_signalled
-    from flaxchat.serve.memory import release_freed_memory, resident_mb
     from flaxchat.serve.ledger import Ledger, default_ledger_path
+    from flaxchat.serve.memory import resident_mb
+    from flaxchat.serve.server import serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("flaxchat")
-    _setup_jax()
-    name = canonical_name(args.model)
-    if not is_stored(name) and name == DEFAULT_MODEL:
-        pull(name)
-    model = load_model(name, dtype=args.dtype, weights=args.weights, prompt_activations=args.prompt_activations)
-    weights = model.cfg.weights
-    if not model.chat_template:
-        raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
-    release_freed_memory()  # the float checkpoint a quantised model was made from
-    engine = Engine(model.cfg, model.params, model.tokenizer,
-                    EngineConfig(slots=args.slots, max_len=args.max_len, queue_size=args.queue_size,
-                                 steps_per_call=args.steps_per_call, kv_dtype=_kv_dtype(args.kv_dtype, weights),
-                                 prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb))
-    log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
-             "%d-block prefix cache)...", name, args.slots, engine.max_len, weights, engine.steps.kv_dtype,
-             args.steps_per_call, engine.prefix.capacity)
-    engine.start()
-    release_freed_memory()  # the compiler's scratch memory
+    content_filter = load_content_filter(args.content_filter) if args.content_filter else ()
+    served = launch(args.model, LaunchOptions(
+        slots=args.slots, max_len=args.max_len, queue_size=args.queue_size, dtype=args.dtype, weights=args.weights,
+        prompt_activations=args.prompt_activations, kv_dtype=args.kv_dtype, steps_per_call=args.steps_per_call,
+        prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb, content_filter=content_filter))
+    engine = served.engine
     log.info("finished replies' blocks %s the prefix cache (decoded KV %s prefill's)",
              *(("join", "equals") if engine.steps.decode_extends_prefix else ("stay out of", "differs from")))
     log.info("warm-up took %.1fs (%d compiled steps); resident memory %.0f MB", engine.warmup_seconds,
              engine.compile_count, resident_mb() or float("nan"))
-    aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
-    setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype),
-             "prompt_activations": model.cfg.prompt_activations}
-    content_filter = load_content_filter(args.content_filter) if args.content_filter else ()
-    served = ServedModel(name, engine, model.tokenizer, model.chat_template,
-                         fingerprint(model.path, model.manifest, setup), aliases=aliases, content_filter=content_filter)
     keys, budgets = _api_keys(args)
     ledger = Ledger(args.ledger or default_ledger_path())
     ledger.sync_keys("flag-", {key: budgets.get(key) for key in keys})  # flag and file keys, with their budgets
@@ -199,14 +157,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                             read_timeout=args.read_timeout,
                                             rate_limit_per_minute=args.rate_limit))
     active = [k for k in ledger.keys() if not k.revoked]
-    log.info("serving %s at http://%s:%d/v1 (API keys: %s; ledger %s)", name, args.host, args.port,
-             f"{len(active)} valid" if active else "none, open access", ledger.path)
+    log.info("serving %s (%s) at http://%s:%d/v1 (API keys: %s; ledger %s)", served.id, served.fingerprint,
+             args.host, args.port, f"{len(active)} valid" if active else "none, open access", ledger.path)
     try:
         serve_until_signalled(app, args.host, args.port, on_signal=engine.drain)
     finally:
         engine.stop()
         log.info("stopped")
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Regenerate every line of a results file (``flaxchat.LLM``'s JSONL) and compare the bits."""
+    from flaxchat.replay import replay
+
+    overrides = {"slots": args.slots} if args.slots else {}
+    verdicts = replay(args.results, overrides, progress=True)
+    for verdict in verdicts:
+        print(verdict.describe())
+    same = sum(v.identical for v in verdicts)
+    print(f"{same} of {len(verdicts)} identical", file=sys.stderr)
+    return 0 if same == len(verdicts) else 1
 
 
 def _add_prompt_activations(p: argparse.ArgumentParser) -> None:
@@ -299,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection weights (as serve)")
     _add_prompt_activations(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("replay", help="regenerate a results file (flaxchat.LLM's JSONL) and report identical / "
+                                      "different, naming what changed")
+    p.add_argument("results")
+    p.add_argument("--slots", type=int, default=None, help="slots to run with (changes no bits; default: as recorded)")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

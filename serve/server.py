@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart
 
 log = logging.getLogger("flaxchat.server")
-ENGINE_BUILD = "flaxchat-0.1.0/engine-4"  # engine-4: one attention kernel, XLA without FMA (engine-3: two-level categorical draw; engine-2: int8 blocks and kernel)
-
-
-def fingerprint(model_dir: Path, manifest: dict, setup: dict | None = None) -> str:
-    """Identifies the weights' source (hash of the imported file, or its path), the config, the tokenizer
-    files and chat template, the engine build and the numeric setup (weights mode, KV cache type), so a
-    seeded reply can be replayed on the same setup."""
-    digest = hashlib.sha256(json.dumps({"manifest": manifest, "engine": ENGINE_BUILD, "setup": setup or {}},
-                                       sort_keys=True).encode())
-    for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
-        path = model_dir / name
-        if path.is_file():
-            digest.update(name.encode() + path.read_bytes())
-    return "fp_" + digest.hexdigest()[:12]
-
-
 def hypercorn_config(host: str, port: int) -> Config:
     """hypercorn's settings. A connection must complete a request's headers within ``keep_alive_timeout``
     (5 s) of going idle, so a client trickling its headers is cut off; a trickled body meets the app's body

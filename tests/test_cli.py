@@ -76,7 +76,7 @@ def test_errors_are_one_line_messages(tmp_path):
 
 
 def test_the_kv_cache_is_int8_by_default_only_with_quantised_weights():
-    from flaxchat.cli import _kv_dtype
+    from flaxchat.launch import kv_dtype_for as _kv_dtype
 
     assert _kv_dtype("auto", "int4") == "int8" and _kv_dtype("auto", "int8") == "int8"
     assert _kv_dtype("auto", "float32") == "bfloat16"  # the parity setting keeps a float cache

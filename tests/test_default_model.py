@@ -158,3 +158,26 @@ def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_g
     assert tokenizer.special.eos_id == tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
     for prompt, ids, events in zip(PROMPTS, prompts, results):
         assert [e.token_id for e in events] == reference_greedy(ids), prompt
+
+
+def test_llm_score_equals_transformers(default_store, ours_and_reference):
+    """``flaxchat.LLM.score`` on the default model (float32 weights and KV cache): each continuation's
+    log-likelihood equals transformers' sum of the same tokens' log-probabilities within 1e-4."""
+    import flaxchat
+
+    _, _, ref_model, _ = ours_and_reference
+    prompts = ["The capital of France is", "Question: what is 2 + 2?\nAnswer:", "def reverse(items):\n    return"]
+    continuations = [" Paris.", " 4", " items[::-1]"]
+    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=2, max_len=64,
+                      prefix_cache_mb=0) as llm:
+        scores = llm.score(prompts, continuations, progress=False)
+    for score in scores:
+        ids = torch.tensor([[*score.prompt_token_ids, *score.continuation_token_ids]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref_model(ids).logits[0].double(), dim=-1)
+        start = len(score.prompt_token_ids)
+        expected = [float(logprobs[i - 1, ids[0, i]]) for i in range(start, ids.shape[1])]
+        print(f"score {score.total:.6f} vs transformers {sum(expected):.6f}")
+        assert abs(score.total - sum(expected)) <= 1e-4
+        np.testing.assert_allclose(score.token_logprobs, expected, atol=1e-4)
+    assert scores[0].greedy  # " Paris." is what the model would say

@@ -1,0 +1,111 @@
+"""From a model's name (or file) to a running ``ServedModel``: loaded from the store, its engine warmed up,
+its provenance recorded. The HTTP server (``flaxchat serve``) and the offline ``flaxchat.LLM`` both start
+here, so a request's bits are the same through either."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flaxchat.chat.request import ServedModel
+
+log = logging.getLogger("flaxchat")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the weights are loaded and the engine is built (``flaxchat serve``'s flags of the same names)."""
+
+    slots: int = 8
+    max_len: int | None = None  # context per slot; default min(the model's, sampling.shapes.DEFAULT_CONTEXT)
+    queue_size: int = 64
+    dtype: str | None = None  # compute/param dtype; None: as stored
+    weights: str = "auto"  # float32 | int8 | int4 | auto (model.quant.resolve_weights)
+    prompt_activations: str = "float32"
+    kv_dtype: str = "auto"  # auto: kv_dtype_for(weights)
+    steps_per_call: int = 1
+    prefill_chunk: int = 128
+    prefix_cache_mb: float = 256.0
+    content_filter: tuple[str, ...] = field(default_factory=tuple)
+
+
+def setup_jax() -> None:
+    """Persistent compilation cache under FLAXCHAT_HOME so restarts reuse compiled steps (unless the caller
+    already chose a cache directory)."""
+    import jax
+
+    from flaxchat.checkpoints.store import flaxchat_home
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(flaxchat_home() / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def kv_dtype_for(choice: str, weights: str) -> str:
+    """``auto``: int8 (codes with a float32 scale per 32 elements, 56 % of bfloat16's memory) with quantised
+    weights, whose CPU kernels read int8 entries as fast as bfloat16 ones and keep the quality bar with them
+    (int4 weights + int8 KV: 6 of 6 greedy continuations, log-likelihood 0.22 %, bench/RESULTS.md);
+    bfloat16 otherwise (float32 weights: the parity setting, and accelerators, where no kernel reads int8)."""
+    from flaxchat.model.quant import QUANTISED
+
+    if choice != "auto":
+        return choice
+    return "int8" if weights in QUANTISED else "bfloat16"
+
+
+def resolve_model(model: str | Path) -> str:
+    """The store name for ``model``: a stored name, the default model (pulled if missing), or a local GGUF
+    file or Hugging Face folder, imported under its stem (again when the file changed since)."""
+    from flaxchat.checkpoints.store import (DEFAULT_MODEL, canonical_name, file_sha256, import_path, is_stored,
+                                            model_dir, pull)
+
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "manifest.json").is_file():
+        name = path.stem.lower()
+        recorded = json.loads((model_dir(name) / "manifest.json").read_text()) if is_stored(name) else {}
+        current = {"path": str(path.absolute())} | ({"sha256": file_sha256(path)} if path.is_file() else {})
+        if any(recorded.get(k) != v for k, v in current.items()):
+            log.info("importing %s as %s", path, name)
+            import_path(path, name)
+        return name
+    if (path / "manifest.json").is_file():  # a stored model's own folder
+        return path.name
+    name = canonical_name(str(model))
+    if not is_stored(name) and name == DEFAULT_MODEL:
+        pull(name)
+    return name
+
+
+def launch(model: str | Path, options: LaunchOptions = LaunchOptions()) -> ServedModel:
+    """Load ``model`` and start its engine (compiles every step it will use before returning)."""
+    from flaxchat.checkpoints.provenance import fingerprint, provenance
+    from flaxchat.checkpoints.store import ALIASES, load_model
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.serve.memory import release_freed_memory
+
+    setup_jax()
+    name = resolve_model(model)
+    loaded = load_model(name, dtype=options.dtype, weights=options.weights,
+                        prompt_activations=options.prompt_activations)
+    if not loaded.chat_template:
+        raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
+    release_freed_memory()  # the float checkpoint a quantised model was made from
+    weights = loaded.cfg.weights
+    engine = Engine(loaded.cfg, loaded.params, loaded.tokenizer,
+                    EngineConfig(slots=options.slots, max_len=options.max_len, queue_size=options.queue_size,
+                                 steps_per_call=options.steps_per_call,
+                                 kv_dtype=kv_dtype_for(options.kv_dtype, weights),
+                                 prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb))
+    log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
+             "%d-block prefix cache)...", name, options.slots, engine.max_len, weights, engine.steps.kv_dtype,
+             options.steps_per_call, engine.prefix.capacity)
+    engine.start()
+    release_freed_memory()  # the compiler's scratch memory
+    setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype),
+             "prompt_activations": loaded.cfg.prompt_activations}
+    parts = provenance(loaded.path, loaded.manifest, setup, loaded.chat_template)
+    aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
+    return ServedModel(name, engine, loaded.tokenizer, loaded.chat_template, fingerprint(parts), aliases=aliases,
+                       content_filter=options.content_filter, provenance=parts)
