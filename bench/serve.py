@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--llama-server", default=None, help="llama-server binary (default: build it)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="the figures as a bench/results/*.json file (flaxchat.bench's shape)")
+    parser.add_argument("--plot", default=None, help="a PNG of them (flaxchat.bench.plot)")
     parser.add_argument("--probe", choices=("load", "prefix", "both"), default="load",
                         help="load_probe.py (tok/s, TTFT at 1-16 clients), prefix_probe.py (prompt reuse), or both")
     parser.add_argument("flaxchat_args", nargs="*", help="extra `flaxchat serve` arguments (after --)")
@@ -200,7 +202,32 @@ def main() -> int:
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+    if args.json or args.plot:
+        write_figures(args, lines[0], {"flaxchat": ours, "llama-server": llama}, probes)
     return 0
+
+
+def write_figures(args: argparse.Namespace, what: str, servers: dict[str, dict], probes: tuple[str, ...]) -> None:
+    """The run in ``flaxchat bench``'s JSON shape (both servers side by side) and its plot."""
+    import datetime
+    import json
+
+    from flaxchat import bench
+
+    run: dict = {}
+    if "load" in probes:
+        run["load"] = {"clients": list(LEVELS)} | {
+            name: {"tok_s": [round(r["levels"][c][0], 1) for c in LEVELS],
+                   "p50_ttft_ms": [round(r["levels"][c][1]) for c in LEVELS]} for name, r in servers.items()}
+    if "prefix" in probes:
+        keys = {"short": "short_ms", "first": "first_turn_ms", "next": "next_turn_ms", "shared": "shared_p50_ms",
+                "distinct": "distinct_p50_ms"}
+        run["prefix"] = {name: {keys[k]: round(v) for k, v in r["prefix"].items()} for name, r in servers.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"what": what, "date": datetime.date.today().isoformat(),
+                                               "runs": [run]}, indent=2) + "\n")
+    if args.plot:
+        bench.plot(run, args.plot, title="flaxchat vs llama-server (bench/serve.py)")
 
 
 if __name__ == "__main__":

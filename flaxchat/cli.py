@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -157,8 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                             read_timeout=args.read_timeout,
                                             rate_limit_per_minute=args.rate_limit))
     active = [k for k in ledger.keys() if not k.revoked]
-    log.info("serving %s (%s) at http://%s:%d/v1 (API keys: %s; ledger %s)", served.id, served.fingerprint,
-             args.host, args.port, f"{len(active)} valid" if active else "none, open access", ledger.path)
+    log.info("serving %s at http://%s:%d/v1 (%s; API keys: %s; ledger %s)", served.id, args.host, args.port,
+             served.fingerprint, f"{len(active)} valid" if active else "none, open access", ledger.path)
     try:
         serve_until_signalled(app, args.host, args.port, on_signal=engine.drain)
     finally:
@@ -178,6 +179,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
     same = sum(v.identical for v in verdicts)
     print(f"{same} of {len(verdicts)} identical", file=sys.stderr)
     return 0 if same == len(verdicts) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Probe a server (``--url``, or ``flaxchat serve MODEL`` started for the run): table, JSON, PNG."""
+    import contextlib
+    import datetime
+    import json
+
+    from flaxchat import bench
+
+    probes = ("load", "prefix") if args.probe == "both" else (args.probe,)
+    serve_args = ["--slots", str(args.slots), *(args.serve_arg or [])]
+    server = (contextlib.nullcontext(args.url.rstrip("/")) if args.url else
+              bench.started_server(args.model, serve_args, Path(args.log) if args.log else None))
+    with server as base:
+        result = bench.run(base, "flaxchat", probes, tuple(args.levels), tuple(args.prefix_words))
+    print(bench.markdown(result))
+    what = f"flaxchat bench ({args.url or args.model + ' ' + ' '.join(serve_args)})"
+    if args.json:
+        document = {"what": what, "date": datetime.date.today().isoformat(), "runs": [result]}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    if args.plot:
+        bench.plot(result, args.plot, title=what)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    failed = sum(result.get("load", {}).get("flaxchat", {}).get("failed", []))
+    return 1 if failed else 0
 
 
 def _add_prompt_activations(p: argparse.ArgumentParser) -> None:
@@ -270,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection weights (as serve)")
     _add_prompt_activations(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="streaming load at 1/4/8/16 clients and the prefix probe through HTTP: a "
+                                     "table, JSON and a PNG plot")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct", help="served for the run (unless --url)")
+    p.add_argument("--url", default=None, help="probe this running server's /v1 instead (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--serve-arg", action="append", help="more `flaxchat serve` flags, one per use (e.g. --serve-arg=--max-len=4096)")
+    p.add_argument("--probe", choices=["load", "prefix", "both"], default="both")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients of the load probe")
+    p.add_argument("--prefix-words", type=int, nargs=2, default=[900, 700], metavar=("HISTORY", "CROWD"),
+                   help="words of the long conversation's notes and of the crowd's system prompt")
+    p.add_argument("--json", default=None, help="write the figures here (bench/results shape)")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--log", default=None, help="the started server's log file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("replay", help="regenerate a results file (flaxchat.LLM's JSONL) and report identical / "
                                       "different, naming what changed")

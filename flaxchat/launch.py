@@ -78,8 +78,9 @@ def resolve_model(model: str | Path) -> str:
     return name
 
 
-def launch(model: str | Path, options: LaunchOptions = LaunchOptions()) -> ServedModel:
-    """Load ``model`` and start its engine (compiles every step it will use before returning)."""
+def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress: bool = True) -> ServedModel:
+    """Load ``model`` and start its engine (compiles every step it will use before returning; ``progress``:
+    a bar of the steps compiled, of the total)."""
     from flaxchat.checkpoints.provenance import fingerprint, provenance
     from flaxchat.checkpoints.store import ALIASES, load_model
     from flaxchat.sampling.engine import Engine, EngineConfig
@@ -101,7 +102,7 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions()) -> Serve
     log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
              "%d-block prefix cache)...", name, options.slots, engine.max_len, weights, engine.steps.kv_dtype,
              options.steps_per_call, engine.prefix.capacity)
-    engine.start()
+    engine.start(progress)
     release_freed_memory()  # the compiler's scratch memory
     setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype),
              "prompt_activations": loaded.cfg.prompt_activations}

@@ -35,7 +35,7 @@ class DeviceSteps(Protocol):
     def block_bytes(self) -> int:
         """Device bytes of one prefix-pool block."""
 
-    def warmup(self) -> State:
+    def warmup(self, progress: bool = False) -> State:
         """A fresh state, with every shape the other calls use compiled."""
 
     def init_state(self) -> State:

@@ -96,10 +96,11 @@ class Engine:
         self.warmup_seconds: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self, progress: bool = False) -> "Engine":
+        """Compile every step (``progress``: a bar of them on stderr), then run the loop on its own thread."""
         started = time.perf_counter()
         self.choices.prepare()
-        self._state = self.steps.warmup()
+        self._state = self.steps.warmup(progress)
         self.warmup_seconds = time.perf_counter() - started
         self._waiting.open = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)

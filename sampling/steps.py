@@ -365,27 +365,39 @@ class EngineSteps:
             allowed[slot], update[slot] = mask, True
         return self._set_allowed(state, jnp.asarray(allowed), jnp.asarray(update))
 
-    def warmup(self) -> DecodeState:
+    def warmup(self, progress: bool = False) -> DecodeState:
         """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
-        so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``)."""
+        so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``).
+        ``progress``: a bar of the steps compiled so far (of the total) on stderr."""
+        from tqdm import tqdm
+
+        decode_calls = [(steps, bucket) for steps in self._decode for bucket in self.row_buckets]
+        bar = tqdm(total=len(self.buckets) + len(self.batch_shapes) + 7 + len(decode_calls) + 1,
+                   desc="warm-up: compiling steps", unit="step", disable=not progress)
         state = self.init_state()
         v = self.cfg.vocab_size
         row = make_row_request(v, temperature=1.0)
         for bucket in self.buckets:
             logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
                                           jnp.int32(0), jnp.int32(bucket))
+            bar.update()
         for shape in self.batch_shapes:
             _, state = self.prefill_batch(state, [(0, [0] * shape[1], 0)], shape)
+            bar.update()
         _, _, state = self.score_chunk(state, 0, [0], 0)
         _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
         state = self.copy_slot(state, 0, 0)
         state = self.save_blocks(state, 0, 0, [0])
         state = self.load_blocks(state, 1 % self.slots, [0])
-        for steps in self._decode:
-            for bucket in self.row_buckets:
-                outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
+        bar.update(5)
+        for steps, bucket in decode_calls:
+            outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
+            bar.update()
         state = self.set_allowed(state, {})
         state = self.release(state, 0)
+        bar.update(2)
         self.decode_extends_prefix, state = decode_matches_prefill(self, state)
+        bar.update()
+        bar.close()
         jax.block_until_ready(outs)
         return state

@@ -53,22 +53,31 @@ def default_reference_folder(tmp_path_factory, default_gguf):
 
 @pytest.fixture(scope="session")
 def default_store(tmp_path_factory):
-    """A fresh FLAXCHAT_HOME with the default model pulled through `checkpoints.store.pull`."""
-    import os
+    """A FLAXCHAT_HOME with the default model pulled through `checkpoints.store.pull`, made once per run and
+    shared by the xdist workers: its ``jax_cache/`` is then one compilation cache for every ``flaxchat``
+    process and notebook kernel the tests start on the default model (same programs, compiled once)."""
+    from tests.default_model import shared_folder
 
-    from flaxchat.checkpoints.store import pull
+    def pull_into(home):
+        from flaxchat.checkpoints.store import PullError, pull
 
-    home = tmp_path_factory.mktemp("flaxchat_home")
+        previous = os.environ.get("FLAXCHAT_HOME")
+        os.environ["FLAXCHAT_HOME"] = str(home)
+        try:
+            pull(progress=False)
+        except PullError as exc:  # only an unreachable registry may skip
+            if "could not download" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop("FLAXCHAT_HOME", None)
+            else:
+                os.environ["FLAXCHAT_HOME"] = previous
+
+    home = shared_folder(tmp_path_factory, "flaxchat_home", pull_into)
     previous = os.environ.get("FLAXCHAT_HOME")
     os.environ["FLAXCHAT_HOME"] = str(home)
-    try:
-        pull(progress=False)
-    except Exception as exc:  # noqa: BLE001 - only an unreachable registry may skip
-        from flaxchat.checkpoints.store import PullError
-
-        if isinstance(exc, PullError) and "could not download" in str(exc):
-            pytest.skip(str(exc))
-        raise
     yield home
     if previous is None:
         os.environ.pop("FLAXCHAT_HOME", None)

@@ -135,7 +135,7 @@ class FakeSteps:
         if stage in self.before:
             self.before[stage]()
 
-    def warmup(self) -> FakeState:
+    def warmup(self, progress: bool = False) -> FakeState:
         return FakeState()
 
     def init_state(self) -> FakeState:
