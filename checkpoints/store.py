@@ -196,9 +196,12 @@ def _hf_tokenizer_config(files: dict[str, bytes]) -> dict[str, Any]:
     return config
 
 
-def import_path(path: str | Path, name: str, **overrides: Any) -> Path:
-    """Import a local HF folder or GGUF file into the store under ``name``."""
+def import_path(path: str | Path, name: str, progress: bool = False, **overrides: Any) -> Path:
+    """Import a local HF folder or GGUF file into the store under ``name`` (``progress``: a bar of the steps
+    on stderr: read and convert, then write the orbax checkpoint)."""
     path = Path(path).expanduser()
+    steps = tqdm(total=2, desc=f"import {name}", unit="step", disable=not progress)
+    steps.set_postfix_str(f"read {path.name}")
     if path.is_dir():
         cfg, params = load_hf_folder(path, **overrides)
         files = read_hf_tokenizer_files(path)
@@ -211,8 +214,14 @@ def import_path(path: str | Path, name: str, **overrides: Any) -> Path:
         keep, tokenizer_config = imported.tokenizer_files, imported.tokenizer_config
         source = {"source": "gguf", "path": str(path.absolute()), "sha256": file_sha256(path)}
     else:
+        steps.close()
         raise CheckpointError(path, "file not found (expected a Hugging Face folder or a .gguf file)")
-    return store_model(name, cfg, params, keep, tokenizer_config, source)
+    steps.update()
+    steps.set_postfix_str("orbax save")
+    stored = store_model(name, cfg, params, keep, tokenizer_config, source)
+    steps.update()
+    steps.close()
+    return stored
 
 
 def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:

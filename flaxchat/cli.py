@@ -24,7 +24,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from flaxchat.checkpoints.store import import_path
 
     started = time.perf_counter()
-    path = import_path(args.path, args.name)
+    path = import_path(args.path, args.name, progress=True)
     print(f"imported {args.path} as {args.name} in {time.perf_counter() - started:.1f}s -> {path}")
     return 0
 

@@ -68,7 +68,7 @@ def resolve_model(model: str | Path) -> str:
         current = {"path": str(path.absolute())} | ({"sha256": file_sha256(path)} if path.is_file() else {})
         if any(recorded.get(k) != v for k, v in current.items()):
             log.info("importing %s as %s", path, name)
-            import_path(path, name)
+            import_path(path, name, progress=True)
         return name
     if (path / "manifest.json").is_file():  # a stored model's own folder
         return path.name

@@ -22,7 +22,7 @@ def tiny_gguf(tmp_path, monkeypatch):
 
 def test_bench_serves_a_model_file_probes_it_and_writes_json_and_a_plot(tiny_gguf, tmp_path, capsys):
     out, png = tmp_path / "run.json", tmp_path / "run.png"
-    status = main(["bench", str(tiny_gguf), "--slots", "4", "--serve-arg=--max-len=1024",
+    status = main(["bench", str(tiny_gguf), "--slots", "2", "--serve-arg=--max-len=512",
                    "--serve-arg=--weights=float32", "--levels", "1", "2", "--prefix-words", "30", "20",
                    "--json", str(out), "--plot", str(png), "--log", str(tmp_path / "serve.log")])
     assert status == 0, (tmp_path / "serve.log").read_text()[-2000:]

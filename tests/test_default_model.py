@@ -15,6 +15,7 @@ from flaxchat.chat.template import render_chat
 
 pytestmark = pytest.mark.default_model
 
+ENGINE = EngineConfig(slots=4, max_len=256)  # the float32 engines' shapes (one set of compiled steps)
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about autumn leaves.",
@@ -82,11 +83,12 @@ def _served_tokenizer(imported, tokenizer):
 
 
 def test_greedy_continuations_equal_transformers(ours_and_reference, reference_greedy):
-    """One prompt at a time through a one-slot engine: greedy tokens equal transformers'."""
+    """One prompt at a time (a one-row decode bucket): greedy tokens equal transformers'. (Every float32 engine
+    of this module has the same shapes, ``ENGINE``, so the steps compile once.)"""
     imported, tokenizer, _, _ = ours_and_reference
     tokenizer = _served_tokenizer(imported, tokenizer)
     lengths = []
-    with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=1, max_len=128)) as engine:
+    with Engine(imported.cfg, imported.params, tokenizer, ENGINE) as engine:
         for prompt in PROMPTS:
             ids = _chat_ids(imported, tokenizer, prompt)
             ours = [e.token_id for e in engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)).result()[0]]
@@ -118,7 +120,7 @@ def test_pulled_store_generates_sensibly(default_store, weights):
     assert {a.dtype for a in jax.tree.leaves(model.params)} >= ({jnp.dtype("uint8")} if weights != "float32" else set())
     text = render_chat(model.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
                        special_tokens={"bos_token": model.tokenizer.special.bos_token})
-    with Engine(model.cfg, model.params, model.tokenizer, EngineConfig(slots=1, max_len=128)) as engine:
+    with Engine(model.cfg, model.params, model.tokenizer, ENGINE) as engine:
         events = engine.submit(model.tokenizer.encode(text), SamplingParams(max_tokens=20, temperature=0.0)).result()[0]
     assert "Paris" in "".join(e.text for e in events)
     assert events[-1].token_id in model.tokenizer.stop_ids and events[-1].finish_reason == "stop"
@@ -152,7 +154,7 @@ def test_engine_greedy_batch_equals_transformers(ours_and_reference, reference_g
     imported, tokenizer, _, _ = ours_and_reference
     tokenizer = _served_tokenizer(imported, tokenizer)
     prompts = [_chat_ids(imported, tokenizer, p) for p in PROMPTS]
-    with Engine(imported.cfg, imported.params, tokenizer, EngineConfig(slots=4, max_len=256)) as engine:
+    with Engine(imported.cfg, imported.params, tokenizer, ENGINE) as engine:
         handles = [engine.submit(ids, SamplingParams(max_tokens=32, temperature=0.0)) for ids in prompts]
         results = [h.result()[0] for h in handles]
     assert tokenizer.special.eos_id == tokenizer.token_to_id(imported.tokenizer_config["eos_token"])
@@ -168,8 +170,8 @@ def test_llm_score_equals_transformers(default_store, ours_and_reference):
     _, _, ref_model, _ = ours_and_reference
     prompts = ["The capital of France is", "Question: what is 2 + 2?\nAnswer:", "def reverse(items):\n    return"]
     continuations = [" Paris.", " 4", " items[::-1]"]
-    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=2, max_len=64,
-                      prefix_cache_mb=0) as llm:
+    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=ENGINE.slots,
+                      max_len=ENGINE.max_len) as llm:
         scores = llm.score(prompts, continuations, progress=False)
     for score in scores:
         ids = torch.tensor([[*score.prompt_token_ids, *score.continuation_token_ids]])
