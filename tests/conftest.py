@@ -15,10 +15,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Many tests build an engine for the same tiny model and settings; each EngineSteps has its own jitted
 # functions, so without a shared cache every engine compiles the same programs again. A persistent
-# compilation cache for this session (fresh each run, as in CI; keyed by the program, so a hit is the same
-# executable) turns those repeats into loads. FLAXCHAT_TEST_JAX_CACHE names a directory to keep instead.
-_CACHE = os.environ.get("FLAXCHAT_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="flaxchat-test-jax-cache-")
-if "FLAXCHAT_TEST_JAX_CACHE" not in os.environ:
+# compilation cache for this run (fresh each run, as in CI; keyed by the program, so a hit is the same
+# executable) turns those repeats into loads. The pytest process makes it before xdist starts its workers,
+# which inherit the variable: one cache for the whole run (JAX writes an entry whole or a reader's
+# decompression fails and it compiles again). FLAXCHAT_TEST_JAX_CACHE names a directory to keep instead.
+_CACHE = os.environ.get("FLAXCHAT_TEST_JAX_CACHE")
+if not _CACHE:
+    _CACHE = os.environ["FLAXCHAT_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="flaxchat-test-jax-cache-")
     atexit.register(shutil.rmtree, _CACHE, True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
