@@ -5,7 +5,7 @@ and SSE renderers (``serve/render.py``) only shape its updates."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flaxchat.chat.errors import ChatError
 from flaxchat.chat.request import Prepared, ServedModel
@@ -22,6 +22,16 @@ class Update:
     logprobs: list[dict]  # OpenAI logprob entries of the event's token (empty without logprobs)
     finish_reason: str | None  # OpenAI's: "tool_calls" when a reply that called tools stopped
     token_id: int | None = None  # the generated token (a stop token too), None for an event without one
+
+
+@dataclass
+class WholeChoice:
+    """One choice's updates gathered (a whole reply rather than a stream)."""
+
+    deltas: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
 
 
 def check_event(event: TokenEvent) -> None:
@@ -73,6 +83,18 @@ class Reply:
                 deltas = [_as_function_call(delta) for delta in deltas]
                 finish = "function_call" if finish == "tool_calls" else finish
             yield Update(i, deltas, self._logprob_entries(event) if params.logprobs else [], finish, event.token_id)
+
+    async def whole(self) -> list[WholeChoice]:
+        """Every choice's updates gathered, once all have finished."""
+        choices = [WholeChoice() for _ in range(self.prepared.params.n)]
+        async for update in self.updates():
+            choice = choices[update.index]
+            choice.deltas += update.deltas
+            choice.logprobs += update.logprobs
+            if update.token_id is not None:
+                choice.token_ids.append(update.token_id)
+            choice.finish_reason = update.finish_reason or choice.finish_reason
+        return choices
 
     def message(self, deltas: list[dict]) -> dict:
         """The assistant message the deltas make (``deltas`` as ``updates()`` gave them)."""

@@ -16,7 +16,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,32 +121,13 @@ def read_results(path: str | Path) -> list[Result]:
         return [Result.from_dict(json.loads(line)) for line in lines if line.strip()]
 
 
-@dataclass
-class _Collected:
-    """A choice's pieces while its events arrive."""
-
-    deltas: list[dict] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
 async def _collect(reply: Reply, chat: bool) -> tuple[Choice, ...]:
-    """The reply's choices, read from ``Reply.updates()`` as the server's renderers read them."""
-    params = reply.prepared.params
-    parts = [_Collected() for _ in range(params.n)]
-    async for update in reply.updates():
-        part = parts[update.index]
-        part.deltas += update.deltas
-        part.logprobs += update.logprobs
-        if update.token_id is not None:
-            part.token_ids.append(update.token_id)
-        part.finish_reason = update.finish_reason or part.finish_reason
-    choices = []
-    for i, part in enumerate(parts):
+    """The reply's choices, gathered as the server's JSON renderer gathers them (``Reply.whole``)."""
+    logprobs_on, choices = reply.prepared.params.logprobs, []
+    for i, part in enumerate(await reply.whole()):
         message = reply.message(part.deltas) if chat else None
         text = (message.get("content") or "") if chat else "".join(d.get("content", "") for d in part.deltas)
-        choices.append(Choice(i, text, tuple(part.token_ids), tuple(part.logprobs) if params.logprobs else None,
+        choices.append(Choice(i, text, tuple(part.token_ids), tuple(part.logprobs) if logprobs_on else None,
                               part.finish_reason or "error", message))
     return tuple(choices)
 

@@ -372,7 +372,8 @@ class EngineSteps:
         from tqdm import tqdm
 
         decode_calls = [(steps, bucket) for steps in self._decode for bucket in self.row_buckets]
-        bar = tqdm(total=len(self.buckets) + len(self.batch_shapes) + 7 + len(decode_calls) + 1,
+        one_off = 8  # score, insert, copy, save and load blocks; set masks, release; the KV agreement check
+        bar = tqdm(total=len(self.buckets) + len(self.batch_shapes) + len(decode_calls) + one_off,
                    desc="warm-up: compiling steps", unit="step", disable=not progress)
         state = self.init_state()
         v = self.cfg.vocab_size

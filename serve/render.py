@@ -41,17 +41,10 @@ class Rendering(ChunkStream):
 
     async def completion(self) -> dict:
         """The whole reply as one ``chat.completion``."""
-        n, logprobs_on = self.reply.prepared.params.n, self.reply.prepared.params.logprobs
-        deltas: list[list[dict]] = [[] for _ in range(n)]
-        logprobs: list[list[dict]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        async for update in self.reply.updates():
-            deltas[update.index] += update.deltas
-            logprobs[update.index] += update.logprobs
-            finish[update.index] = update.finish_reason or finish[update.index]
-        choices = [{"index": i, "message": self.reply.message(deltas[i]),
-                    "logprobs": {"content": logprobs[i]} if logprobs_on else None, "finish_reason": finish[i]}
-                   for i in range(n)]
+        logprobs_on = self.reply.prepared.params.logprobs
+        choices = [{"index": i, "message": self.reply.message(c.deltas),
+                    "logprobs": {"content": c.logprobs} if logprobs_on else None, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(await self.reply.whole())]
         return ChatCompletion.model_validate({**self.head, "object": "chat.completion", "choices": choices,
                                               "usage": self.reply.usage()}).wire()
 

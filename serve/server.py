@@ -13,6 +13,8 @@ from hypercorn.config import Config
 from quart import Quart
 
 log = logging.getLogger("flaxchat.server")
+
+
 def hypercorn_config(host: str, port: int) -> Config:
     """hypercorn's settings. A connection must complete a request's headers within ``keep_alive_timeout``
     (5 s) of going idle, so a client trickling its headers is cut off; a trickled body meets the app's body
