@@ -276,9 +276,11 @@ def test_last_a_dead_engine_thread_turns_health_to_503_and_nothing_hangs(server)
         if stage == "decode":
             raise _ThreadKiller()
 
+    # The hook goes in before the request: set after the stream opens, a fast machine had already finished
+    # the 50 tokens (a CI run saw no error event). Prefill passes; the first decode step kills the thread.
+    set_step_hook(server.engine, hook)
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
             "model": TINY_ID, "messages": HELLO, "max_tokens": 50, "stream": True}) as stream:
-        set_step_hook(server.engine, hook)
         lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
     assert any("error" in json.loads(line[6:]) for line in lines if line != "data: [DONE]")
     health = httpx.get(server.url + "/health")
