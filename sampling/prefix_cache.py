@@ -14,6 +14,14 @@ A *tail* is a partial block (its first 1..block_size-1 tokens) cached after a ch
 reply's last, partial block, so a request that resends the whole sequence (a retry, the next turn of a
 chat) computes only what is new. A tail occupies a whole pool block and is a leaf.
 
+Matches are token-granular at the end of a chain: where a prompt leaves the cached blocks in the middle of
+a block, the cached child (a full block or a tail) that shares the most of its first tokens gives those
+tokens too. A position's keys and values depend only on the tokens up to it (and prefill computes them with
+the same bits however it is chunked), so the shared positions hold exactly what the prompt's own prefill
+would write; the request prefills from the first differing token on, overwriting the rest of the block.
+Two prompts that differ in one token near a block's end (a question number after a system prompt) then
+recompute only from that token, as llama.cpp's per-slot cache does, instead of from the block's start.
+
 Blocks come from prefill, and from decoding where it writes the KV a prefill would
 (``sampling/kv_agreement.py``); a request copies the blocks it matched into its own slot, so a sequence
 never writes into a block another sequence reads. Eviction is least-recently-used; a lookup or insert touches a chain leaf
@@ -66,6 +74,8 @@ class PrefixIndex:
             raise ValueError("block_size must be >= 1 and capacity >= 0")
         self.block_size, self.capacity = block_size, capacity
         self._entries: collections.OrderedDict[tuple[int, tuple[int, ...]], _Entry] = collections.OrderedDict()
+        # (parent key, first token) -> the names of the cached children that start so, for partial matches
+        self._children: dict[tuple[int, int], dict[tuple[int, tuple[int, ...]], None]] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._keys = itertools.count(self.ROOT + 1)
         self._live: set[int] = set()
@@ -82,9 +92,10 @@ class PrefixIndex:
         return [tuple(tokens[i * size:(i + 1) * size]) for i in range(start, end)]
 
     def match(self, tokens: list[int], max_blocks: int, touch: bool = True, tail_limit: int = 0) -> PrefixMatch:
-        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``), then the longest
-        cached tail that continues it within ``tail_limit`` tokens in all; touches them unless ``touch`` is
-        False (a look that does not count as a use)."""
+        """The longest run of cached blocks that starts ``tokens`` (at most ``max_blocks``), then the most of
+        the next block's tokens a cached child (full block or tail) shares, within ``tail_limit`` tokens in
+        all (a partial block, ``tail``); touches them unless ``touch`` is False (a look that does not count
+        as a use)."""
         parent, blocks, keys, names = self.ROOT, [], [], []
         for block_tokens in self.blocks_of(tokens, 0, max_blocks):
             entry = self._entries.get((parent, block_tokens))
@@ -94,16 +105,30 @@ class PrefixIndex:
             blocks.append(entry.block)
             keys.append(entry.key)
             parent = entry.key
-        start, tail, tail_block = len(blocks) * self.block_size, 0, None
-        for length in range(min(self.block_size - 1, tail_limit - start, len(tokens) - start), 0, -1):
-            entry = self._entries.get((parent, tuple(tokens[start:start + length])))
-            if entry is not None:
-                names.append((parent, tuple(tokens[start:start + length])))
-                tail, tail_block = length, entry.block
-                break
+        start = len(blocks) * self.block_size
+        tail, partial = self._partial(parent, tokens[start:start + min(self.block_size - 1, tail_limit - start)])
+        tail_block = None if partial is None else self._entries[partial].block
+        if partial is not None:
+            names.append(partial)
         if touch:
             self._touch(names)
         return PrefixMatch(tuple(blocks), tuple(keys), self.block_size, tail, tail_block)
+
+    def _partial(self, parent: int, wanted: list[int]) -> tuple[int, tuple[int, tuple[int, ...]] | None]:
+        """The cached child of ``parent`` (a full block or a tail) sharing the longest run of first tokens
+        with ``wanted``: ``(how many, its name)``, or ``(0, None)``."""
+        if not wanted:
+            return 0, None
+        best, best_name = 0, None
+        for name in self._children.get((parent, wanted[0]), ()):
+            shared = 0
+            for mine, theirs in zip(wanted, name[1]):
+                if mine != theirs:
+                    break
+                shared += 1
+            if shared > best:
+                best, best_name = shared, name
+        return best, best_name
 
     def add_tail(self, parent: int, tail_tokens: tuple[int, ...]) -> tuple[int, bool] | None:
         """Make room for a tail (the first tokens of a partial block) after ``parent``: ``(pool block,
@@ -137,7 +162,8 @@ class PrefixIndex:
         if not self._free:
             if not self._entries:
                 return None
-            _, evicted = self._entries.popitem(last=False)
+            evicted_name, evicted = self._entries.popitem(last=False)
+            self._forget_child(evicted_name)
             self._free.append(evicted.block)
             self._live.discard(evicted.key)
             self.evictions += 1
@@ -145,7 +171,15 @@ class PrefixIndex:
                 return None
         entry = _Entry(next(self._keys), self._free.pop())
         self._entries[name] = entry
+        self._children.setdefault((parent, name[1][0]), {})[name] = None
         return entry, True
+
+    def _forget_child(self, name: tuple[int, tuple[int, ...]]) -> None:
+        siblings = self._children.get((name[0], name[1][0]))
+        if siblings is not None:
+            siblings.pop(name, None)
+            if not siblings:
+                del self._children[(name[0], name[1][0])]
 
     def _touch(self, names: list[tuple[int, tuple[int, ...]]]) -> None:
         for name in reversed(names):  # leaf first, root last: the root ends most recent
@@ -157,5 +191,6 @@ class PrefixIndex:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._children.clear()
         self._live.clear()
         self._free = list(range(self.capacity - 1, -1, -1))

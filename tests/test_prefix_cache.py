@@ -58,14 +58,37 @@ def test_a_tail_continues_a_chain_and_is_evicted_like_a_leaf():
     whole = list(range(12))
     found = index.match(whole, 2, tail_limit=11)
     assert (found.tokens, found.tail, found.pool_blocks) == (10, 2, (0, 1, 2))
-    assert index.match(whole, 2, tail_limit=9).tail == 0  # the tail would pass the limit
-    assert index.match([0, 1, 2, 3, 4, 5, 6, 7, 8, 7], 2, tail_limit=9).tail == 0  # it does not continue the prompt
+    assert index.match(whole, 2, tail_limit=9).tail == 1  # the limit leaves room for one of its tokens
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 7, 8, 7], 2, tail_limit=9).tail == 1  # the prompt shares its first
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 7, 5, 9], 2, tail_limit=9).tail == 0  # nothing shared
     assert index.match(whole, 2).tail == 0  # no tail asked for
     with pytest.raises(ValueError):
         index.add_tail(parent, (1, 2, 3, 4))
     index.match(list(range(8)), 2)  # the chain is now more recent than the tail
     assert _chain(index, [50, 51, 52, 53]) == [2]  # the pool is full: the tail, least recently used, goes
     assert index.match(whole, 2, tail_limit=11).tokens == 8
+
+
+def test_a_prompt_that_leaves_a_cached_block_midway_takes_its_shared_tokens():
+    """Token-granular matches: the child (full block or tail) sharing the most first tokens gives them."""
+    index = PrefixIndex(block_size=4, capacity=10)
+    _chain(index, [1, 2, 3, 4, 5, 6, 7, 8])
+    _chain(index, [1, 2, 3, 4, 5, 9, 9, 9])  # a sibling sharing one token of the second block
+    parent = index.match([1, 2, 3, 4], 1).keys[-1]
+    index.add_tail(parent, (5, 6, 0))
+    found = index.match([1, 2, 3, 4, 5, 6, 7, 0, 3], 2, tail_limit=8)
+    assert (found.blocks, found.tail, found.tokens) == ((0,), 3, 7)  # three of 5 6 7 8; not the tail's two
+    assert found.pool_blocks == (0, 1)
+    assert index.match([1, 2, 3, 4, 5, 9, 7], 2, tail_limit=6).tail == 2  # the sibling: 5 9
+    assert index.match([1, 2, 3, 4, 5, 6, 0, 1], 2, tail_limit=7).tail == 3  # the tail: 5 6 0
+    assert index.match([1, 2, 3, 4, 5, 6, 7, 8, 1], 1, tail_limit=5).tail == 1  # capped by the limit
+    assert index.match([1, 2, 3, 4, 8, 6, 7, 8], 2, tail_limit=7).tail == 0  # no child starts with 8
+    assert index.match([1, 2, 3, 9], 1, tail_limit=3).tokens == 3  # a first block shared in part
+    _chain(index, list(range(20, 60)))  # ten new blocks evict every other one: evicted children are forgotten
+    assert index.evictions == 4
+    for probe in ([1, 2, 3, 4, 5, 6, 7, 0, 3], [1, 2, 3, 9]):
+        assert index.match(probe, 2, tail_limit=len(probe) - 1).tokens == 0
+    assert index.match(list(range(20, 27)), 1, tail_limit=6).tokens == 6
 
 
 def test_index_evicts_least_recently_used_leaves_first():
@@ -217,11 +240,11 @@ def test_a_seeded_reply_is_the_same_cold_warm_partly_cached_and_under_load(engin
     cold, cached = _reply(engine, prompt)
     assert cold == reference and cached == 0
     warm, cached = _reply(engine, prompt)
-    assert warm == reference and cached == (len(prompt) - 1) // BLOCK * BLOCK  # all full blocks but the last token's
+    assert warm == reference and cached == len(prompt) - 1  # all of it but the last token (its tail, in part)
     engine.prefix.clear()
     _reply(engine, sibling)  # only the shared system prompt's blocks (and the sibling's) are cached now
-    partly, cached = _reply(engine, prompt)
-    assert partly == reference and cached == len(system) // BLOCK * BLOCK
+    partly, cached = _reply(engine, prompt)  # leaves the sibling's sixth block after its 10th token
+    assert partly == reference and cached == len(system)
 
     # Under load: long prompts prefilling in chunks and other streams decoding around it.
     noise = [rng.integers(3, 200, n).tolist() for n in (150, 70, 130)]
