@@ -53,11 +53,14 @@ def smallest_prefill_bucket(cfg: ModelConfig) -> int:
 
 DEFAULT_CONTEXT = 2048  # cache positions per slot unless configured (and at most the model's context)
 LARGEST_PREFILL_BUCKET = 1024  # the longest prefill call; longer prompts go in chunks
-# Batched prefill calls: (prompts, tokens per prompt). (16, 4) takes a crowd whose prompts are cached but
-# for a token or two (a shared system prompt asked the same questions again, retries) in one call; the
-# others take the short rests of a few prompts. A shape runs only where its product has enough rows to keep
-# a row's bits (``batch_shapes``).
-BATCH_PREFILL_SHAPES = ((4, 4), (16, 4), (4, 16), (4, 32))
+# Batched prefill calls: (prompts, tokens per prompt). (16, 2) takes a crowd of repeated prompts (retries, a
+# shared system prompt asked the same questions again: the prefix cache leaves each its last token) in one
+# call of 32 rows (it was (16, 4): 64 rows, ~157 ms on the default model). Not (16, 1): one position per row
+# is what the model takes for a decode step (float activations where prompt chunks may use int8 ones, and
+# the blockwise attention's decode arithmetic), so its rows would not be a prompt chunk's bits. The others
+# take the short rests of a few prompts (4 x 8: prompts that leave a cached one a few tokens before its end).
+# A shape runs only where its product has enough rows to keep a row's bits (``batch_shapes``).
+BATCH_PREFILL_SHAPES = ((16, 2), (4, 4), (4, 8), (4, 16), (4, 32))
 CALL_COST_ROWS = 8  # a device call's fixed cost in prompt rows (int4 on CPU: ~15 ms, against ~2 ms a row)
 
 

@@ -313,7 +313,8 @@ def test_no_compiles_after_warmup_with_prefix_reuse(engines):
 
 
 @pytest.mark.parametrize("weights,rests,shape", [("int8", (5, 12, 20, 9), (4, 16)), ("float32", (5, 12, 20, 9), (4, 16)),
-                                                  ("int8", (1, 3, 2, 4), (4, 4)), ("float32", (1, 3, 2, 4), (4, 16))])
+                                                  ("int8", (1, 3, 2, 4), (4, 4)), ("float32", (1, 3, 2, 4), (4, 16)),
+                                                  ("int8", (1, 2, 1, 1), (4, 2)), ("int8", (8, 6, 7, 5), (4, 8))])
 def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weights, rests, shape):
     """Requests that share a cached system prompt queue up behind a long prompt; their short rests then go
     in one batched prefill call (of the smallest shape that keeps the bits: 4 x 4 rows are enough for the
@@ -340,7 +341,8 @@ def test_short_rests_are_prefilled_together_with_the_same_replies(engines, weigh
         blocker.result()
         assert engine.stats["batched_prefills"] > batched_before
         assert engine.stats[f"batched_prefills_{shape[0]}x{shape[1]}"] >= 1
-        assert all(h.cached_tokens == 64 for h in handles)
+        # the system prompt, and any first tokens of a rest an earlier case of this module cached
+        assert all(64 <= h.cached_tokens < len(p) for h, p in zip(handles, prompts))
         assert together == alone
     finally:
         set_step_hook(engine, None)

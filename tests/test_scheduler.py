@@ -239,11 +239,14 @@ def test_a_finished_replys_blocks_serve_the_next_turn_where_decode_writes_what_p
 
 def test_the_batch_plan_takes_the_fewest_rows_per_prompt():
     shapes = batch_shapes(16, 16, 1024)
-    assert shapes == ((4, 4), (4, 16), (16, 4), (4, 32))  # by rows
-    assert batch_shapes(16, 64, 1024) == ((4, 16), (16, 4), (4, 32))  # float32: >= 64 rows
-    assert batch_shapes(4, 16, 64) == ((4, 4), (4, 16), (4, 32))  # 16 prompts cannot wait on 4 slots
-    assert batch_plan(shapes, [1] * 16) == ((16, 4), 16)
-    assert batch_plan(shapes, [1] * 5) == ((4, 4), 4)  # 24 rows for 4 beats 72 for 5
+    assert shapes == ((4, 4), (4, 8), (16, 2), (4, 16), (4, 32))  # by rows
+    assert batch_shapes(16, 64, 1024) == ((4, 16), (4, 32))  # float32: >= 64 rows
+    assert batch_shapes(4, 16, 64) == ((4, 4), (4, 8), (4, 16), (4, 32))  # 16 prompts cannot wait on 4 slots
+    assert batch_shapes(4, 4, 64)[:2] == ((4, 2), (4, 4))  # a crowd of repeats on 4 slots
+    assert batch_plan(shapes, [1] * 16) == ((16, 2), 16)
+    assert batch_plan(shapes, [1] * 5) == ((4, 4), 4)  # 24 rows for 4 beats 40 for 5
+    assert batch_plan(shapes, [8, 7, 5, 8]) == ((4, 8), 4)
+    assert batch_plan(shapes, [2, 1, 3]) == ((4, 4), 3)
     assert batch_plan(shapes, [2, 12, 30, 3]) == ((4, 32), 4)
     assert batch_plan(shapes, [12, 2, 40]) == ((4, 16), 2)  # the leading prompts only
     assert batch_plan(shapes, [40, 1, 1]) is None and batch_plan(shapes, [3]) is None
