@@ -24,12 +24,14 @@ queue (``_waiting``, a ``WaitingRequests`` under its lock) and their own handle'
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,9 @@ class Engine:
         self._waiting.open = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)
         self._thread.start()
+        # A script that ends with the engine running: stop it before the interpreter finalizes, or the
+        # daemon thread is torn down inside a device call (C++ frames; the process aborts).
+        atexit.register(_stop_if_alive, weakref.ref(self))
         return self
 
     def drain(self) -> None:
@@ -400,6 +405,12 @@ class Engine:
         except Exception:  # noqa: BLE001
             log.exception("release failed")
             self._recover_state()
+
+
+def _stop_if_alive(engine_ref: "weakref.ref[Engine]") -> None:
+    engine = engine_ref()
+    if engine is not None and engine._thread is not None and engine._thread.is_alive():
+        engine.stop()
 
 
 __all__ = ["Engine", "EngineConfig"]

@@ -316,3 +316,28 @@ def test_a_slot_taken_over_while_a_call_is_in_flight_gets_only_its_own_tokens(en
             assert events[-1].finish_reason == "length"
     finally:
         two_slots.stop()
+
+
+def test_a_script_that_ends_with_the_engine_decoding_exits_cleanly(tmp_path):
+    """The engine thread is stopped before the interpreter finalizes: a script that leaves while a request is
+    still decoding exits with 0 (before this, the daemon thread was torn down inside a device call and the
+    process aborted: "terminate called ...", exit code 134)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from flaxchat.sampling.params import SamplingParams\n"
+        "from flaxchat.sampling.engine import Engine, EngineConfig\n"
+        "from tests.engine_fixtures import tiny_model, with_weights\n"
+        "cfg, params, tokenizer = with_weights(tiny_model(Path(sys.argv[1])), 'int4')\n"
+        "engine = Engine(cfg, params, tokenizer, EngineConfig(slots=2, max_len=512)).start()\n"
+        "handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True, seed=1))\n"
+        "print('first', next(iter(handle)).token_id is not None, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first True" in done.stdout and "terminate called" not in done.stderr
