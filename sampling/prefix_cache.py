@@ -74,8 +74,9 @@ class PrefixIndex:
             raise ValueError("block_size must be >= 1 and capacity >= 0")
         self.block_size, self.capacity = block_size, capacity
         self._entries: collections.OrderedDict[tuple[int, tuple[int, ...]], _Entry] = collections.OrderedDict()
-        # (parent key, first token) -> the names of the cached children that start so, for partial matches
-        self._children: dict[tuple[int, int], dict[tuple[int, tuple[int, ...]], None]] = {}
+        # (parent key, first k tokens) -> the names of the cached children that start so (k < block_size): a
+        # partial match is then at most block_size - 1 dict lookups, however many children a parent has
+        self._by_prefix: dict[tuple[int, tuple[int, ...]], dict[tuple[int, tuple[int, ...]], None]] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._keys = itertools.count(self.ROOT + 1)
         self._live: set[int] = set()
@@ -107,9 +108,10 @@ class PrefixIndex:
             parent = entry.key
         start = len(blocks) * self.block_size
         tail, partial = self._partial(parent, tokens[start:start + min(self.block_size - 1, tail_limit - start)])
-        tail_block = None if partial is None else self._entries[partial].block
+        tail_block = None
         if partial is not None:
             names.append(partial)
+            tail_block = self._entries[partial].block
         if touch:
             self._touch(names)
         return PrefixMatch(tuple(blocks), tuple(keys), self.block_size, tail, tail_block)
@@ -117,18 +119,11 @@ class PrefixIndex:
     def _partial(self, parent: int, wanted: list[int]) -> tuple[int, tuple[int, tuple[int, ...]] | None]:
         """The cached child of ``parent`` (a full block or a tail) sharing the longest run of first tokens
         with ``wanted``: ``(how many, its name)``, or ``(0, None)``."""
-        if not wanted:
-            return 0, None
-        best, best_name = 0, None
-        for name in self._children.get((parent, wanted[0]), ()):
-            shared = 0
-            for mine, theirs in zip(wanted, name[1]):
-                if mine != theirs:
-                    break
-                shared += 1
-            if shared > best:
-                best, best_name = shared, name
-        return best, best_name
+        for length in range(len(wanted), 0, -1):
+            children = self._by_prefix.get((parent, tuple(wanted[:length])))
+            if children:
+                return length, next(iter(children))
+        return 0, None
 
     def add_tail(self, parent: int, tail_tokens: tuple[int, ...]) -> tuple[int, bool] | None:
         """Make room for a tail (the first tokens of a partial block) after ``parent``: ``(pool block,
@@ -171,15 +166,21 @@ class PrefixIndex:
                 return None
         entry = _Entry(next(self._keys), self._free.pop())
         self._entries[name] = entry
-        self._children.setdefault((parent, name[1][0]), {})[name] = None
+        for prefix in self._prefixes(name):
+            self._by_prefix.setdefault(prefix, {})[name] = None
         return entry, True
 
+    def _prefixes(self, name: tuple[int, tuple[int, ...]]) -> list[tuple[int, tuple[int, ...]]]:
+        parent, tokens = name
+        return [(parent, tokens[:k]) for k in range(1, min(len(tokens), self.block_size - 1) + 1)]
+
     def _forget_child(self, name: tuple[int, tuple[int, ...]]) -> None:
-        siblings = self._children.get((name[0], name[1][0]))
-        if siblings is not None:
-            siblings.pop(name, None)
-            if not siblings:
-                del self._children[(name[0], name[1][0])]
+        for prefix in self._prefixes(name):
+            children = self._by_prefix.get(prefix)
+            if children is not None:
+                children.pop(name, None)
+                if not children:
+                    del self._by_prefix[prefix]
 
     def _touch(self, names: list[tuple[int, tuple[int, ...]]]) -> None:
         for name in reversed(names):  # leaf first, root last: the root ends most recent
@@ -191,6 +192,6 @@ class PrefixIndex:
 
     def clear(self) -> None:
         self._entries.clear()
-        self._children.clear()
+        self._by_prefix.clear()
         self._live.clear()
         self._free = list(range(self.capacity - 1, -1, -1))
