@@ -70,22 +70,22 @@ class StopStringFilter:
         if not self.stops and not self.blocked:
             return delta
         text = self.pending + delta
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        hold = max((partial_suffix(text, stop) for stop in self.stops), default=0)
+        ends = [(i, 1, "stop") for i in (text.find(s) for s in self.stops) if i >= 0]
+        open_from = len(text) - max((partial_suffix(text, s) for s in self.stops), default=0)
         for pattern in self.blocked:
             match = pattern.search(text, partial=True)
             if match is None:
                 continue
-            if not match.partial and (cut < 0 or match.start() <= cut):
-                self.stopped, self.reason, self.pending = True, "content_filter", ""
-                return text[: match.start()]
             if match.partial:
-                hold = max(hold, len(text) - match.start())
-        if cut >= 0:
-            self.stopped, self.reason, self.pending = True, "stop", ""
-            return text[:cut]
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold]
+                open_from = min(open_from, match.start())
+            else:
+                ends.append((match.start(), 0, "content_filter"))  # a tie with a stop string: blocked wins
+        if ends:  # several can complete in one delta: the earliest-starting one cuts
+            start, _, reason = min(ends)
+            self.stopped, self.reason, self.pending = True, reason, ""
+            return text[:start]
+        self.pending = text[open_from:]
+        return text[:open_from]
 
     def flush(self) -> str:
         """Release held-back text (the generation ended without completing a stop string or a match)."""

@@ -147,3 +147,12 @@ def test_text_without_blocked_matches_is_released_whole():
     assert out == "a sec, ba" and not stream.stopped  # partial matches that never completed come out at the end
     stream = StopStringFilter(("STOP",), BLOCKED)
     assert stream.push("x STOP then bad") == "x " and stream.reason == "stop"  # whichever comes first
+
+
+def test_the_earliest_of_several_blocked_matches_in_one_delta_wins():
+    """Found by the property test above: a later pattern's match used to cut after an earlier one's."""
+    stream = StopStringFilter((), BLOCKED)
+    assert stream.push("badsecret") == "" and stream.reason == "content_filter"
+    stream = StopStringFilter(("sec",), ("bad",))
+    assert stream.push("x badsecret") == "x " and stream.reason == "content_filter"
+
