@@ -61,10 +61,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         prompt_ids = tokenizer.encode(text)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    # One slot and a context just long enough: the warm-up compiles only the shapes this answer uses.
+    # One slot and a context just long enough, no warm-up: only the steps this answer runs are compiled.
     engine = Engine(model.cfg, model.params, tokenizer,
                     EngineConfig(slots=1, max_len=len(prompt_ids) + args.max_tokens, prefix_cache_mb=0,
-                                 kv_dtype=kv_dtype_for("auto", model.cfg.weights))).start()
+                                 kv_dtype=kv_dtype_for("auto", model.cfg.weights), warmup=False)).start()
     try:
         handle = engine.submit(prompt_ids, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                                           seed=seed))

@@ -64,6 +64,7 @@ class EngineConfig:
     prefill_chunk: int = 128  # prompt tokens prefilled per loop iteration while other choices are decoding
     prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
     prefix_block: int = 16  # tokens per cached block
+    warmup: bool = True  # compile every step at start (a server never compiles while serving); False: on first use
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Engine:
         """Compile every step (``progress``: a bar of them on stderr), then run the loop on its own thread."""
         started = time.perf_counter()
         self.choices.prepare()
-        self._state = self.steps.warmup(progress)
+        self._state = self.steps.warmup(progress, compile_all=self.config.warmup)
         self.warmup_seconds = time.perf_counter() - started
         self._waiting.open = True
         self._thread = threading.Thread(target=self._loop, name="flaxchat-engine", daemon=True)

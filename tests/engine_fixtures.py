@@ -36,6 +36,10 @@ def with_weights(model: tuple, weights: str) -> tuple:
     return cfg, params, tokenizer
 
 
-def tiny_engine(folder: Path, model: dict | None = None, **config) -> Engine:
+def tiny_engine(folder: Path, model: dict | None = None, warmup: bool = False, **config) -> Engine:
+    """A started engine on ``tiny_model``. Its steps compile on first use (``warmup=False``): a test compiles
+    only the shapes it runs, not the ~25 a server's warm-up does. Pass ``warmup=True`` where a test checks
+    that serving never compiles, or times the server."""
     cfg, params, tokenizer = tiny_model(folder, **(model or {}))
-    return Engine(cfg, params, tokenizer, EngineConfig(**{"slots": 4, "max_len": 128, **config})).start()
+    config = {"slots": 4, "max_len": 128, **config, "warmup": warmup}
+    return Engine(cfg, params, tokenizer, EngineConfig(**config)).start()

@@ -15,7 +15,7 @@ from flaxchat.chat.template import render_chat
 
 pytestmark = pytest.mark.default_model
 
-ENGINE = EngineConfig(slots=4, max_len=256)  # the float32 engines' shapes (one set of compiled steps)
+ENGINE = EngineConfig(slots=4, max_len=256, warmup=False)  # the engines' shapes; steps compile on first use
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about autumn leaves.",

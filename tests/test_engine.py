@@ -18,7 +18,7 @@ PROMPTS = [[5, 40, 300, 17, 17, 9], [100, 64, 7] * 9, list(range(3, 60)), [12], 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    engine = tiny_engine(tmp_path_factory.mktemp("engine"))
+    engine = tiny_engine(tmp_path_factory.mktemp("engine"), warmup=True)  # test_no_compiles_while_serving
     yield engine
     engine.stop()
 
@@ -297,6 +297,20 @@ def test_bit_identical_when_others_make_attention_visit_more_cache_blocks(tmp_pa
         assert together == alone
     finally:
         wide.stop()
+
+
+def test_an_engine_started_without_warmup_compiles_on_first_use_and_answers_alike(engine, tmp_path):
+    """``warmup=False`` (one-off answers, most tests): nothing but the KV check compiles at start, the steps a
+    request runs compile when it runs them, and the seeded reply is the warmed-up engine's, bit for bit."""
+    lazy = tiny_engine(tmp_path)
+    try:
+        at_start = lazy.compile_count
+        assert at_start < engine.compile_count
+        reply = tokens_and_logprobs(run(lazy, PROMPTS[1], SEEDED)[0])
+        assert lazy.compile_count > at_start
+        assert reply == tokens_and_logprobs(run(engine, PROMPTS[1], SEEDED)[0])
+    finally:
+        lazy.stop()
 
 
 def test_a_slot_taken_over_while_a_call_is_in_flight_gets_only_its_own_tokens(engine, tmp_path):

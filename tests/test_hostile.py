@@ -35,7 +35,7 @@ READ_TIMEOUT = 2.0  # seconds (the default is 30): short, so the slow-drip tests
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     yield from serving(tmp_path_factory.mktemp("hostile"), ServerSettings(read_timeout=READ_TIMEOUT),
-                       slots=4, max_len=256)
+                       slots=4, max_len=256, warmup=True)  # the tests time the server: no compile mid-test
 
 
 # ---- generated requests ----------------------------------------------------------------------------------

@@ -194,20 +194,22 @@ SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=77, ign
 def _engine(float_model, weights, prompt_activations="float32", **config):
     cfg, params, tokenizer = with_weights(float_model, weights)
     cfg = cfg.replace(prompt_activations=prompt_activations)
-    defaults = dict(slots=4, max_len=MAX_LEN, prefill_chunk=32, largest_prefill_bucket=64, prefix_block=BLOCK)
+    defaults = dict(slots=4, max_len=MAX_LEN, prefill_chunk=32, largest_prefill_bucket=64, prefix_block=BLOCK,
+                    warmup=False)  # steps compile on first use: only the shapes a test runs
     return Engine(cfg, params, tokenizer, EngineConfig(**{**defaults, **config})).start()
 
 
 @pytest.fixture(scope="module")
 def engines(float_model):
     """``engines(weights, cached)``: one engine per (weight mode, prefix cache on/off), started on first use
-    and shared by the tests of this module (each start compiles every step)."""
+    and shared by the tests of this module."""
     started = {}
 
     def get(weights, cached=True, kv_dtype=None, prompt_activations="float32"):
         key = (weights, cached, kv_dtype, prompt_activations)
         if key not in started:
-            started[key] = _engine(float_model, weights, prompt_activations, kv_dtype=kv_dtype,
+            warmup = key == ("float32", True, None, "float32")  # test_no_compiles_after_warmup_with_prefix_reuse
+            started[key] = _engine(float_model, weights, prompt_activations, kv_dtype=kv_dtype, warmup=warmup,
                                    **({} if cached else {"prefix_cache_mb": 0}))
         return started[key]
 

@@ -67,7 +67,8 @@ def test_a_rows_logits_are_identical_in_every_bucket(float_model, weights, kv_dt
 
 def _engine(float_model, weights, slots, kv_dtype=None):
     cfg, params, tokenizer = with_weights(float_model, weights)
-    return Engine(cfg, params, tokenizer, EngineConfig(slots=slots, max_len=128, kv_dtype=kv_dtype)).start()
+    return Engine(cfg, params, tokenizer, EngineConfig(slots=slots, max_len=128, kv_dtype=kv_dtype,
+                                                                warmup=False)).start()
 
 
 SEEDED = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=77, ignore_eos=True, logprobs=True,

@@ -30,7 +30,8 @@ def _bench_soak():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serving(tmp_path_factory.mktemp("soak"), model={"context": 2048}, slots=4, max_len=2048)
+    yield from serving(tmp_path_factory.mktemp("soak"), model={"context": 2048}, slots=4, max_len=2048,
+                       warmup=True)  # asserts nothing compiles under the load
 
 
 def test_mixed_load_breaks_nothing(server):
