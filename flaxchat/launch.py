@@ -29,6 +29,7 @@ class LaunchOptions:
     prefill_chunk: int = 128
     prefix_cache_mb: float = 256.0
     content_filter: tuple[str, ...] = field(default_factory=tuple)
+    warmup: bool = True  # compile every step before serving; False: each on first use (no bits change)
 
 
 def setup_jax() -> None:
@@ -79,8 +80,8 @@ def resolve_model(model: str | Path) -> str:
 
 
 def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress: bool = True) -> ServedModel:
-    """Load ``model`` and start its engine (compiles every step it will use before returning; ``progress``:
-    a bar of the steps compiled, of the total)."""
+    """Load ``model`` and start its engine (compiles every step it will use before returning, unless
+    ``options.warmup`` is False; ``progress``: a bar of the steps compiled, of the total)."""
     from flaxchat.checkpoints.provenance import fingerprint, provenance
     from flaxchat.checkpoints.store import ALIASES, load_model
     from flaxchat.sampling.engine import Engine, EngineConfig
@@ -98,7 +99,8 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
                     EngineConfig(slots=options.slots, max_len=options.max_len, queue_size=options.queue_size,
                                  steps_per_call=options.steps_per_call,
                                  kv_dtype=kv_dtype_for(options.kv_dtype, weights),
-                                 prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb))
+                                 prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb,
+                                 warmup=options.warmup))
     log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
              "%d-block prefix cache)...", name, options.slots, engine.max_len, weights, engine.steps.kv_dtype,
              options.steps_per_call, engine.prefix.capacity)

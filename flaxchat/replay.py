@@ -13,7 +13,7 @@ from typing import Any
 from flaxchat.checkpoints.provenance import changed_parts
 from flaxchat.llm import LLM, Result, read_results
 
-SCHEDULING = ("slots", "queue_size")  # launch options that must not change a seed's bits
+SCHEDULING = ("slots", "queue_size", "warmup")  # launch options that must not change a seed's bits
 
 
 def same_bits(recorded: Result, fresh: Result) -> bool:
@@ -46,7 +46,8 @@ def replay(path: str | Path, overrides: dict[str, Any] | None = None, progress: 
     verdicts: list[Verdict | None] = [None] * len(results)
     for positions in groups.values():
         first = results[positions[0]]
-        launch = {k: tuple(v) if isinstance(v, list) else v for k, v in first.launch.items()} | (overrides or {})
+        launch = {k: tuple(v) if isinstance(v, list) else v for k, v in first.launch.items()}
+        launch |= {"warmup": False} | (overrides or {})  # a rerun compiles only the steps it runs
         with LLM(first.model, **launch) as llm:
             fresh = llm.rerun([results[i] for i in positions], progress=progress)
             current = dict(llm.served.provenance)

@@ -27,7 +27,8 @@ from tests.gguf_writer import write_gguf
 from tests.hf_reference import make_tiny_model
 from tests.server_fixtures import openai_client
 
-OPTIONS = dict(max_len=1024, weights="float32", kv_dtype="float32", prefix_cache_mb=4.0)
+OPTIONS = dict(max_len=1024, weights="float32", kv_dtype="float32", prefix_cache_mb=4.0,
+               warmup=False)  # steps compile on first use: only the shapes these tests run
 SAMPLING = dict(max_tokens=6, temperature=0.9, logprobs=True, top_logprobs=2)
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
