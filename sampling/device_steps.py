@@ -35,8 +35,9 @@ class DeviceSteps(Protocol):
     def block_bytes(self) -> int:
         """Device bytes of one prefix-pool block."""
 
-    def warmup(self, progress: bool = False) -> State:
-        """A fresh state, with every shape the other calls use compiled."""
+    def warmup(self, progress: bool = False, compile_all: bool = True) -> State:
+        """A fresh state, with every shape the other calls use compiled (``compile_all=False``: each on first
+        use)."""
 
     def init_state(self) -> State:
         """A fresh state (all slots free, the pool empty)."""

@@ -135,7 +135,7 @@ class FakeSteps:
         if stage in self.before:
             self.before[stage]()
 
-    def warmup(self, progress: bool = False) -> FakeState:
+    def warmup(self, progress: bool = False, compile_all: bool = True) -> FakeState:
         return FakeState()
 
     def init_state(self) -> FakeState:
