@@ -170,7 +170,7 @@ def test_llm_score_equals_transformers(default_store, ours_and_reference):
     _, _, ref_model, _ = ours_and_reference
     prompts = ["The capital of France is", "Question: what is 2 + 2?\nAnswer:", "def reverse(items):\n    return"]
     continuations = [" Paris.", " 4", " items[::-1]"]
-    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=ENGINE.slots,
+    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=ENGINE.slots, warmup=False,
                       max_len=ENGINE.max_len) as llm:
         scores = llm.score(prompts, continuations, progress=False)
     for score in scores:
