@@ -20,8 +20,10 @@
 // int8 per block of 32, integer products, a float epilogue per block — twice the float path's speed, the
 // arithmetic llama.cpp uses for Q4 weights, and still one fixed sequence per row.
 //
-// Two paths with the same arithmetic: one or two rows convert each code in registers (DirectTile, the
-// block's scale/offset loaded once per 32 k); more rows dequantise a panel into a buffer once and run
+// Three paths with the same arithmetic: one or two rows convert each code in registers (DirectTile, the
+// block's scale/offset loaded once per 32 k); three or four rows do the same one half-panel (16 columns)
+// at a time, so their 8 accumulators fit the registers (DirectHalfTile: 1.2-1.3x the buffer path at 3-4
+// rows, measured on 30 layers' gate/up products); more rows dequantise a panel into a buffer once and run
 // register-blocked tiles of 6 rows x 16 columns over it (BufferTile). The `#pragma GCC unroll` lines are
 // load-bearing: without them GCC kept the accumulator arrays on the stack and stored them every k
 // (measured 1.3-1.7x slower at 16 rows).
@@ -109,6 +111,36 @@ void DirectTile(const Problem& p, int64_t panel_index, int64_t row) {
   }
 }
 
+// Rows [row, row + R) x 16 columns (half `half` of a panel) straight from the codes: for a few rows more
+// than DirectTile holds in registers, converting each weight once per half costs less than a trip through
+// the panel buffer. The same w = fma(scale, code, offset) and the same chain over k as the other paths.
+template <typename Codes, int R>
+void DirectHalfTile(const Problem& p, int64_t panel_index, int64_t row, int half) {
+  const PanelData d = PanelOf<Codes>(p, panel_index);
+  __m256 acc[R][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.k / kBlock; ++b) {
+    const float* scale = d.scale + b * kPanel + 16 * half;
+    const float* offset = d.offset + b * kPanel + 16 * half;
+    const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+    const __m256 o0 = _mm256_loadu_ps(offset), o1 = _mm256_loadu_ps(offset + 8);
+    for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
+      __m256i c[2];
+      Codes::HalfRow(d.codes + k * Codes::kRowBytes, half, c);
+      const __m256 w0 = _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(c[0]), o0);
+      const __m256 w1 = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(c[1]), o1);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(p.x + (row + r) * p.k + k);
+        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+  }
+  StoreTile<R>(p.y, p.n, row, panel_index * kPanel + 16 * half, acc);
+}
+
 // The panel's weights as floats [K, 32] (the same values DirectTile computes in registers).
 template <typename Codes>
 void Dequantise(const Problem& p, int64_t panel_index, float* buffer) {
@@ -140,12 +172,21 @@ void BufferTile(const Problem& p, int64_t panel_index, const float* panel, int64
 }
 
 constexpr int kTileRows = 6;
+constexpr int kDirectHalfRows = 4;  // up to this many rows: DirectHalfTile, no panel buffer
 
 template <typename Codes>
 void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
   if (p.m <= 2) {
     if (p.m == 2) return DirectTile<Codes, 2>(p, panel_index, 0);
     return DirectTile<Codes, 1>(p, panel_index, 0);
+  }
+  if (p.m <= kDirectHalfRows) {
+    for (int half = 0; half < 2; ++half) {
+      WithRowCount<kDirectHalfRows>(p.m, [&](auto rows) {
+        DirectHalfTile<Codes, decltype(rows)::value>(p, panel_index, 0, half);
+      });
+    }
+    return;
   }
   buffer.resize(p.k * kPanel);  // several rows reuse the weights: dequantise the panel once
   Dequantise<Codes>(p, panel_index, buffer.data());

@@ -38,6 +38,11 @@ struct Codes8 {
     #pragma GCC unroll 8
     for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v)));
   }
+  // Columns 16h..16h+15 of the row as 2 vectors (c[2h], c[2h + 1] of Row).
+  static inline void HalfRow(const uint8_t* row, int half, __m256i c[2]) {
+    c[0] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 * half)));
+    c[1] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 * half + 8)));
+  }
 };
 
 struct Codes4 {
@@ -50,6 +55,14 @@ struct Codes4 {
     c[1] = _mm256_and_si256(b, low);
     c[2] = _mm256_srli_epi32(a, 4);
     c[3] = _mm256_srli_epi32(b, 4);
+  }
+  // Columns 16h..16h+15 of the row as 2 vectors (c[2h], c[2h + 1] of Row): the low or the high nibbles.
+  static inline void HalfRow(const uint8_t* row, int half, __m256i c[2]) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8)));
+    c[0] = half ? _mm256_srli_epi32(a, 4) : _mm256_and_si256(a, low);
+    c[1] = half ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, low);
   }
 };
 
