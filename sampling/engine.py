@@ -100,7 +100,8 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, progress: bool = False) -> "Engine":
-        """Compile every step (``progress``: a bar of them on stderr), then run the loop on its own thread."""
+        """Compile every step (``progress``: a bar of them on stderr; with ``config.warmup`` False only the KV
+        agreement check, the rest on first use), then run the loop on its own thread."""
         started = time.perf_counter()
         self.choices.prepare()
         self._state = self.steps.warmup(progress, compile_all=self.config.warmup)

@@ -370,11 +370,10 @@ class EngineSteps:
         so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``).
         ``progress``: a bar of the steps compiled so far (of the total) on stderr. ``compile_all=False``:
         only the check, every other step compiles on first use (a one-off answer, most tests)."""
-        from tqdm import tqdm
-
         if not compile_all:
             self.decode_extends_prefix, state = decode_matches_prefill(self, self.init_state())
             return state
+        from tqdm import tqdm
 
         decode_calls = [(steps, bucket) for steps in self._decode for bucket in self.row_buckets]
         one_off = 8  # score, insert, copy, save and load blocks; set masks, release; the KV agreement check
