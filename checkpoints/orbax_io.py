@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxchat.checkpoints.errors import CheckpointError
+from flaxchat.model import sharding
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.transformer import param_shapes
 
@@ -42,25 +43,34 @@ def _stack(params: dict, num_layers: int) -> dict:
     return out
 
 
-def restore_params(path: str | Path, cfg: ModelConfig, on_device: bool = True) -> Any:
+def restore_params(path: str | Path, cfg: ModelConfig, on_device: bool = True,
+                   mesh: jax.sharding.Mesh | None = None) -> Any:
     """Read params back with the shapes and dtypes ``cfg`` implies (a dtype change is a cast); as numpy
     arrays with ``on_device=False`` (params that will be quantised on the host: a device copy of the floats
-    would only raise the start's peak memory).
+    would only raise the start's peak memory). On a ``mesh``, each array is restored in the layout
+    ``model/sharding.py`` gives it: every device reads only its shard, and no host holds a whole array.
 
     Stores written with the per-layer layout (``layers_{i}``) are read too, and stacked."""
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(path, "orbax checkpoint directory not found")
+    shapes = param_shapes(cfg.replace(weights="float32"))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          param_shapes(cfg.replace(weights="float32")))
+    on_one_device = jax.tree.map(lambda _: device, shapes)
+    placements = on_one_device if mesh is None or not on_device else sharding.param_shardings(shapes, cfg, mesh)
+
+    def target_of(where):
+        return jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), shapes, where)
+
+    target = target_of(placements)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(path)
             tree = getattr(stored, "item_metadata", stored)
             names = set(tree.keys()) if hasattr(tree, "keys") else set()
             if "layers_0" in names:
-                params = _stack(checkpointer.restore(path, _per_layer_layout(target, cfg.num_layers)), cfg.num_layers)
+                params = _stack(checkpointer.restore(path, _per_layer_layout(target_of(on_one_device), cfg.num_layers)),
+                                cfg.num_layers)
             else:
                 params = checkpointer.restore(path, target)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
@@ -70,4 +80,13 @@ def restore_params(path: str | Path, cfg: ModelConfig, on_device: bool = True) -
     # the device afresh from host memory run at full speed.
     if not on_device:
         return jax.tree.map(np.asarray, params)
-    return jax.tree.map(lambda a: jax.device_put(np.asarray(a)), params)
+    return jax.tree.map(_fresh_copy, params, placements)
+
+
+def _fresh_copy(array: Any, where: jax.sharding.Sharding) -> jax.Array:
+    """``array`` put on its devices afresh from host memory, one shard at a time (a stacked old-layout store
+    arrives as a host array and is split here)."""
+    if not isinstance(array, jax.Array) or len(array.sharding.device_set) == 1:
+        return jax.device_put(np.asarray(array), where)
+    shards = [jax.device_put(np.asarray(shard.data), shard.device) for shard in array.addressable_shards]
+    return jax.make_array_from_single_device_arrays(array.shape, where, shards)

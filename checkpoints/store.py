@@ -34,6 +34,7 @@ from flaxchat.checkpoints.orbax_io import restore_params, save_params
 from flaxchat.checkpoints.tokenizer_files import load_tokenizer, read_hf_tokenizer_files
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.quant import prepare_weights, resolve_weights
+from flaxchat.model.sharding import make_mesh
 from flaxchat.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -268,17 +269,18 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
 
 
 def load_model(name: str, dtype: str | None = None, weights: str = "float32",
-               prompt_activations: str = "float32") -> StoredModel:
+               prompt_activations: str = "float32", mesh: str | None = None) -> StoredModel:
     """Load a stored model: config, orbax params (optionally cast, optionally quantised to int8 with
     ``weights="int8"``), tokenizer and chat template. The store keeps float weights; quantisation happens
-    at load, on the host. ``prompt_activations`` sets ``ModelConfig.prompt_activations``."""
+    at load, on the host. ``prompt_activations`` sets ``ModelConfig.prompt_activations``. ``mesh`` (as
+    ``model.sharding.make_mesh`` takes it): float params are restored straight into their sharded layout."""
     folder = model_dir(name)
     if not is_stored(name):
         raise CheckpointError(folder, f"model {name!r} is not in the store (run `flaxchat pull` or `flaxchat import`)")
     cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     cast = dtype is not None and dtype != cfg.dtype
     quantising = resolve_weights(weights, cfg) != "float32"
-    params = restore_params(folder / "params", cfg, on_device=cast or not quantising)
+    params = restore_params(folder / "params", cfg, on_device=cast or not quantising, mesh=make_mesh(cfg, mesh))
     if cast:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)

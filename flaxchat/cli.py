@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     setup_jax()
     model = load_model(resolve_model(args.model), dtype=args.dtype, weights=args.weights,
-                       prompt_activations=args.prompt_activations)
+                       prompt_activations=args.prompt_activations, mesh=args.mesh)
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.special.add_bos)
@@ -64,7 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # One slot and a context just long enough, no warm-up: only the steps this answer runs are compiled.
     engine = Engine(model.cfg, model.params, tokenizer,
                     EngineConfig(slots=1, max_len=len(prompt_ids) + args.max_tokens, prefix_cache_mb=0,
-                                 kv_dtype=kv_dtype_for("auto", model.cfg.weights), warmup=False)).start()
+                                 kv_dtype=kv_dtype_for("auto", model.cfg.weights), warmup=False,
+                                 mesh=args.mesh)).start()
     try:
         handle = engine.submit(prompt_ids, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                                           seed=seed))
@@ -144,7 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served = launch(args.model, LaunchOptions(
         slots=args.slots, max_len=args.max_len, queue_size=args.queue_size, dtype=args.dtype, weights=args.weights,
         prompt_activations=args.prompt_activations, kv_dtype=args.kv_dtype, steps_per_call=args.steps_per_call,
-        prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb, content_filter=content_filter))
+        prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb, content_filter=content_filter,
+        mesh=args.mesh))
     engine = served.engine
     log.info("finished replies' blocks %s the prefix cache (decoded KV %s prefill's)",
              *(("join", "equals") if engine.steps.decode_extends_prefix else ("stay out of", "differs from")))
@@ -207,6 +209,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_mesh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="the device mesh (model/sharding.py): heads, MLP and vocabulary split over 'model', slots "
+                        "over 'data'; default: every local device on 'model' when they divide the heads and KV "
+                        "heads, else one device")
+
+
 def _add_prompt_activations(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-activations", choices=["float32", "int8"], default="float32",
                    help="with int4 weights: int8 quantises the inputs of q/k/v and gate/up in prompt chunks per "
@@ -262,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = on CPU where the kernel builds int4 if the checkpoint is exactly 4-bit, else "
                         "int8; float32 elsewhere")
     _add_prompt_activations(p)
+    _add_mesh(p)
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
                    help="KV cache storage type; int8 = 8-bit codes with a float32 scale per 32 elements: 56%% of "
                         "bfloat16's memory (16 slots x 2048: 425 MB instead of 755); auto = int8 with int8/int4 "
@@ -296,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
                    help="projection weights (as serve)")
     _add_prompt_activations(p)
+    _add_mesh(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="streaming load at 1/4/8/16 clients and the prefix probe through HTTP: a "

@@ -30,6 +30,7 @@ class LaunchOptions:
     prefix_cache_mb: float = 256.0
     content_filter: tuple[str, ...] = field(default_factory=tuple)
     warmup: bool = True  # compile every step before serving; False: each on first use (no bits change)
+    mesh: str | None = None  # "data=2,model=4" (model/sharding.py); None: every local device on "model" if it divides the heads
 
 
 def setup_jax() -> None:
@@ -84,13 +85,14 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
     ``options.warmup`` is False; ``progress``: a bar of the steps compiled, of the total)."""
     from flaxchat.checkpoints.provenance import fingerprint, provenance
     from flaxchat.checkpoints.store import ALIASES, load_model
+    from flaxchat.model.sharding import format_mesh
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.serve.memory import release_freed_memory
 
     setup_jax()
     name = resolve_model(model)
     loaded = load_model(name, dtype=options.dtype, weights=options.weights,
-                        prompt_activations=options.prompt_activations)
+                        prompt_activations=options.prompt_activations, mesh=options.mesh)
     if not loaded.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
     release_freed_memory()  # the float checkpoint a quantised model was made from
@@ -100,7 +102,7 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
                                  steps_per_call=options.steps_per_call,
                                  kv_dtype=kv_dtype_for(options.kv_dtype, weights),
                                  prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb,
-                                 warmup=options.warmup))
+                                 warmup=options.warmup, mesh=options.mesh))
     log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
              "%d-block prefix cache)...", name, options.slots, engine.max_len, weights, engine.steps.kv_dtype,
              options.steps_per_call, engine.prefix.capacity)
@@ -108,6 +110,8 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
     release_freed_memory()  # the compiler's scratch memory
     setup = {"weights": weights, "kv_dtype": str(engine.steps.kv_dtype),
              "prompt_activations": loaded.cfg.prompt_activations}
+    if engine.steps.mesh is not None:  # partitioned programs sum in another order: other bits than one device's
+        setup["mesh"] = format_mesh(engine.steps.mesh)
     parts = provenance(loaded.path, loaded.manifest, setup, loaded.chat_template)
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     return ServedModel(name, engine, loaded.tokenizer, loaded.chat_template, fingerprint(parts), aliases=aliases,

@@ -65,6 +65,7 @@ class EngineConfig:
     prefix_cache_mb: float = 256.0  # device memory for cached prompt blocks; 0 turns the prefix cache off
     prefix_block: int = 16  # tokens per cached block
     warmup: bool = True  # compile every step at start (a server never compiles while serving); False: on first use
+    mesh: str | None = None  # "data=2,model=4" (model/sharding.py); default: every local device on "model" if it divides the heads
 
 
 @dataclass

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from flaxchat.model import sharding
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
@@ -44,12 +47,18 @@ class DecodeState:
 
 
 class EngineSteps:
-    """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype)."""
+    """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype, mesh).
+
+    On a ``mesh`` (``model/sharding.py``) the params and the device state are placed by the sharding rules
+    and every step returns the state in the same layout it took (so donation reuses the buffers and no
+    step recompiles for a new layout); XLA partitions the programs. Without one, nothing is placed: the
+    one-device programs."""
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
                  largest_bucket: int = LARGEST_PREFILL_BUCKET, kv_dtype: str | None = None, pool_blocks: int = 0,
-                 block_size: int = 16):
-        self.cfg, self.params = cfg, params
+                 block_size: int = 16, mesh: Mesh | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.params = params if mesh is None else sharding.place(params, sharding.param_shardings(params, cfg, mesh))
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
         self.kv_dtype = kv_dtype or cfg.dtype
         smallest = min(smallest_prefill_bucket(cfg), max_len)
@@ -60,20 +69,20 @@ class EngineSteps:
         self.model = Transformer(cfg)
         self.compiles = 0
         self.decode_extends_prefix = False  # decoded tokens' KV equals prefill's (measured at warm-up)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._prefill_batch = jax.jit(self._prefill_batch_impl, donate_argnums=(1,))
-        self._score = jax.jit(self._score_impl, donate_argnums=(1,))
+        self._prefill = self._jit(self._prefill_impl, 1)
+        self._prefill_batch = self._jit(self._prefill_batch_impl, 1)
+        self._score = self._jit(self._score_impl, 1)
         # Batched prefill (prompts, length) shapes: their products have >= smallest_prefill_bucket rows, so
         # they keep a row's bits wherever one-prompt chunks do.
         self.batch_shapes = batch_shapes(slots, smallest, self.buckets[-1])
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnums=(0,))
-        self._load_blocks = jax.jit(self._load_blocks_impl, donate_argnums=(0,))
-        self._save_blocks = jax.jit(self._save_blocks_impl, donate_argnums=(0,))
-        self._decode = {k: jax.jit(functools.partial(self._decode_impl, k), donate_argnums=(1,))
+        self._insert = self._jit(self._insert_impl, 0)
+        self._copy_slot = self._jit(self._copy_slot_impl, 0)
+        self._load_blocks = self._jit(self._load_blocks_impl, 0)
+        self._save_blocks = self._jit(self._save_blocks_impl, 0)
+        self._decode = {k: self._jit(functools.partial(self._decode_impl, k), 1)
                         for k in sorted({1, steps_per_call})}
-        self._release = jax.jit(self._release_impl, donate_argnums=(0,))
-        self._set_allowed = jax.jit(self._set_allowed_impl, donate_argnums=(0,))
+        self._release = self._jit(self._release_impl, 0)
+        self._set_allowed = self._jit(self._set_allowed_impl, 0)
 
     @classmethod
     def for_engine(cls, cfg: ModelConfig, params: Any, max_len: int, config: Any) -> "EngineSteps":
@@ -81,10 +90,37 @@ class EngineSteps:
         kv_dtype = config.kv_dtype or cfg.dtype
         pool_blocks = int(config.prefix_cache_mb * 2**20 // cls.pool_block_bytes(cfg, kv_dtype, config.prefix_block))
         return cls(cfg, params, config.slots, max_len, config.steps_per_call, config.largest_prefill_bucket, kv_dtype,
-                   pool_blocks, config.prefix_block)
+                   pool_blocks, config.prefix_block, sharding.make_mesh(cfg, config.mesh))
+
+    def _jit(self, step, donated: int):
+        """``step`` jitted with its state argument donated; on a mesh, the state it returns (alone or last)
+        is held to the layout the state came in with."""
+        if self.mesh is None:
+            return jax.jit(step, donate_argnums=(donated,))
+
+        def laid_out(*args):
+            out = step(*args)
+            if isinstance(out, DecodeState):
+                return self._constrain(out)
+            return (*out[:-1], self._constrain(out[-1]))
+
+        return jax.jit(laid_out, donate_argnums=(donated,))
+
+    def _state_sharding(self, leaf: Any) -> Any:
+        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots)
+
+    def _constrain(self, state: DecodeState) -> DecodeState:
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self._state_sharding(a)), state)
 
     # ---- state -----------------------------------------------------------------------------------
     def init_state(self) -> DecodeState:
+        """Fresh device state; on a mesh each device allocates only its shard."""
+        if self.mesh is None:
+            return self._init_state_impl()
+        shardings = jax.tree.map(self._state_sharding, jax.eval_shape(self._init_state_impl))
+        return jax.jit(self._init_state_impl, out_shardings=shardings)()
+
+    def _init_state_impl(self) -> DecodeState:
         b, v = self.slots, self.cfg.vocab_size
         rows = RowSettings(
             temperature=jnp.zeros(b, jnp.float32), top_p=jnp.ones(b, jnp.float32), top_k=jnp.zeros(b, jnp.int32),

@@ -183,3 +183,15 @@ def test_llm_score_equals_transformers(default_store, ours_and_reference):
         assert abs(score.total - sum(expected)) <= 1e-4
         np.testing.assert_allclose(score.token_logprobs, expected, atol=1e-4)
     assert scores[0].greedy  # " Paris." is what the model would say
+
+
+def test_greedy_continuations_on_a_mesh_equal_transformers(default_store, reference_greedy):
+    """The prompts above on a 2x4 mesh of fake CPU devices (``tests/mesh_worker.py``: MLP and vocabulary split
+    over ``model``, the 9 heads replicated, slots over ``data``; float32): 16 greedy tokens each, the ones
+    transformers (and so one device) gives."""
+    from tests.test_sharding import mesh_worker
+
+    report = mesh_worker("default", "data=2,model=4", env={"FLAXCHAT_HOME": str(default_store)})
+    assert report["mesh"] == "data=2,model=4"
+    for prompt, ids, tokens in zip(PROMPTS, report["prompt_ids"], report["tokens"]):
+        assert tokens == reference_greedy(ids)[: len(tokens)] and len(tokens) == min(16, len(reference_greedy(ids))), prompt

@@ -1,0 +1,102 @@
+"""Runs in a process of its own with fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
+which must be set before JAX starts): serves seeded requests on several meshes and prints what they gave as
+one JSON line, for ``tests/test_sharding.py`` to compare.
+
+``python -m tests.mesh_worker tiny FOLDER [--xla-attention] [--weights W] [--meshes M ...]``: a tiny random model
+(4 heads, 2 KV heads, so ``model=4`` splits the query heads and replicates the KV heads, ``model=8`` replicates
+both); on one device and on each mesh (default: 1x8, 2x4, 4x2, 8x1), one seeded request alone and then again
+among others, and the layout of a few params and the cache.
+``--xla-attention`` turns the CPU kernels off so the XLA formulation (what GPUs and TPUs run) is partitioned.
+
+``python -m tests.mesh_worker default MESH``: greedy continuations of the default model's test prompts on
+``MESH`` (the store under ``FLAXCHAT_HOME``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+MESHES = ("model=8", "data=2,model=4", "data=4,model=2", "data=8")
+PROMPT = list(range(10, 30))
+
+
+def _layout(array) -> dict:
+    return {"spec": [None if a is None else str(a) for a in array.sharding.spec],
+            "shard": list(array.addressable_shards[0].data.shape), "devices": len(array.sharding.device_set)}
+
+
+def _matrix_layout(params: dict, name: str) -> dict | None:
+    """A float projection's layout (quantised ones fuse q/k/v and keep codes: their codes' layout)."""
+    if name not in params:
+        return None
+    return _layout(params[name]["kernel"] if "kernel" in params[name] else params[name]["codes"])
+
+
+def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str]) -> dict:
+    from flaxchat.model import kernels
+    from flaxchat.sampling.engine import Engine, EngineConfig
+    from flaxchat.sampling.params import SamplingParams
+    from tests.engine_fixtures import tiny_model, with_weights
+
+    if xla_attention:
+        kernels.available = lambda: False
+    cfg, params, tokenizer = with_weights(tiny_model(folder), weights)
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=7, logprobs=True, top_logprobs=2)
+    report = {}
+    for mesh in ["data=1,model=1", *meshes]:
+        engine = Engine(cfg, params, tokenizer, EngineConfig(slots=8, max_len=64, warmup=False, mesh=mesh,
+                                                             prefix_cache_mb=0.25)).start()
+        try:
+            alone = engine.submit(PROMPT, seeded).result()[0]
+            others = [engine.submit(list(range(3 + i, 14 + 2 * i)), SamplingParams(max_tokens=10 + i, temperature=1.0,
+                                                                                    seed=100 + i)) for i in range(6)]
+            loaded = engine.submit(PROMPT, seeded).result()[0]
+            for handle in others:
+                handle.result()
+            steps = engine.steps
+            layers = steps.params["layers"]
+            report[mesh] = {
+                "alone": [[e.token_id, e.logprob] for e in alone if e.token_id is not None],
+                "loaded": [[e.token_id, e.logprob] for e in loaded if e.token_id is not None],
+                "compiles_after": steps.compiles,
+                "layout": {} if steps.mesh is None else {
+                    "q_proj": _matrix_layout(layers["attn"], "q_proj"), "k_proj": _matrix_layout(layers["attn"], "k_proj"),
+                    "down_proj": _matrix_layout(layers["mlp"], "down_proj"), "cache": _layout(engine._state.cache.k),
+                },
+            }
+        finally:
+            engine.stop()
+    return report
+
+
+def run_default(mesh: str) -> dict:
+    import flaxchat
+    from tests.test_default_model import PROMPTS
+
+    from flaxchat.model.sharding import format_mesh
+
+    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=4, max_len=128,
+                      warmup=False, mesh=mesh) as llm:
+        results = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], max_tokens=16, temperature=0.0,
+                           progress=False)
+        return {"tokens": [r.choices[0].token_ids for r in results], "prompt_ids": [r.prompt_token_ids for r in results],
+                "mesh": format_mesh(llm.served.engine.steps.mesh)}
+
+
+def main(argv: list[str]) -> None:
+    import jax
+
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    if argv[0] == "tiny":
+        weights = argv[argv.index("--weights") + 1] if "--weights" in argv else "float32"
+        meshes = argv[argv.index("--meshes") + 1:] if "--meshes" in argv else list(MESHES)
+        report = run_tiny(Path(argv[1]), "--xla-attention" in argv, weights, meshes)
+    else:
+        report = run_default(argv[1])
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,153 @@
+"""Sharding over a device mesh (``model/sharding.py``): the rules table on real model shapes, and serving on
+meshes of 8 fake CPU devices in a process of their own (``tests/mesh_worker.py``; the device count is fixed
+when JAX starts).
+
+The mesh contract: on every mesh a seeded request gives the same tokens as on one device with logprobs within
+1e-4 (partitioned sums add in another order), and on a given mesh the same bits alone and among other
+requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from flaxchat.model.config import ModelConfig
+from flaxchat.model.quant import quantize_params
+from flaxchat.model.sharding import (MeshError, default_mesh_shape, format_mesh, make_mesh, param_axes, parse_mesh,
+                                     partition_spec, CACHE_AXES)
+from flaxchat.model.transformer import param_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(hidden, inter, layers, heads, kv_heads, vocab, **extra) -> ModelConfig:
+    return ModelConfig(architecture="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
+                       max_position_embeddings=4096, **extra)
+
+
+LLAMA3_8B = _config(4096, 14336, 32, 32, 8, 128256)
+SMOLLM2_135M = _config(576, 1536, 30, 9, 3, 49152, tie_word_embeddings=True)
+QWEN3_LIKE = _config(256, 512, 2, 8, 4, 1000, qk_norm=True, qkv_bias=True)
+
+
+def _specs(cfg: ModelConfig, mesh: AbstractMesh, shapes=None) -> dict[str, P]:
+    shapes = shapes if shapes is not None else param_shapes(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {"/".join(str(k.key) for k in path): partition_spec(param_axes(path, leaf.ndim), leaf.shape, cfg, mesh)
+            for path, leaf in flat}
+
+
+def test_mesh_specs_parse_and_print():
+    assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
+    assert parse_mesh("model=8") == {"data": 1, "model": 8}
+    assert format_mesh({"data": 2, "model": 4}) == "data=2,model=4"
+    for bad in ("tensor=2", "model=0", "model=two", "model"):
+        with pytest.raises(MeshError):
+            parse_mesh(bad)
+    with pytest.raises(MeshError, match="needs 8 devices; 1 available"):
+        make_mesh(SMOLLM2_135M, "data=2,model=4", devices=jax.devices()[:1])
+    assert make_mesh(SMOLLM2_135M, "data=1,model=1") is None  # one device: the unpartitioned programs
+
+
+def test_the_default_mesh_puts_every_device_on_model_only_where_it_divides_the_heads():
+    assert default_mesh_shape(LLAMA3_8B, 8) == {"data": 1, "model": 8}
+    assert default_mesh_shape(SMOLLM2_135M, 8) == {"data": 1, "model": 1}  # 9 heads, 3 KV heads
+    assert default_mesh_shape(SMOLLM2_135M, 3) == {"data": 1, "model": 3}
+    assert default_mesh_shape(LLAMA3_8B, 1) == {"data": 1, "model": 1}
+
+
+def test_llama3_8b_splits_heads_mlp_and_vocabulary_over_model():
+    specs = _specs(LLAMA3_8B, AbstractMesh((2, 4), ("data", "model")))
+    assert specs["layers/attn/q_proj/kernel"] == P(None, None, "model")
+    assert specs["layers/attn/k_proj/kernel"] == P(None, None, "model")  # 8 KV heads over 4
+    assert specs["layers/attn/o_proj/kernel"] == P(None, "model")
+    assert specs["layers/mlp/gate_proj/kernel"] == P(None, None, "model")
+    assert specs["layers/mlp/down_proj/kernel"] == P(None, "model")
+    assert specs["embed/embedding"] == P("model") and specs["lm_head/kernel"] == P(None, "model")
+    assert specs["layers/input_norm/scale"] == P() and specs["final_norm/scale"] == P()
+    cache = partition_spec(CACHE_AXES, (32, 16, 8, 2048, 128), LLAMA3_8B, AbstractMesh((2, 4), ("data", "model")))
+    assert cache == P(None, "data", "model")
+
+
+def test_smollm2_replicates_its_9_heads_and_3_kv_heads_but_splits_mlp_and_vocabulary():
+    """A model axis of 2, 4 or 8 divides neither 9 heads nor 3 KV heads: the attention projections and the
+    KV cache are replicated (never padded: padding heads would change every layer's arithmetic); a model
+    axis of 3 splits both."""
+    for ways in (2, 4, 8):
+        mesh = AbstractMesh((1, ways), ("data", "model"))
+        specs = _specs(SMOLLM2_135M, mesh)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert specs[f"layers/attn/{name}/kernel"] == P(), (ways, name)
+        assert specs["layers/mlp/up_proj/kernel"] == P(None, None, "model")  # 1536 units
+        assert specs["embed/embedding"] == P("model")  # 49152 entries
+        assert partition_spec(CACHE_AXES, (30, 16, 3, 2048, 64), SMOLLM2_135M, mesh) == P()
+    specs = _specs(SMOLLM2_135M, AbstractMesh((1, 3), ("data", "model")))
+    assert specs["layers/attn/q_proj/kernel"] == P(None, None, "model")
+    assert specs["layers/attn/k_proj/kernel"] == P(None, None, "model")
+
+
+def test_every_parameter_of_every_layout_has_an_entry():
+    """Biases and q/k norms (Qwen), float and quantised layouts: no parameter is missing from the table, and
+    quantised leaves (the CPU kernel's opaque calls) are replicated."""
+    mesh = AbstractMesh((2, 4), ("data", "model"))
+    specs = _specs(QWEN3_LIKE, mesh)
+    assert specs["layers/attn/q_proj/bias"] == P(None, "model")
+    assert specs["layers/attn/q_norm/scale"] == P()
+    quantised = quantize_params(jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), param_shapes(QWEN3_LIKE)))
+    specs = _specs(QWEN3_LIKE.replace(weights="int8"), mesh, quantised)
+    assert any(name.endswith("/codes") for name in specs)
+    for name, spec in specs.items():
+        if name.endswith(("/codes", "/offset")) or (name.endswith("/scale") and "norm" not in name):
+            assert spec == P(), name
+
+
+def mesh_worker(*args: str, env: dict | None = None) -> dict:
+    """``tests/mesh_worker.py`` in a process with 8 fake CPU devices; its JSON report."""
+    env = {**os.environ, **(env or {}),
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
+    result = subprocess.run([sys.executable, "-m", "tests.mesh_worker", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+def _check_mesh_contract(report: dict) -> None:
+    one = report.pop("data=1,model=1")
+    assert one["alone"] == one["loaded"]
+    for mesh, run in report.items():
+        assert run["alone"] == run["loaded"], f"{mesh}: a seeded request's bits changed under load"
+        assert [t for t, _ in run["alone"]] == [t for t, _ in one["alone"]], mesh
+        assert max(abs(a - b) for (_, a), (_, b) in zip(run["alone"], one["alone"])) <= 1e-4, mesh
+
+
+VARIANTS = {  # worker arguments; each mesh costs ~10 s of compiling on 2 cores, so the variants take fewer
+    "kernels": [],
+    "xla-attention": ["--xla-attention", "--meshes", "data=2,model=4", "data=4,model=2"],
+    "int8-weights": ["--weights", "int8", "--meshes", "data=2,model=4"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_serving_on_every_mesh_keeps_the_seed_contract(tmp_path, variant):
+    """Meshes 1x8, 2x4, 4x2 and 8x1 of fake devices: the same tokens as one device (logprobs within 1e-4), the
+    same bits alone and under load, and the params and cache laid out as the rules say. ``kernels``: the CPU
+    kernels (run replicated by XLA); ``xla-attention``: the XLA formulation GPUs and TPUs run, partitioned
+    (on the two meshes that split heads); ``int8-weights``: quantised projections (replicated)."""
+    report = mesh_worker("tiny", str(tmp_path), *VARIANTS[variant])
+    if variant != "int8-weights":
+        layout = report["data=2,model=4"]["layout"]
+        assert layout["q_proj"] == {"spec": [None, None, "model"], "shard": [3, 64, 16], "devices": 8}  # 4 heads / 4
+        assert layout["k_proj"]["spec"] == []  # 2 KV heads: replicated over a model axis of 4
+        assert layout["down_proj"] == {"spec": [None, "model"], "shard": [3, 40, 64], "devices": 8}
+        assert layout["cache"] == {"spec": [None, "data"], "shard": [3, 4, 2, 64, 16], "devices": 8}
+        assert report["data=4,model=2"]["layout"]["cache"]["spec"] == [None, "data", "model"]
+    _check_mesh_contract(report)
