@@ -9,11 +9,14 @@ output, o/down by input, one all-reduce each), the vocabulary over ``model``, sl
 
 Awkward cases, decided here:
 
-- A head axis is split only when the mesh axis divides its *head count* (not just its width): SmolLM2 has
-  9 heads and 3 KV heads, so on a ``model`` axis of 2, 4 or 8 its q/k/v/o projections and its KV cache are
-  **replicated** over ``model`` (padding heads would change the arithmetic of every layer), while its MLP
-  (1,536 units) and vocabulary (49,152) are still split. Llama-3-8B (32 heads, 8 KV heads) splits all of them
-  on a ``model`` axis of 2, 4 or 8. ``tests/test_sharding.py`` checks both kinds.
+- A head axis is split only when the mesh axis divides its *head count* (not just its width), and the query
+  heads only together with the KV heads (each device then holds whole GQA groups). SmolLM2 has 9 heads and 3
+  KV heads, so on a ``model`` axis of 2, 4 or 8 its q/k/v/o projections and its KV cache are **replicated**
+  over ``model`` (padding heads would change the arithmetic of every layer), while its MLP (1,536 units) and
+  vocabulary (49,152) are still split. Llama-3-8B (32 heads, 8 KV heads) splits all of them on a ``model``
+  axis of 2, 4 or 8. (vLLM splits the queries and replicates KV heads when the KV heads do not divide; under
+  XLA's automatic partitioning that layout made the decode program gather the whole cache every step,
+  measured on 4 heads / 2 KV heads over ``model=4``.) ``tests/test_sharding.py`` checks each kind.
 - Any other axis that the mesh axis does not divide is replicated (never padded).
 - Quantised projections (8-/4-bit blocks, a CPU feature: ``model/quant.py``) are replicated: the CPU kernel is
   one opaque call per matrix, which XLA would feed with gathered shards anyway.
@@ -108,9 +111,10 @@ def format_mesh(shape: dict[str, int] | Mesh | None) -> str:
     return ",".join(f"{axis}={shape.get(axis, 1)}" for axis in MESH_AXES)
 
 
-def _counts(cfg: ModelConfig) -> dict[str, int]:
-    """How many units a logical axis splits into (a head axis splits by heads, not by its width)."""
-    return {"heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
+def _counts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The unit counts a mesh axis must divide to split a logical axis: a head axis splits by whole heads
+    (not by its width), and query heads only with their KV heads, so each device holds whole groups."""
+    return {"heads": (cfg.num_heads, cfg.num_kv_heads), "kv_heads": (cfg.num_kv_heads,)}
 
 
 def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh: Mesh
@@ -122,8 +126,8 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], cfg: Mo
     for name, size in zip(axes, shape):
         mesh_axis = RULES.get(name) if name else None
         ways = mesh.shape.get(mesh_axis, 1) if mesh_axis else 1
-        units = counts.get(name, size)
-        if ways > 1 and mesh_axis not in used and size % ways == 0 and units % ways == 0:
+        units = counts.get(name, (size,))
+        if ways > 1 and mesh_axis not in used and size % ways == 0 and all(n % ways == 0 for n in units):
             spec.append(mesh_axis)
             used.add(mesh_axis)
         else:
@@ -163,11 +167,13 @@ def param_shardings(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def state_sharding(leaf: Any, cfg: ModelConfig, mesh: Mesh, slots: int) -> NamedSharding:
+def state_sharding(leaf: Any, cfg: ModelConfig, mesh: Mesh, slots: int, split_kv_heads: bool = True) -> NamedSharding:
     """Where one leaf of the engine's device state lives: a cache or pool buffer by ``CACHE_AXES``; a
-    per-slot array (``[slots, ...]``) by slot over ``data``; anything else replicated."""
+    per-slot array (``[slots, ...]``) by slot over ``data``; anything else replicated. ``split_kv_heads=False``
+    keeps every KV head on each ``model`` device (the CPU attention kernel is one opaque call per data shard:
+    XLA would gather a head-split cache before every call)."""
     if leaf.ndim == 5:
-        axes = CACHE_AXES
+        axes = CACHE_AXES if split_kv_heads else tuple(None if a == "kv_heads" else a for a in CACHE_AXES)
     elif leaf.ndim >= 1 and leaf.shape[0] == slots:
         axes = ("slots",) + (None,) * (leaf.ndim - 1)
     else:

@@ -30,6 +30,7 @@ class DeviceSteps(Protocol):
     compiles: int  # traces so far (zero compiles after warm-up is an invariant)
     max_len: int  # cache positions per slot
     decode_extends_prefix: bool  # decoded tokens' KV equals prefill's: finished replies' blocks may be cached
+    slot_order: tuple[int, ...]  # the order free slots are taken in (spread over data shards on a mesh)
 
     @property
     def block_bytes(self) -> int:

@@ -236,7 +236,7 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into the prefill queue while their choices fit in free slots."""
         while True:
-            free = [i for i, c in enumerate(self._slots) if c is None]
+            free = [i for i in self.steps.slot_order if self._slots[i] is None]
             pending = self._waiting.pop_fitting(len(free))
             if pending is None:
                 return

@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxchat.model import sharding
+from flaxchat.model import kernels, sharding
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
+from flaxchat.sampling.data_shards import DataShards
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
 from flaxchat.sampling.kv_agreement import decode_matches_prefill
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
@@ -67,11 +68,18 @@ class EngineSteps:
         self.score_chunk_size = SCORE_CHUNK
         self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
+        # Slots over the mesh's data axis: the prompt and decode steps run shard by shard (sampling/data_shards.py).
+        self.shards = (DataShards(mesh, slots, lambda leaf: self._state_sharding(leaf).spec)
+                       if mesh is not None and mesh.shape["data"] > 1 else None)
+        self.slot_order = self.shards.slot_order() if self.shards else tuple(range(slots))
+        if self.shards:
+            self.row_buckets = row_buckets(self.shards.per_shard, smallest_row_bucket(cfg))
         self.compiles = 0
         self.decode_extends_prefix = False  # decoded tokens' KV equals prefill's (measured at warm-up)
-        self._prefill = self._jit(self._prefill_impl, 1)
-        self._prefill_batch = self._jit(self._prefill_batch_impl, 1)
-        self._score = self._jit(self._score_impl, 1)
+        per_shard = (lambda impl, **how: self.shards.prefill(impl, **how)) if self.shards else (lambda impl, **how: impl)
+        self._prefill = self._jit(per_shard(self._prefill_impl), 1)
+        self._prefill_batch = self._jit(per_shard(self._prefill_batch_impl), 1)
+        self._score = self._jit(per_shard(self._score_impl, results=2), 1)
         # Batched prefill (prompts, length) shapes: their products have >= smallest_prefill_bucket rows, so
         # they keep a row's bits wherever one-prompt chunks do.
         self.batch_shapes = batch_shapes(slots, smallest, self.buckets[-1])
@@ -79,7 +87,8 @@ class EngineSteps:
         self._copy_slot = self._jit(self._copy_slot_impl, 0)
         self._load_blocks = self._jit(self._load_blocks_impl, 0)
         self._save_blocks = self._jit(self._save_blocks_impl, 0)
-        self._decode = {k: self._jit(functools.partial(self._decode_impl, k), 1)
+        decode = self.shards.decode if self.shards else (lambda impl: impl)
+        self._decode = {k: self._jit(decode(functools.partial(self._decode_impl, k)), 1)
                         for k in sorted({1, steps_per_call})}
         self._release = self._jit(self._release_impl, 0)
         self._set_allowed = self._jit(self._set_allowed_impl, 0)
@@ -107,7 +116,18 @@ class EngineSteps:
         return jax.jit(laid_out, donate_argnums=(donated,))
 
     def _state_sharding(self, leaf: Any) -> Any:
-        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots)
+        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots, split_kv_heads=not kernels.available())
+
+    def _whole(self, logits: jax.Array) -> jax.Array:
+        """Logits gathered whole on each device of a row before sampling (a vocabulary split over ``model``
+        otherwise makes each of the sampler's fixed-order sums a chain of collectives, and a data shard's
+        sampler skips work by its own rows' settings, which must not wait on collectives the other data
+        shards skip)."""
+        if self.mesh is None:
+            return logits
+        inside_data_shard = not jax.sharding.get_abstract_mesh().empty  # shard_map's context: the spec alone
+        return jax.lax.with_sharding_constraint(
+            logits, PartitionSpec() if inside_data_shard else NamedSharding(self.mesh, PartitionSpec()))
 
     def _constrain(self, state: DecodeState) -> DecodeState:
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self._state_sharding(a)), state)
@@ -217,7 +237,7 @@ class EngineSteps:
             bias=row.bias[None], allowed=row.allowed[None], counts=jnp.zeros_like(row.bias, jnp.int32)[None],
             seen=row.seen[None], top_logprobs=row.top_logprobs[None],
         )
-        out = sample(logits[None], one, jax.random.fold_in(choice_key, 0)[None])
+        out = sample(self._whole(logits)[None], one, jax.random.fold_in(choice_key, 0)[None])
         one = record_tokens(one, out.tokens, jnp.ones(1, bool))
         rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), state.rows, one)
         state = state.replace(
@@ -228,7 +248,8 @@ class EngineSteps:
         return out, state
 
     def _decode_impl(self, steps: int, params, state: DecodeState, rows):
-        """``steps`` decode steps over the slots ``rows`` (``[bucket]``; an index of ``slots`` pads).
+        """``steps`` decode steps over the slots ``rows`` (``[bucket]``; an index of ``slots`` pads; on a data
+        shard, the shard's own slots).
 
         The bucket's per-row state is gathered, stepped and scattered back; the model reads and writes
         cache rows by index, so no cache row moves. Padding rows are inactive: their cache writes are
@@ -244,9 +265,9 @@ class EngineSteps:
         def one_step(carry, _):
             sub, cache = carry
             logits, cache = self.model.apply({"params": params}, sub.tokens[:, None], sub.positions[:, None], cache,
-                                             rows=jnp.where(sub.active, rows, self.slots))
+                                             rows=jnp.where(sub.active, rows, state.tokens.shape[0]))
             keys = jax.vmap(jax.random.fold_in)(sub.keys, sub.steps)
-            out = sample(logits[:, 0], sub.rows, keys)
+            out = sample(self._whole(logits[:, 0]), sub.rows, keys)
             live = sub.active
             sub = sub.replace(
                 rows=record_tokens(sub.rows, out.tokens, live),
@@ -294,7 +315,8 @@ class EngineSteps:
         return fitting[-1] if fitting and 4 * self.bucket_for(n) > 5 * n else n
 
     def row_bucket_for(self, n: int) -> int:
-        return next(b for b in self.row_buckets if b >= n)
+        """The bucket of a decode call over ``n`` rows (of one data shard's, on a data mesh)."""
+        return next((b for b in self.row_buckets if b >= n), self.row_buckets[-1])
 
     def prefill_chunk(self, state: DecodeState, slot: int, prompt: list[int], start: int,
                       size: int) -> tuple[jax.Array, DecodeState]:
@@ -374,20 +396,26 @@ class EngineSteps:
     def insert(self, state, slot, logits, row: RowRequest, choice_key, prompt_len):
         return self._insert(state, jnp.int32(slot), logits, row, choice_key, jnp.int32(prompt_len))
 
-    def decode(self, state: DecodeState, slots: list[int] | None = None,
-               steps: int | None = None) -> tuple[SampleOutput, DecodeState]:
-        """Decode the live ``slots`` (default: all) for ``steps`` steps (default ``steps_per_call``).
+    def decode(self, state: DecodeState, slots: list[int] | None = None, steps: int | None = None,
+               bucket: int | None = None) -> tuple[SampleOutput, DecodeState]:
+        """Decode the live ``slots`` (default: all) for ``steps`` steps (default ``steps_per_call``) in the
+        smallest row bucket that holds them (or ``bucket``: warm-up).
 
-        Outputs are ``[steps, bucket]``; column ``j`` belongs to ``slots[j]`` (columns past ``len(slots)``
-        are padding).
+        Outputs are ``[steps, bucket]`` (``[steps, data * bucket]`` on a data mesh); column ``j`` belongs to
+        ``slots[j]`` (columns past ``len(slots)`` are padding).
         """
         slots = list(range(self.slots)) if slots is None else list(slots)
-        rows = np.full(self.row_bucket_for(max(len(slots), 1)), self.slots, np.int32)
-        rows[: len(slots)] = slots
         # The prefix pool stays out of the call and ``rows`` goes in as numpy: each argument buffer costs
         # the host time per call (the pool's 2 x layers buffers ~0.5 ms, ``jnp.asarray`` ~0.3 ms), and a
         # one-row step is ~12 ms.
-        outs, state_out = self._decode[steps or self.steps_per_call](self.params, state.replace(pool=None), rows)
+        call = self._decode[steps or self.steps_per_call]
+        if self.shards:
+            rows, order = self.shards.host_rows(slots, bucket or self.row_bucket_for(self.shards.bucket_rows(slots)))
+            outs, state_out = call(self.params, state.replace(pool=None), rows, order)
+        else:
+            rows = np.full(bucket or self.row_bucket_for(max(len(slots), 1)), self.slots, np.int32)
+            rows[: len(slots)] = slots
+            outs, state_out = call(self.params, state.replace(pool=None), rows)
         return outs, state_out.replace(pool=state.pool)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
@@ -432,7 +460,7 @@ class EngineSteps:
         state = self.load_blocks(state, 1 % self.slots, [0])
         bar.update(5)
         for steps, bucket in decode_calls:
-            outs, state = self.decode(state, [0] + [self.slots] * (bucket - 1), steps)
+            outs, state = self.decode(state, [0], steps, bucket)
             bar.update()
         state = self.set_allowed(state, {})
         state = self.release(state, 0)

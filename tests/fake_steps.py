@@ -107,6 +107,7 @@ class FakeSteps:
                  block_size: int = 4, batch_shapes: tuple[tuple[int, int], ...] = ((4, 4), (4, 8)),
                  decode_extends_prefix: bool = False, max_len: int = 64):
         self.slots, self.buckets, self.pool_blocks, self.block_size = slots, buckets, pool_blocks, block_size
+        self.slot_order = tuple(range(slots))
         self.batch_shapes = batch_shapes
         self.score_chunk_size = 8
         self.compiles = 0

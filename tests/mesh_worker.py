@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 MESHES = ("model=8", "data=2,model=4", "data=4,model=2", "data=8")
 PROMPT = list(range(10, 30))
 
@@ -32,6 +34,17 @@ def _matrix_layout(params: dict, name: str) -> dict | None:
     if name not in params:
         return None
     return _layout(params[name]["kernel"] if "kernel" in params[name] else params[name]["codes"])
+
+
+def _cache_gathers(steps) -> int:
+    """All-gathers of a cache-shaped (5-D) array in the compiled one-row decode program: a data mesh must
+    decode each shard's rows where they live."""
+    import re
+
+    state = steps.init_state()
+    rows = steps.shards.host_rows([0], 1) if steps.shards else (np.zeros(1, np.int32),)
+    text = steps._decode[1].lower(steps.params, state.replace(pool=None), *rows).compile().as_text()
+    return len(re.findall(r"= \w+\[(?:\d+,){4}\d+\]\S* all-gather", text))
 
 
 def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str]) -> dict:
@@ -50,24 +63,27 @@ def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str])
                                                              prefix_cache_mb=0.25)).start()
         try:
             alone = engine.submit(PROMPT, seeded).result()[0]
+            # one of them with n=2: its second choice's slot is on another data shard (copy_slot across shards)
             others = [engine.submit(list(range(3 + i, 14 + 2 * i)), SamplingParams(max_tokens=10 + i, temperature=1.0,
-                                                                                    seed=100 + i)) for i in range(6)]
+                                                                                    seed=100 + i, n=1 + (i == 0)))
+                      for i in range(5)]
             loaded = engine.submit(PROMPT, seeded).result()[0]
-            for handle in others:
+            pair = others[0].result()
+            for handle in others[1:]:
                 handle.result()
-            steps = engine.steps
-            layers = steps.params["layers"]
-            report[mesh] = {
-                "alone": [[e.token_id, e.logprob] for e in alone if e.token_id is not None],
-                "loaded": [[e.token_id, e.logprob] for e in loaded if e.token_id is not None],
-                "compiles_after": steps.compiles,
-                "layout": {} if steps.mesh is None else {
-                    "q_proj": _matrix_layout(layers["attn"], "q_proj"), "k_proj": _matrix_layout(layers["attn"], "k_proj"),
-                    "down_proj": _matrix_layout(layers["mlp"], "down_proj"), "cache": _layout(engine._state.cache.k),
-                },
-            }
         finally:
-            engine.stop()
+            engine.stop()  # the engine thread owns the state until then
+        steps, layers = engine.steps, engine.steps.params["layers"]
+        report[mesh] = {
+            "cache_gathers": _cache_gathers(steps) if steps.mesh is not None else 0,
+            "alone": [[e.token_id, e.logprob] for e in alone if e.token_id is not None],
+            "loaded": [[e.token_id, e.logprob] for e in loaded if e.token_id is not None],
+            "pair": [[e.token_id for e in pair[choice] if e.token_id is not None] for choice in sorted(pair)],
+            "layout": {} if steps.mesh is None else {
+                "q_proj": _matrix_layout(layers["attn"], "q_proj"), "k_proj": _matrix_layout(layers["attn"], "k_proj"),
+                "down_proj": _matrix_layout(layers["mlp"], "down_proj"), "cache": _layout(engine._state.cache.k),
+            },
+        }
     return report
 
 

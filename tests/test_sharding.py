@@ -23,6 +23,7 @@ from flaxchat.model.quant import quantize_params
 from flaxchat.model.sharding import (MeshError, default_mesh_shape, format_mesh, make_mesh, param_axes, parse_mesh,
                                      partition_spec, CACHE_AXES)
 from flaxchat.model.transformer import param_shapes
+from flaxchat.sampling.data_shards import DataShards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +95,15 @@ def test_smollm2_replicates_its_9_heads_and_3_kv_heads_but_splits_mlp_and_vocabu
     assert specs["layers/attn/k_proj/kernel"] == P(None, None, "model")
 
 
+def test_query_heads_split_only_with_their_kv_heads():
+    """8 heads and 4 KV heads: split over a model axis of 4 (two heads and one KV head per device), not over 8,
+    where the KV heads would not divide (each device keeps whole GQA groups; module docstring)."""
+    assert _specs(QWEN3_LIKE, AbstractMesh((1, 4), ("data", "model")))["layers/attn/q_proj/kernel"] == P(None, None, "model")
+    eight = _specs(QWEN3_LIKE, AbstractMesh((1, 8), ("data", "model")))
+    assert eight["layers/attn/q_proj/kernel"] == P() and eight["layers/attn/k_proj/kernel"] == P()
+    assert eight["layers/mlp/gate_proj/kernel"] == P(None, None, "model")
+
+
 def test_every_parameter_of_every_layout_has_an_entry():
     """Biases and q/k norms (Qwen), float and quantised layouts: no parameter is missing from the table, and
     quantised leaves (the CPU kernel's opaque calls) are replicated."""
@@ -107,6 +117,19 @@ def test_every_parameter_of_every_layout_has_an_entry():
     for name, spec in specs.items():
         if name.endswith(("/codes", "/offset")) or (name.endswith("/scale") and "norm" not in name):
             assert spec == P(), name
+
+
+def test_a_decode_call_on_a_data_mesh_lays_rows_out_shard_by_shard():
+    """8 slots over data=2: slots 0-3 on shard 0, 4-7 on shard 1; free slots are taken alternately; a call's
+    rows are local indices per shard (padding: 4, the dropped row) and ``order`` gives each slot's column."""
+    shards = DataShards(AbstractMesh((2, 4), ("data", "model")), 8, lambda leaf: P())
+    assert shards.slot_order() == (0, 4, 1, 5, 2, 6, 3, 7)
+    assert shards.bucket_rows([0, 4, 1]) == 2 and shards.bucket_rows([0, 1, 2]) == 3
+    rows, order = shards.host_rows([5, 0, 1], 2)
+    assert rows.tolist() == [0, 1, 1, 4]  # shard 0: slots 0, 1; shard 1: slot 5, padding
+    assert order.tolist() == [2, 0, 1, 3]  # slot 5 -> column 2, slot 0 -> 0, slot 1 -> 1, then the padding column
+    with pytest.raises(MeshError, match="cannot be split"):
+        DataShards(AbstractMesh((4, 2), ("data", "model")), 6, lambda leaf: P())
 
 
 def mesh_worker(*args: str, env: dict | None = None) -> dict:
@@ -124,8 +147,10 @@ def _check_mesh_contract(report: dict) -> None:
     one = report.pop("data=1,model=1")
     assert one["alone"] == one["loaded"]
     for mesh, run in report.items():
+        assert run["cache_gathers"] == 0, f"{mesh}: the decode program gathers the KV cache"
         assert run["alone"] == run["loaded"], f"{mesh}: a seeded request's bits changed under load"
         assert [t for t, _ in run["alone"]] == [t for t, _ in one["alone"]], mesh
+        assert run["pair"] == one["pair"] and len(run["pair"]) == 2, f"{mesh}: an n=2 request's choices differ"
         assert max(abs(a - b) for (_, a), (_, b) in zip(run["alone"], one["alone"])) <= 1e-4, mesh
 
 
@@ -144,10 +169,13 @@ def test_serving_on_every_mesh_keeps_the_seed_contract(tmp_path, variant):
     (on the two meshes that split heads); ``int8-weights``: quantised projections (replicated)."""
     report = mesh_worker("tiny", str(tmp_path), *VARIANTS[variant])
     if variant != "int8-weights":
-        layout = report["data=2,model=4"]["layout"]
-        assert layout["q_proj"] == {"spec": [None, None, "model"], "shard": [3, 64, 16], "devices": 8}  # 4 heads / 4
-        assert layout["k_proj"]["spec"] == []  # 2 KV heads: replicated over a model axis of 4
+        layout = report["data=2,model=4"]["layout"]  # 4 heads and 2 KV heads over model=4: attention replicated
+        assert layout["q_proj"]["spec"] == [] and layout["k_proj"]["spec"] == []
         assert layout["down_proj"] == {"spec": [None, "model"], "shard": [3, 40, 64], "devices": 8}
         assert layout["cache"] == {"spec": [None, "data"], "shard": [3, 4, 2, 64, 16], "devices": 8}
-        assert report["data=4,model=2"]["layout"]["cache"]["spec"] == [None, "data", "model"]
+        layout = report["data=4,model=2"]["layout"]  # over model=2: two heads and one KV head per device
+        assert layout["q_proj"] == {"spec": [None, None, "model"], "shard": [3, 64, 32], "devices": 8}
+        assert layout["k_proj"] == {"spec": [None, None, "model"], "shard": [3, 64, 16], "devices": 8}
+        # the CPU attention kernel reads every KV head, so its cache keeps them; the XLA formulation splits them
+        assert layout["cache"]["spec"] == ([None, "data"] if variant == "kernels" else [None, "data", "model"])
     _check_mesh_contract(report)
