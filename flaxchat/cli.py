@@ -209,6 +209,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The capacity plan of a model on a mesh of a device, from its config alone (``flaxchat/plan.py``)."""
+    from flaxchat.model.sharding import parse_mesh
+    from flaxchat.plan import make_plan, parse_device, render, resolve_shape
+
+    plan = make_plan(resolve_shape(args.model), parse_device(args.device), parse_mesh(args.mesh), weights=args.weights,
+                     kv_dtype=args.kv_dtype, context=args.context)
+    print(render(plan), end="")
+    print(f"\n(device figures: {plan.device.source})")
+    return 0
+
+
 def _add_mesh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="the device mesh (model/sharding.py): heads, MLP and vocabulary split over 'model', slots "
@@ -323,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--log", default=None, help="the started server's log file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="capacity plan: memory per device, the largest slots x context that fits, "
+                                    "decode and prefill rooflines (from the model's config alone)")
+    p.add_argument("model", help="llama-3-8b, llama-3-70b, qwen3-32b, qwen3-30b-a3b, a config.json (or its folder), "
+                                 "or a stored model")
+    p.add_argument("--mesh", default="model=1", metavar="data=D,model=M")
+    p.add_argument("--device", default="h100", help="v5e, v5p, h100, h200 (published figures) or cpu (measured here)")
+    p.add_argument("--weights", choices=["bfloat16", "float32", "int8", "int4"], default="bfloat16")
+    p.add_argument("--kv-dtype", choices=["bfloat16", "float32", "int8"], default="bfloat16")
+    p.add_argument("--context", type=int, default=None,
+                   help="positions per row for the decode rooflines (default: half the model's context, at most 8192)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("replay", help="regenerate a results file (flaxchat.LLM's JSONL) and report identical / "
                                       "different, naming what changed")

@@ -97,7 +97,8 @@ def run_default(mesh: str) -> dict:
                       warmup=False, mesh=mesh) as llm:
         results = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], max_tokens=16, temperature=0.0,
                            progress=False)
-        return {"tokens": [r.choices[0].token_ids for r in results], "prompt_ids": [r.prompt_token_ids for r in results],
+        return {"prompts": PROMPTS, "tokens": [r.choices[0].token_ids for r in results],
+                "prompt_ids": [r.prompt_token_ids for r in results],
                 "mesh": format_mesh(llm.served.engine.steps.mesh)}
 
 

@@ -11,12 +11,12 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-FIGURES = {"reproducibility.ipynb": 2, "benchmarks.ipynb": 2}  # plots each must draw
+FIGURES = {"reproducibility.ipynb": 2, "benchmarks.ipynb": 2, "scaling.ipynb": 2}  # plots each must draw
 
 
 def test_there_are_notebooks_and_they_are_stored_without_outputs():
     assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "reproducibility.ipynb", "structured-output.ipynb",
-                                          "benchmarks.ipynb"}
+                                          "benchmarks.ipynb", "scaling.ipynb"}
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         nbformat.validate(book)
