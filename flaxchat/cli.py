@@ -40,13 +40,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """One answer through the same engine (and so the same tokens for a seed) as the server, streamed."""
     from flaxchat.checkpoints.store import load_model
-    from flaxchat.launch import kv_dtype_for, resolve_model, setup_jax
+    from flaxchat.launch import default_dtype, kv_dtype_for, resolve_model, setup_jax
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
     from flaxchat.chat.template import render_chat
 
     setup_jax()
-    model = load_model(resolve_model(args.model), dtype=args.dtype, weights=args.weights,
+    model = load_model(resolve_model(args.model), dtype=args.dtype or default_dtype(), weights=args.weights,
                        prompt_activations=args.prompt_activations, mesh=args.mesh)
     tokenizer = model.tokenizer
     if args.raw or not model.chat_template:
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot hold the server; headers must arrive within 5 s)")
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeatable; '*' for any); off by default")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute/param dtype (default: bfloat16 on GPU/TPU, as stored (float32) on CPU)")
     p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
                    help="projection weights: float32 (the checkpoint's floats, exact parity with transformers), "
                         "int8 (8-bit blocks with a CPU kernel: 1.25 bytes per weight, see bench/RESULTS.md) or "
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute/param dtype (default: as stored, float32; bfloat16 suits GPU/TPU)")
+                   help="compute/param dtype (default: bfloat16 on GPU/TPU, as stored (float32) on CPU)")
     p.add_argument("--weights", choices=["auto", "float32", "int8", "int4"], default="auto",
                    help="projection weights (as serve)")
     _add_prompt_activations(p)

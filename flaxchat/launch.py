@@ -21,7 +21,7 @@ class LaunchOptions:
     slots: int = 8
     max_len: int | None = None  # context per slot; default min(the model's, sampling.shapes.DEFAULT_CONTEXT)
     queue_size: int = 64
-    dtype: str | None = None  # compute/param dtype; None: as stored
+    dtype: str | None = None  # compute/param dtype; None: default_dtype() (as stored on CPU, bfloat16 on GPU/TPU)
     weights: str = "auto"  # float32 | int8 | int4 | auto (model.quant.resolve_weights)
     prompt_activations: str = "float32"
     kv_dtype: str = "auto"  # auto: kv_dtype_for(weights)
@@ -43,6 +43,14 @@ def setup_jax() -> None:
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(flaxchat_home() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def default_dtype() -> str | None:
+    """The compute and parameter dtype when none is asked for: bfloat16 on GPUs and TPUs (their matrix units'
+    type; norms, softmax and logits still accumulate in float32), the checkpoint's own (float32) on a CPU."""
+    import jax
+
+    return None if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def kv_dtype_for(choice: str, weights: str) -> str:
@@ -91,7 +99,7 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
 
     setup_jax()
     name = resolve_model(model)
-    loaded = load_model(name, dtype=options.dtype, weights=options.weights,
+    loaded = load_model(name, dtype=options.dtype or default_dtype(), weights=options.weights,
                         prompt_activations=options.prompt_activations, mesh=options.mesh)
     if not loaded.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")

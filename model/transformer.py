@@ -73,14 +73,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Array | None = None,
-           normed_input: bool = False) -> jax.Array:
+           normed_input: bool = False, out_dtype: Any = None) -> jax.Array:
     """``x @ W (+ bias)`` for one projection's params ``w``: a float ``kernel`` ``[in, out]`` or quantised
     ``codes``/``scale``/``offset`` (``model/quant.py``). With ``layer``, every leaf of ``w`` is a stack over
     the decoder layers and layer ``layer``'s matrix is used: the quantised kernel takes the whole stack and
     the index (nothing is copied); a float kernel is indexed (XLA:CPU copies that slice, the price of the
     float32 parity mode). A prompt chunk (``x`` ``[B, T > 1, K]``) of a ``normed_input`` (an RMSNorm's output:
     q/k/v and gate/up) follows ``cfg.prompt_activations``; the attention output and the MLP's hidden state,
-    with their outliers, stay float (measured: quantising them too cost the quality bar, bench/RESULTS.md)."""
+    with their outliers, stay float (measured: quantising them too cost the quality bar, bench/RESULTS.md).
+    ``out_dtype``: the float product's accumulation and result type (float32 for the logits whatever the
+    compute dtype: a bfloat16 sum over the hidden size would round the vocabulary's scores)."""
     pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
     if "codes" in w:
         prompt_chunk = x.ndim == 3 and x.shape[1] > 1  # decode steps have one position per row
@@ -88,9 +90,9 @@ def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Ar
         y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer, int8_activations=int8).astype(cfg.dtype)
     else:
         x, kernel = x.astype(cfg.dtype), pick(w["kernel"]).astype(cfg.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
     if "bias" in w:
-        y = y + pick(w["bias"]).astype(cfg.dtype)
+        y = y + pick(w["bias"]).astype(y.dtype)
     return y
 
 
@@ -105,6 +107,7 @@ class Linear(nn.Module):
     use_bias: bool
     cfg: ModelConfig
     bits: int | None = None
+    out_dtype: Any = None  # see ``linear``
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,7 +120,7 @@ class Linear(nn.Module):
                                       jnp.dtype(cfg.param_dtype))}
         if self.use_bias:
             w["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), jnp.dtype(cfg.param_dtype))
-        return linear(x, w, self.features, cfg)
+        return linear(x, w, self.features, cfg, out_dtype=self.out_dtype)
 
 
 def quantized_params(module: nn.Module, fan_in: int, features: int, bits: int
@@ -159,7 +162,7 @@ class Embedding(nn.Module):
         if self.cfg.weights in QUANTISED:
             return block_matmul(x, self.codes, self.scale, self.offset, self.cfg.vocab_size)
         x, table = x.astype(self.cfg.dtype), self.embedding.astype(self.cfg.dtype)
-        return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+        return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def layer_spec(cfg: ModelConfig) -> dict:
@@ -303,7 +306,8 @@ class Transformer(nn.Module):
         x = RMSNorm(
             cfg.rms_norm_eps, cfg.norm_weight_offset, dtype, jnp.dtype(cfg.param_dtype), name="final_norm"
         )(x)
-        project = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, False, cfg, VOCABULARY_BITS, name="lm_head")
+        project = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, False, cfg, VOCABULARY_BITS,
+                                                                      out_dtype=jnp.float32, name="lm_head")
         if logit_indices is None:
             logits = project(x)
         else:

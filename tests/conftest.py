@@ -88,11 +88,11 @@ def default_store(tmp_path_factory):
         os.environ["FLAXCHAT_HOME"] = previous
 
 
-# The slowest modules first (seconds on 2 workers, measured 2026-12-01): pytest-xdist's --dist loadfile hands
+# The slowest modules first (worker-seconds, measured 2026-12-01, twelfth session): pytest-xdist's --dist loadfile hands
 # out modules in collection order, so a slow module collected last runs alone at the end while the other
 # worker idles. Every other module keeps its place after these.
-SLOW_FIRST = ("test_serve_default_model", "test_default_model", "test_prefix_cache", "test_row_buckets", "test_cli",
-              "test_notebooks", "test_engine", "test_processors", "test_soak", "test_tools", "test_hostile")
+SLOW_FIRST = ("test_sharding", "test_default_model", "test_serve_default_model", "test_notebooks", "test_prefix_cache",
+              "test_row_buckets", "test_soak", "test_cli", "test_engine", "test_llm", "test_tools", "test_hostile")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -81,3 +81,14 @@ def test_the_kv_cache_is_int8_by_default_only_with_quantised_weights():
     assert _kv_dtype("auto", "int4") == "int8" and _kv_dtype("auto", "int8") == "int8"
     assert _kv_dtype("auto", "float32") == "bfloat16"  # the parity setting keeps a float cache
     assert _kv_dtype("bfloat16", "int4") == "bfloat16" and _kv_dtype("float32", "float32") == "float32"
+
+
+def test_the_default_dtype_is_bfloat16_on_accelerators_and_as_stored_on_cpu(monkeypatch):
+    import jax
+
+    from flaxchat.launch import default_dtype
+
+    assert default_dtype() is None  # this CPU: the checkpoint's float32
+    for platform in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
+        assert default_dtype() == "bfloat16"
