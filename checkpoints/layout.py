@@ -34,6 +34,30 @@ _TOP_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
 ]
 
 
+# A mixture of experts' tensors by architecture: the MLP's prefix, the router, and each expert's
+# gate / up / down projection names.
+_EXPERT_NAMES = {
+    "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+}
+
+
+def _load_experts(cfg: ModelConfig, shapes: dict, params: dict, load: Callable) -> None:
+    """The router and every expert's projections of every layer, stacked ``[layers, experts, in, out]``."""
+    prefix, router, (gate, up, down) = _EXPERT_NAMES[cfg.architecture]
+    want = shapes["layers"]["mlp"]["router"]["kernel"]
+    layer_want = jax.ShapeDtypeStruct(want.shape[1:], want.dtype)
+    params.setdefault("layers", {}).setdefault("mlp", {})["router"] = {"kernel": np.stack(
+        [load(f"model.layers.{i}.{prefix}.{router}.weight", True, layer_want) for i in range(cfg.num_layers)])}
+    experts = {}
+    for ours, theirs in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+        want = shapes["layers"]["mlp"]["experts"][ours]
+        one = jax.ShapeDtypeStruct(want.shape[2:], want.dtype)
+        experts[ours] = np.stack([np.stack([load(f"model.layers.{i}.{prefix}.experts.{e}.{theirs}.weight", True, one)
+                                            for e in range(cfg.num_experts)]) for i in range(cfg.num_layers)])
+    params["layers"]["mlp"]["experts"] = experts
+
+
 def _get(tree: dict, path: tuple[str, ...]) -> Any:
     for key in path:
         if not isinstance(tree, dict) or key not in tree:
@@ -85,4 +109,6 @@ def assemble_params(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], source
             want = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
             layers = [load(f"model.layers.{i}.{suffix}", transpose, want) for i in range(cfg.num_layers)]
             _set(params, ("layers",) + path, np.stack(layers))
+    if cfg.num_experts:
+        _load_experts(cfg, shapes, params, load)
     return jax.tree.map(lambda a, s: jax.numpy.asarray(a, dtype=s.dtype), params, shapes)

@@ -6,9 +6,11 @@ rooflines: decode tok/s when a step is bound by reading memory (weights, plus ea
 and prefill tok/s bound by compute. Rooflines are ceilings, not measurements: a real step also pays for
 collectives, the sampler and the host.
 
-Mixture-of-experts configs (``num_experts``) are planned too (flaxchat does not serve them yet): every expert's
-weights are held, the MLP units of each expert split over ``model``; a decode step reads the experts its rows
-route to (expected count for uniform routing) and computes with the active ones.
+Mixture-of-experts configs (``num_experts``): every expert's weights are held, experts split over ``expert``
+and each expert's MLP units over ``model``; a decode step reads the experts its rows route to (expected count
+for uniform routing) and computes with the chosen ones. That is the hardware's ceiling: flaxchat's experts
+are computed densely today (every expert on every token, ``model/transformer.py``), ``experts /
+experts_per_token`` times those FLOPs.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class Plan:
         return math.prod(self.mesh.values())
 
 
-def _weights(shape: Shape, model_ways: int) -> tuple[float, float, float, int]:
+def _weights(shape: Shape, model_ways: int, expert_ways: int = 1) -> tuple[float, float, float, int]:
     """(total params, params per device, active params per token, attention split): each weight matrix laid out
     as model/sharding.py lays it out (heads split only with their KV heads, MLP units, vocabulary)."""
     attn_split = _split((shape.heads, shape.kv_heads), model_ways)
@@ -162,7 +164,8 @@ def _weights(shape: Shape, model_ways: int) -> tuple[float, float, float, int]:
     if shape.experts:
         width, count = shape.expert_intermediate, shape.experts
         mlp = 3 * shape.hidden * width * count + shape.hidden * count  # experts + router (replicated)
-        mlp_per_device = 3 * shape.hidden * width * count / _split((width,), model_ways) + shape.hidden * count
+        mlp_per_device = (3 * shape.hidden * width * count / _split((width,), model_ways) / _split((count,), expert_ways)
+                          + shape.hidden * count)
         active_mlp = 3 * shape.hidden * width * shape.experts_per_token + shape.hidden * count
     else:
         mlp = active_mlp = 3 * shape.hidden * shape.intermediate
@@ -181,7 +184,7 @@ def make_plan(shape: Shape, device: Device, mesh: dict[str, int], weights: str =
     """The plan of ``shape`` on ``mesh`` of ``device``; decode rooflines at ``context`` positions per row
     (default: half the model's context, capped at 8192: an average row mid-way through a long reply)."""
     model_ways = mesh.get("model", 1)
-    total, per_device, active, attn_split = _weights(shape, model_ways)
+    total, per_device, active, attn_split = _weights(shape, model_ways, mesh.get("expert", 1))
     if weights in ("int8", "int4"):  # quantised projections are replicated (model/sharding.py), the cache is not
         per_device = total
     weight_bytes = per_device * BYTES_PER_WEIGHT[weights]
@@ -207,10 +210,10 @@ def decode_roofline(plan: Plan, rows: int, position: int) -> dict[str, float]:
         touched = shape.experts * (1 - (1 - shape.experts_per_token / shape.experts) ** rows)
         expert_bytes = (3 * shape.hidden * shape.expert_intermediate * shape.layers * BYTES_PER_WEIGHT[plan.weights]
                         / _split((shape.expert_intermediate,), model_ways))
-        weight_bytes -= expert_bytes * (shape.experts - touched)
+        weight_bytes -= expert_bytes * (shape.experts - touched) / _split((shape.experts,), plan.mesh["expert"])
     cache_bytes = rows * position * plan.kv_bytes_per_token
     attention_flops = 4 * rows * position * shape.heads * shape.head_dim * shape.layers / plan.attention_split
-    flops = 2 * plan.active_params * rows / model_ways + attention_flops
+    flops = 2 * plan.active_params * rows / (model_ways * plan.mesh["expert"]) + attention_flops
     memory_s = (weight_bytes + cache_bytes) / (device.bandwidth_gbs * 1e9)
     compute_s = flops / (device.tflops * 1e12)
     step = max(memory_s, compute_s)
@@ -223,12 +226,12 @@ def prefill_roofline(plan: Plan, prompt: int = 2048) -> float:
     own prompts of ``prompt`` tokens)."""
     shape = plan.shape
     per_token = 2 * plan.active_params + 2 * prompt * shape.heads * shape.head_dim * shape.layers  # causal: p/2 avg
-    return plan.mesh["data"] * plan.mesh["model"] * plan.device.tflops * 1e12 / per_token
+    return plan.devices * plan.device.tflops * 1e12 / per_token
 
 
 def serve_command(plan: Plan) -> str | None:
-    """What a user types to serve the plan (None: flaxchat cannot serve the architecture yet)."""
-    if plan.shape.experts:
+    """What a user types to serve the plan (None: nothing fits, or quantised experts, which flaxchat lacks)."""
+    if plan.shape.experts and plan.weights in ("int8", "int4"):
         return None
     data = plan.mesh["data"]
     context = min(plan.shape.context, 8192)
@@ -268,8 +271,7 @@ def render(plan: Plan) -> str:
         lines.append(f"| {rows} | {r['memory_ms']:.3f} ms | {r['compute_ms']:.3f} ms | {r['tokens_per_s']:,.0f} | "
                      f"{r['bound']} |")
     command = serve_command(plan)
-    lines += ["", f"Serve: `{command}`" if command else
-              "Serve: not yet (flaxchat does not serve mixture-of-experts models: issue 11)"]
+    lines += ["", f"Serve: `{command}`" if command else "Serve: does not fit as flaxchat would run it"]
     return "\n".join(lines) + "\n"
 
 
@@ -334,7 +336,8 @@ def summary(plans: list[Plan]) -> str:
 def scaling_plans(device: str) -> list[Plan]:
     plans = []
     for model in SCALING_MODELS:
-        for mesh in SCALING_MESHES:
+        experts = ({"data": 1, "model": 1, "expert": 8},) if resolve_shape(model).experts else ()
+        for mesh in SCALING_MESHES + experts:
             plan = make_plan(resolve_shape(model), DEVICES[device], mesh, context=SCALING_CONTEXT // 2)
             if plan.tokens_per_shard <= 0:
                 plans.append(plan)
@@ -351,7 +354,7 @@ def scaling_document() -> str:
         plans = scaling_plans(device)
         parts += [f"## {title}", "", summary(plans), "Commands:", ""]
         parts += [f"- {p.shape.name}, {format_mesh(p.mesh)}, {p.weights}: " + (f"`{serve_command(p)}`" if serve_command(p)
-                  else ("not yet (mixture-of-experts)" if p.shape.experts else "does not fit")) for p in plans]
+                  else "does not fit") for p in plans]
         parts.append("")
     return "\n".join(parts)
 
@@ -376,5 +379,7 @@ How to read it:
 - int8 rows: where bfloat16 weights do not fit, 8-bit blocks (1.25 bytes per weight). flaxchat replicates
   quantised weights on every device today (`model/sharding.py`: the CPU kernel is one opaque call), so on a
   mesh they only help where the whole model fits one device; splitting them is issue 11's remaining work.
-- flaxchat does not serve mixture-of-experts models yet (Qwen3-30B-A3B: issue 11); they are planned anyway.
+- Mixture of experts (Qwen3-30B-A3B): the rooflines route each token to its chosen experts only; flaxchat
+  computes every expert on every token today (`model/transformer.py`, 16x the FLOPs for 8 of 128), so its
+  compute-bound steps are that much slower than the table until a grouped expert product lands.
 """

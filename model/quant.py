@@ -265,6 +265,10 @@ def resolve_weights(choice: str, cfg: Any, params: Any = None) -> str:
     whole blocks, else float32 (accelerators multiply float weights well; the fallback there dequantises).
     The quantised mode is int4 when every layer projection of ``params`` is exactly 4-bit blocks (a Q4
     GGUF: nothing is lost and a decode step reads 40 % fewer bytes), else int8."""
+    if getattr(cfg, "num_experts", 0):  # experts are float only (no quantised expert product yet)
+        if choice not in ("auto", "float32"):
+            raise ValueError(f"weights={choice!r}: mixture-of-experts models run with float weights only")
+        return "float32"
     if choice != "auto":
         return choice
     widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)

@@ -1,11 +1,13 @@
 """Where every array lives on a device mesh: one table of logical axes, one table of rules.
 
 Each parameter and device-state axis gets a *logical* name (``vocab``, ``embed``, ``heads``, ``kv_heads``,
-``mlp``, ``slots``, ...); ``RULES`` maps logical names to *mesh* axes (``data``, ``model``), as
+``mlp``, ``experts``, ``slots``, ...); ``RULES`` maps logical names to *mesh* axes (``data``, ``model``,
+``expert``), as
 jax-llm-examples and MaxText do, so the layout is decided in one place and the model code stays free of
 sharding. The arrays are placed with ``NamedSharding``s and the jitted steps are partitioned by XLA (GSPMD):
 attention heads and the MLP's hidden units over ``model`` (Megatron-style: q/k/v and gate/up split by
-output, o/down by input, one all-reduce each), the vocabulary over ``model``, slots over ``data``.
+output, o/down by input, one all-reduce each), the vocabulary over ``model``, a mixture's experts over
+``expert`` (each expert's MLP units still over ``model``), slots over ``data``.
 
 Awkward cases, decided here:
 
@@ -34,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxchat.model.config import ModelConfig
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "model", "expert")
 
 # Logical axis -> mesh axis. Every logical name not listed is replicated.
 RULES: dict[str, str] = {
@@ -42,6 +44,7 @@ RULES: dict[str, str] = {
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "experts": "expert",
     "slots": "data",
 }
 
@@ -58,6 +61,9 @@ _PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/o_proj/bias$", ("embed",)),
     (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
     (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    (r"mlp/router/kernel$", ("embed", None)),
+    (r"mlp/experts/(gate|up)_proj$", ("experts", "embed", "mlp")),
+    (r"mlp/experts/down_proj$", ("experts", "mlp", "embed")),
     (r"(scale|bias)$", None),  # norms' scales, other biases: replicated
 )
 
@@ -103,12 +109,13 @@ def make_mesh(cfg: ModelConfig, spec: str | None = None, devices: list | None = 
 
 
 def format_mesh(shape: dict[str, int] | Mesh | None) -> str:
-    """``{"data": 2, "model": 4}`` (or a Mesh) -> ``"data=2,model=4"``; ``None`` -> ``"data=1,model=1"``."""
+    """``{"data": 2, "model": 4}`` (or a Mesh) -> ``"data=2,model=4"`` (``expert`` only when it is used);
+    ``None`` -> ``"data=1,model=1"``."""
     if shape is None:
         shape = dict.fromkeys(MESH_AXES, 1)
     elif isinstance(shape, Mesh):
         shape = dict(shape.shape)
-    return ",".join(f"{axis}={shape.get(axis, 1)}" for axis in MESH_AXES)
+    return ",".join(f"{axis}={shape.get(axis, 1)}" for axis in MESH_AXES if axis != "expert" or shape.get(axis, 1) > 1)
 
 
 def _counts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

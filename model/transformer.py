@@ -1,4 +1,5 @@
-"""A pure linen decoder for the Llama family (Llama 2/3, Mistral, Qwen 2/3, Gemma).
+"""A pure linen decoder for the Llama family (Llama 2/3, Mistral, Qwen 2/3, Gemma) and its mixtures of experts
+(Qwen3-MoE, Mixtral).
 
 ``Transformer.apply(params, tokens, positions, cache, rows=...) -> (logits, cache)``: the KV cache is an
 explicit input and output (no mutable collections), so the caller owns device state and can donate the
@@ -26,7 +27,7 @@ from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import KVCache, init_cache, write_layer
 from flaxchat.model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
                                   fused_name, padded, rows_independent)
-from flaxchat.model.reductions import tree_mean
+from flaxchat.model.reductions import tree_mean, tree_sum
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "layer_spec", "param_shapes"]
 
@@ -195,10 +196,24 @@ def layer_spec(cfg: ModelConfig) -> dict:
             "o_proj": matrix(q_dim, hidden, cfg.o_bias)}
     if cfg.qk_norm:
         attn.update(q_norm=norm(cfg.head_dim), k_norm=norm(cfg.head_dim))
-    mlp = {**group(("gate_proj", "up_proj"), hidden, (cfg.intermediate_size,) * 2, False),
-           "down_proj": matrix(cfg.intermediate_size, hidden, False)}
+    if cfg.num_experts:
+        mlp = expert_spec(cfg, param_dtype)
+    else:
+        mlp = {**group(("gate_proj", "up_proj"), hidden, (cfg.intermediate_size,) * 2, False),
+               "down_proj": matrix(cfg.intermediate_size, hidden, False)}
     return {"input_norm": norm(hidden, cfg.norm_weight_offset),
             "post_attention_norm": norm(hidden, cfg.norm_weight_offset), "attn": attn, "mlp": mlp}
+
+
+def expert_spec(cfg: ModelConfig, param_dtype: Any) -> dict:
+    """A mixture-of-experts MLP's params: the router ``[hidden, experts]`` and every expert's projections
+    stacked on an experts axis (``[experts, in, out]``)."""
+    hidden, width, experts = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts
+    init = nn.initializers.normal(0.02)
+    return {"router": {"kernel": ((hidden, experts), param_dtype, init)},
+            "experts": {"gate_proj": ((experts, hidden, width), param_dtype, init),
+                        "up_proj": ((experts, hidden, width), param_dtype, init),
+                        "down_proj": ((experts, width, hidden), param_dtype, init)}}
 
 
 def init_layers(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -238,11 +253,47 @@ def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos,
     return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer), cache
 
 
+def _activation(gate: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+
+
 def _mlp(x, w, cfg: ModelConfig, layer):
-    """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma)."""
+    """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma); a mixture of experts if the config
+    has them."""
+    if cfg.num_experts:
+        return _experts(x, w, cfg, layer)
     gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (cfg.intermediate_size,) * 2)
-    act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
-    return linear(act * up, w["down_proj"], cfg.hidden_size, cfg, layer)
+    return linear(_activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer)
+
+
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Each token's weight for each expert, ``[..., experts]``: a float32 softmax over the router's scores,
+    the ``experts_per_token`` largest kept (renormalised over them when ``norm_topk_prob``), the rest 0, as
+    transformers' Qwen3-MoE and Mixtral route. The scores are products and a fixed-order sum (not a matrix
+    product, whose float32 rows change with the row count on XLA:CPU): a token's choice of experts depends on
+    its own row only, bit for bit, so no other request can tip it to another expert."""
+    scores = tree_sum(x.astype(jnp.float32)[..., :, None] * router.astype(jnp.float32), axis=-2)
+    probs = jax.nn.softmax(scores, axis=-1)
+    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    # each expert is chosen at most once per token, so this sum only ever adds zeros to one weight
+    return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+
+
+def _experts(x, w, cfg: ModelConfig, layer):
+    """Mixture of experts, dense over experts: every expert runs on every token and the router's weights
+    (0 for experts not chosen) combine them in a fixed order, so a row's result depends on its own tokens
+    only, whatever the batch, and the experts axis can be split over a mesh (``model/sharding.py``). It
+    costs ``experts / experts_per_token`` times the FLOPs of running only the chosen experts (a grouped
+    product over tokens sorted by expert is the faster formulation, not built yet); parity with transformers
+    is what this one is for."""
+    weights = route(x, w["router"]["kernel"][layer], cfg).astype(cfg.dtype)  # [B, T, E]
+    experts = w["experts"]
+    gate = jnp.einsum("bth,ehi->btei", x, experts["gate_proj"][layer].astype(cfg.dtype))
+    up = jnp.einsum("bth,ehi->btei", x, experts["up_proj"][layer].astype(cfg.dtype))
+    out = jnp.einsum("btei,eih->bteh", _activation(gate, cfg) * up, experts["down_proj"][layer].astype(cfg.dtype))
+    return tree_sum(out * weights[..., None], axis=2)
 
 
 def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,

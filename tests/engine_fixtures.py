@@ -43,3 +43,15 @@ def tiny_engine(folder: Path, model: dict | None = None, warmup: bool = False, *
     cfg, params, tokenizer = tiny_model(folder, **(model or {}))
     config = {"slots": 4, "max_len": 128, **config, "warmup": warmup}
     return Engine(cfg, params, tokenizer, EngineConfig(**config)).start()
+
+
+def tiny_moe_model(folder: Path, kind: str = "qwen3_moe"):
+    """(cfg, params, tokenizer) of a tiny random mixture of experts (``kind``: qwen3_moe or mixtral) imported
+    from its Hugging Face folder (the GGUF path has no experts), with ``tiny_model``'s byte-level tokenizer
+    (the same 320-entry vocabulary)."""
+    from flaxchat.checkpoints.hf_import import load_hf_folder
+
+    make_tiny_model(kind, folder / "moe")
+    cfg, params = load_hf_folder(folder / "moe")
+    _, _, tokenizer = tiny_model(folder / "tokenizer")
+    return cfg, params, tokenizer

@@ -6,7 +6,8 @@ one JSON line, for ``tests/test_sharding.py`` to compare.
 (4 heads, 2 KV heads, so ``model=4`` splits the query heads and replicates the KV heads, ``model=8`` replicates
 both); on one device and on each mesh (default: 1x8, 2x4, 4x2, 8x1), one seeded request alone and then again
 among others, and the layout of a few params and the cache.
-``--xla-attention`` turns the CPU kernels off so the XLA formulation (what GPUs and TPUs run) is partitioned.
+``--xla-attention`` turns the CPU kernels off so the XLA formulation (what GPUs and TPUs run) is partitioned;
+``--moe``: a tiny Qwen3-MoE (4 experts) instead, for meshes with an ``expert`` axis.
 
 ``python -m tests.mesh_worker default MESH``: greedy continuations of the default model's test prompts on
 ``MESH`` (the store under ``FLAXCHAT_HOME``).
@@ -47,15 +48,18 @@ def _cache_gathers(steps) -> int:
     return len(re.findall(r"= \w+\[(?:\d+,){4}\d+\]\S* all-gather", text))
 
 
-def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str]) -> dict:
+def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str], moe: bool = False) -> dict:
     from flaxchat.model import kernels
     from flaxchat.sampling.engine import Engine, EngineConfig
     from flaxchat.sampling.params import SamplingParams
-    from tests.engine_fixtures import tiny_model, with_weights
+    from tests.engine_fixtures import tiny_model, tiny_moe_model, with_weights
 
     if xla_attention:
         kernels.available = lambda: False
-    cfg, params, tokenizer = with_weights(tiny_model(folder), weights)
+    if moe:
+        cfg, params, tokenizer = tiny_moe_model(folder)
+    else:
+        cfg, params, tokenizer = with_weights(tiny_model(folder), weights)
     seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=7, logprobs=True, top_logprobs=2)
     report = {}
     for mesh in ["data=1,model=1", *meshes]:
@@ -79,6 +83,7 @@ def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str])
             "alone": [[e.token_id, e.logprob] for e in alone if e.token_id is not None],
             "loaded": [[e.token_id, e.logprob] for e in loaded if e.token_id is not None],
             "pair": [[e.token_id for e in pair[choice] if e.token_id is not None] for choice in sorted(pair)],
+            "experts": _layout(layers["mlp"]["experts"]["gate_proj"]) if moe and steps.mesh is not None else None,
             "layout": {} if steps.mesh is None else {
                 "q_proj": _matrix_layout(layers["attn"], "q_proj"), "k_proj": _matrix_layout(layers["attn"], "k_proj"),
                 "down_proj": _matrix_layout(layers["mlp"], "down_proj"), "cache": _layout(engine._state.cache.k),
@@ -109,7 +114,7 @@ def main(argv: list[str]) -> None:
     if argv[0] == "tiny":
         weights = argv[argv.index("--weights") + 1] if "--weights" in argv else "float32"
         meshes = argv[argv.index("--meshes") + 1:] if "--meshes" in argv else list(MESHES)
-        report = run_tiny(Path(argv[1]), "--xla-attention" in argv, weights, meshes)
+        report = run_tiny(Path(argv[1]), "--xla-attention" in argv, weights, meshes, moe="--moe" in argv)
     else:
         report = run_default(argv[1])
     print("REPORT " + json.dumps(report))

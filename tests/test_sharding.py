@@ -47,9 +47,10 @@ def _specs(cfg: ModelConfig, mesh: AbstractMesh, shapes=None) -> dict[str, P]:
 
 
 def test_mesh_specs_parse_and_print():
-    assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
-    assert parse_mesh("model=8") == {"data": 1, "model": 8}
+    assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4, "expert": 1}
+    assert parse_mesh("model=8") == {"data": 1, "model": 8, "expert": 1}
     assert format_mesh({"data": 2, "model": 4}) == "data=2,model=4"
+    assert format_mesh(parse_mesh("model=2,expert=4")) == "data=1,model=2,expert=4"
     for bad in ("tensor=2", "model=0", "model=two", "model"):
         with pytest.raises(MeshError):
             parse_mesh(bad)
@@ -158,6 +159,7 @@ VARIANTS = {  # worker arguments; each mesh costs ~10 s of compiling on 2 cores,
     "kernels": [],
     "xla-attention": ["--xla-attention", "--meshes", "data=2,model=4", "data=4,model=2"],
     "int8-weights": ["--weights", "int8", "--meshes", "data=2,model=4"],
+    "experts": ["--moe", "--meshes", "expert=4", "data=2,model=2,expert=2"],
 }
 
 
@@ -166,9 +168,14 @@ def test_serving_on_every_mesh_keeps_the_seed_contract(tmp_path, variant):
     """Meshes 1x8, 2x4, 4x2 and 8x1 of fake devices: the same tokens as one device (logprobs within 1e-4), the
     same bits alone and under load, and the params and cache laid out as the rules say. ``kernels``: the CPU
     kernels (run replicated by XLA); ``xla-attention``: the XLA formulation GPUs and TPUs run, partitioned
-    (on the two meshes that split heads); ``int8-weights``: quantised projections (replicated)."""
+    (on the two meshes that split heads); ``int8-weights``: quantised projections (replicated); ``experts``: a
+    tiny Qwen3-MoE with its experts split over an ``expert`` axis (routing reads each row's own scores)."""
     report = mesh_worker("tiny", str(tmp_path), *VARIANTS[variant])
-    if variant != "int8-weights":
+    if variant == "experts":  # 4 experts of 48 units: over expert=4, and over expert=2 x model=2
+        assert report["expert=4"]["experts"] == {"spec": [None, "expert"], "shard": [3, 1, 64, 48], "devices": 4}
+        assert report["data=2,model=2,expert=2"]["experts"] == {"spec": [None, "expert", None, "model"],
+                                                                "shard": [3, 2, 64, 24], "devices": 8}
+    elif variant != "int8-weights":
         layout = report["data=2,model=4"]["layout"]  # 4 heads and 2 KV heads over model=4: attention replicated
         assert layout["q_proj"]["spec"] == [] and layout["k_proj"]["spec"] == []
         assert layout["down_proj"] == {"spec": [None, "model"], "shard": [3, 40, 64], "devices": 8}
