@@ -88,3 +88,18 @@ def test_a_seeded_request_keeps_its_bits_among_others(tmp_path):
     assert [(e.token_id, e.logprob) for e in loaded] == [(e.token_id, e.logprob) for e in alone]
     assert len([e for e in alone if e.token_id is not None]) == 16
     assert jnp.asarray([e.logprob for e in alone if e.logprob is not None]).dtype == jnp.float32
+
+
+def test_experts_go_through_the_native_checkpoint_format(tmp_path):
+    """orbax save and restore (what the model store keeps): the config's expert fields and the stacked experts
+    come back as they went."""
+    from flaxchat.checkpoints.orbax_io import restore_params, save_params
+
+    cfg, params, _ = tiny_moe_model(tmp_path)
+    save_params(tmp_path / "params", params)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    restored = restore_params(tmp_path / "params", again)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
