@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from flaxchat.model import kernels, sharding
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
+from flaxchat.model.sharding import make_mesh
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
-from flaxchat.sampling.data_shards import DataShards
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
+from flaxchat.sampling.placement import Placement
 from flaxchat.sampling.kv_agreement import decode_matches_prefill
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
@@ -48,50 +48,41 @@ class DecodeState:
 
 
 class EngineSteps:
-    """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype, mesh).
-
-    On a ``mesh`` (``model/sharding.py``) the params and the device state are placed by the sharding rules
-    and every step returns the state in the same layout it took (so donation reuses the buffers and no
-    step recompiles for a new layout); XLA partitions the programs. Without one, nothing is placed: the
-    one-device programs."""
+    """Compiled steps for one (model, params, slots, max_len, steps_per_call, cache dtype, mesh); where
+    their arrays live on a mesh and how each step is jitted to keep them there: ``sampling/placement.py``."""
 
     def __init__(self, cfg: ModelConfig, params: Any, slots: int, max_len: int, steps_per_call: int = 1,
                  largest_bucket: int = LARGEST_PREFILL_BUCKET, kv_dtype: str | None = None, pool_blocks: int = 0,
                  block_size: int = 16, mesh: Mesh | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.params = params if mesh is None else sharding.place(params, sharding.param_shardings(params, cfg, mesh))
+        self.placement = placed = Placement(cfg, mesh, slots)
+        self.params = placed.params(params)
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
         self.kv_dtype = kv_dtype or cfg.dtype
         smallest = min(smallest_prefill_bucket(cfg), max_len)
         self.buckets = prefill_buckets(max_len, smallest, max(largest_bucket, smallest))
         self.pool_blocks, self.block_size = pool_blocks, block_size
         self.score_chunk_size = SCORE_CHUNK
-        self.row_buckets = row_buckets(slots, smallest_row_bucket(cfg))
+        self.shards, self.slot_order = placed.shards, placed.slot_order
+        # a data shard's decode bucket holds its own slots only
+        self.row_buckets = row_buckets(self.shards.per_shard if self.shards else slots, smallest_row_bucket(cfg))
         self.model = Transformer(cfg)
-        # Slots over the mesh's data axis: the prompt and decode steps run shard by shard (sampling/data_shards.py).
-        self.shards = (DataShards(mesh, slots, lambda leaf: self._state_sharding(leaf).spec)
-                       if mesh is not None and mesh.shape["data"] > 1 else None)
-        self.slot_order = self.shards.slot_order() if self.shards else tuple(range(slots))
-        if self.shards:
-            self.row_buckets = row_buckets(self.shards.per_shard, smallest_row_bucket(cfg))
         self.compiles = 0
         self.decode_extends_prefix = False  # decoded tokens' KV equals prefill's (measured at warm-up)
-        per_shard = (lambda impl, **how: self.shards.prefill(impl, **how)) if self.shards else (lambda impl, **how: impl)
-        self._prefill = self._jit(per_shard(self._prefill_impl), 1)
-        self._prefill_batch = self._jit(per_shard(self._prefill_batch_impl), 1)
-        self._score = self._jit(per_shard(self._score_impl, results=2), 1)
+        self._prefill = placed.jit(self._prefill_impl, 1, per_shard="prompt")
+        self._prefill_batch = placed.jit(self._prefill_batch_impl, 1, per_shard="prompt")
+        self._score = placed.jit(self._score_impl, 1, per_shard="prompt", results=2)
         # Batched prefill (prompts, length) shapes: their products have >= smallest_prefill_bucket rows, so
         # they keep a row's bits wherever one-prompt chunks do.
         self.batch_shapes = batch_shapes(slots, smallest, self.buckets[-1])
-        self._insert = self._jit(self._insert_impl, 0)
-        self._copy_slot = self._jit(self._copy_slot_impl, 0)
-        self._load_blocks = self._jit(self._load_blocks_impl, 0)
-        self._save_blocks = self._jit(self._save_blocks_impl, 0)
-        decode = self.shards.decode if self.shards else (lambda impl: impl)
-        self._decode = {k: self._jit(decode(functools.partial(self._decode_impl, k)), 1)
+        self._insert = placed.jit(self._insert_impl, 0)
+        self._copy_slot = placed.jit(self._copy_slot_impl, 0)
+        self._load_blocks = placed.jit(self._load_blocks_impl, 0)
+        self._save_blocks = placed.jit(self._save_blocks_impl, 0)
+        self._decode = {k: placed.jit(functools.partial(self._decode_impl, k), 1, per_shard="decode")
                         for k in sorted({1, steps_per_call})}
-        self._release = self._jit(self._release_impl, 0)
-        self._set_allowed = self._jit(self._set_allowed_impl, 0)
+        self._release = placed.jit(self._release_impl, 0)
+        self._set_allowed = placed.jit(self._set_allowed_impl, 0)
 
     @classmethod
     def for_engine(cls, cfg: ModelConfig, params: Any, max_len: int, config: Any) -> "EngineSteps":
@@ -99,46 +90,12 @@ class EngineSteps:
         kv_dtype = config.kv_dtype or cfg.dtype
         pool_blocks = int(config.prefix_cache_mb * 2**20 // cls.pool_block_bytes(cfg, kv_dtype, config.prefix_block))
         return cls(cfg, params, config.slots, max_len, config.steps_per_call, config.largest_prefill_bucket, kv_dtype,
-                   pool_blocks, config.prefix_block, sharding.make_mesh(cfg, config.mesh))
-
-    def _jit(self, step, donated: int):
-        """``step`` jitted with its state argument donated; on a mesh, the state it returns (alone or last)
-        is held to the layout the state came in with."""
-        if self.mesh is None:
-            return jax.jit(step, donate_argnums=(donated,))
-
-        def laid_out(*args):
-            out = step(*args)
-            if isinstance(out, DecodeState):
-                return self._constrain(out)
-            return (*out[:-1], self._constrain(out[-1]))
-
-        return jax.jit(laid_out, donate_argnums=(donated,))
-
-    def _state_sharding(self, leaf: Any) -> Any:
-        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots, split_kv_heads=not kernels.available())
-
-    def _whole(self, logits: jax.Array) -> jax.Array:
-        """Logits gathered whole on each device of a row before sampling (a vocabulary split over ``model``
-        otherwise makes each of the sampler's fixed-order sums a chain of collectives, and a data shard's
-        sampler skips work by its own rows' settings, which must not wait on collectives the other data
-        shards skip)."""
-        if self.mesh is None:
-            return logits
-        inside_data_shard = not jax.sharding.get_abstract_mesh().empty  # shard_map's context: the spec alone
-        return jax.lax.with_sharding_constraint(
-            logits, PartitionSpec() if inside_data_shard else NamedSharding(self.mesh, PartitionSpec()))
-
-    def _constrain(self, state: DecodeState) -> DecodeState:
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self._state_sharding(a)), state)
+                   pool_blocks, config.prefix_block, make_mesh(cfg, config.mesh))
 
     # ---- state -----------------------------------------------------------------------------------
     def init_state(self) -> DecodeState:
-        """Fresh device state; on a mesh each device allocates only its shard."""
-        if self.mesh is None:
-            return self._init_state_impl()
-        shardings = jax.tree.map(self._state_sharding, jax.eval_shape(self._init_state_impl))
-        return jax.jit(self._init_state_impl, out_shardings=shardings)()
+        """Fresh device state (on a mesh each device allocates only its shard)."""
+        return self.placement.init(self._init_state_impl)
 
     def _init_state_impl(self) -> DecodeState:
         b, v = self.slots, self.cfg.vocab_size
@@ -237,7 +194,7 @@ class EngineSteps:
             bias=row.bias[None], allowed=row.allowed[None], counts=jnp.zeros_like(row.bias, jnp.int32)[None],
             seen=row.seen[None], top_logprobs=row.top_logprobs[None],
         )
-        out = sample(self._whole(logits)[None], one, jax.random.fold_in(choice_key, 0)[None])
+        out = sample(self.placement.whole(logits)[None], one, jax.random.fold_in(choice_key, 0)[None])
         one = record_tokens(one, out.tokens, jnp.ones(1, bool))
         rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), state.rows, one)
         state = state.replace(
@@ -267,7 +224,7 @@ class EngineSteps:
             logits, cache = self.model.apply({"params": params}, sub.tokens[:, None], sub.positions[:, None], cache,
                                              rows=jnp.where(sub.active, rows, state.tokens.shape[0]))
             keys = jax.vmap(jax.random.fold_in)(sub.keys, sub.steps)
-            out = sample(self._whole(logits[:, 0]), sub.rows, keys)
+            out = sample(self.placement.whole(logits[:, 0]), sub.rows, keys)
             live = sub.active
             sub = sub.replace(
                 rows=record_tokens(sub.rows, out.tokens, live),
