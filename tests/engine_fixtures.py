@@ -45,13 +45,13 @@ def tiny_engine(folder: Path, model: dict | None = None, warmup: bool = False, *
     return Engine(cfg, params, tokenizer, EngineConfig(**config)).start()
 
 
-def tiny_moe_model(folder: Path, kind: str = "qwen3_moe"):
+def tiny_moe_model(folder: Path, kind: str = "qwen3_moe", context: int | None = None):
     """(cfg, params, tokenizer) of a tiny random mixture of experts (``kind``: qwen3_moe or mixtral) imported
     from its Hugging Face folder (the GGUF path has no experts), with ``tiny_model``'s byte-level tokenizer
-    (the same 320-entry vocabulary)."""
+    (the same 320-entry vocabulary); ``context`` overrides max_position_embeddings."""
     from flaxchat.checkpoints.hf_import import load_hf_folder
 
-    make_tiny_model(kind, folder / "moe")
+    make_tiny_model(kind, folder / "moe", **({} if context is None else {"max_position_embeddings": context}))
     cfg, params = load_hf_folder(folder / "moe")
     _, _, tokenizer = tiny_model(folder / "tokenizer")
     return cfg, params, tokenizer

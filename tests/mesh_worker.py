@@ -9,6 +9,8 @@ among others, and the layout of a few params and the cache.
 ``--xla-attention`` turns the CPU kernels off so the XLA formulation (what GPUs and TPUs run) is partitioned;
 ``--moe``: a tiny Qwen3-MoE (4 experts) instead, for meshes with an ``expert`` axis.
 
+``python -m tests.mesh_worker roundtrip FOLDER``: orbax params saved from one mesh, restored into another.
+
 ``python -m tests.mesh_worker default MESH``: greedy continuations of the default model's test prompts on
 ``MESH`` (the store under ``FLAXCHAT_HOME``).
 """
@@ -107,11 +109,54 @@ def run_default(mesh: str) -> dict:
                 "mesh": format_mesh(llm.served.engine.steps.mesh)}
 
 
+def run_roundtrip(folder: Path) -> dict:
+    """Save the tiny model's params from a 1x8 mesh, restore them into 4x2: each array's layout, its values,
+    and the largest host array the restore path made (a shard's, never a whole array's)."""
+    import jax
+
+    from flaxchat.checkpoints import orbax_io
+    from flaxchat.model import sharding
+    from tests.engine_fixtures import tiny_model
+
+    cfg, params, _ = tiny_model(folder)
+    source = sharding.make_mesh(cfg, "model=8")
+    orbax_io.save_params(folder / "params", sharding.place(params, sharding.param_shardings(params, cfg, source)))
+    target = sharding.make_mesh(cfg, "data=4,model=2")
+    host_sizes = []
+
+    class Recording:  # numpy, with every asarray's size noted
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def asarray(self, *args, **kwargs):
+            array = np.asarray(*args, **kwargs)
+            host_sizes.append(int(array.size))
+            return array
+
+    orbax_io.np = Recording()
+    restored = orbax_io.restore_params(folder / "params", cfg, mesh=target)
+    orbax_io.np = np
+    expected = sharding.param_shardings(params, cfg, target)
+    flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+    return {
+        "layouts_as_rules": all(leaf.sharding.spec == want.spec and leaf.sharding.mesh == target
+                                for (_, leaf), want in zip(flat, jax.tree.leaves(expected))),
+        "values_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                            for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params))),
+        "split": [str(path[-2].key) for path, leaf in flat if any(leaf.sharding.spec)],
+        "largest_host_array": max(host_sizes),
+        "largest_split_array": max(int(np.asarray(a).size) for (_, a) in flat if any(a.sharding.spec)),
+        "largest_shard": max(int(np.prod(a.addressable_shards[0].data.shape)) for (_, a) in flat),
+    }
+
+
 def main(argv: list[str]) -> None:
     import jax
 
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    if argv[0] == "tiny":
+    if argv[0] == "roundtrip":
+        report = run_roundtrip(Path(argv[1]))
+    elif argv[0] == "tiny":
         weights = argv[argv.index("--weights") + 1] if "--weights" in argv else "float32"
         meshes = argv[argv.index("--meshes") + 1:] if "--meshes" in argv else list(MESHES)
         report = run_tiny(Path(argv[1]), "--xla-attention" in argv, weights, meshes, moe="--moe" in argv)

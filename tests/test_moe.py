@@ -103,3 +103,41 @@ def test_experts_go_through_the_native_checkpoint_format(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_tiny_mixture_of_experts_answers_a_tool_call_through_http(tmp_path):
+    """The real server over an engine on a tiny Qwen3-MoE, the official client: a required tool call comes back
+    whole (arguments valid against the tool's schema), streamed and not streamed alike."""
+    import json
+
+    import jsonschema
+
+    from flaxchat.chat.request import ServedModel
+    from flaxchat.serve.app import ServerSettings, create_app
+    from flaxchat.serve.server import BackgroundServer
+    from tests.gguf_writer import CHAT_TEMPLATE
+    from tests.server_fixtures import openai_client
+    from tests.test_tools import ASK, SCHEMAS, TOOLS
+
+    cfg, params, tokenizer = tiny_moe_model(tmp_path, context=2048)
+    engine = Engine(cfg, params, tokenizer, EngineConfig(slots=2, max_len=2048, warmup=False)).start()
+    served = ServedModel("tiny-moe", engine, tokenizer, CHAT_TEMPLATE, "fp_test")
+    server = BackgroundServer(create_app(served, ServerSettings())).start()
+    try:
+        client = openai_client(server)
+        request = dict(model="tiny-moe", messages=ASK, tools=TOOLS, tool_choice="required", seed=3, max_tokens=300)
+        choice = client.chat.completions.create(**request).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        streamed = {}
+        for chunk in client.chat.completions.create(stream=True, **request):
+            for piece in chunk.choices[0].delta.tool_calls or ():
+                entry = streamed.setdefault(piece.index, {"name": None, "arguments": ""})
+                entry["name"] = entry["name"] or piece.function.name
+                entry["arguments"] += piece.function.arguments or ""
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
+            [(e["name"], e["arguments"]) for _, e in sorted(streamed.items())]
+    finally:
+        server.stop()
+        engine.stop()

@@ -94,3 +94,20 @@ def test_plan_command(capsys):
     assert main(["plan", "no-such-model"]) == 1
     assert main(["plan", "llama-3-8b", "--device", "tpu9"]) == 1
     assert main(["plan", "llama-3-8b", "--mesh", "tensor=2"]) == 1
+
+
+def test_a_mixture_of_experts_plan_by_hand():
+    """Qwen3-30B-A3B on 8 x H100, model=8, bfloat16, worked out by hand: 4 KV heads do not divide 8, so
+    attention is whole on each device; each expert's 768 units and the vocabulary split 8 ways."""
+    plan = make_plan(resolve_shape("qwen3-30b-a3b"), DEVICES["h100"], {"model": 8}, context=4096)
+    attention = 2048 * (2 * 32 * 128 + 2 * 4 * 128)  # q, o; k, v
+    experts = 3 * 2048 * 768 * 128 // 8
+    per_layer = attention + experts + 2048 * 128 + 2 * 2048 + 2 * 128  # + router, norms, q/k norms
+    params = 48 * per_layer + 151936 * 2048 * 2 // 8 + 2048  # + embedding and LM head (split), final norm
+    assert plan.weight_bytes == 2 * params == 9_240_866_816
+    assert plan.kv_bytes_per_token == 2 * 48 * 4 * 128 * 2  # keys and values, 48 layers, 4 KV heads, bf16
+    # one row at 4,096 positions reads the 8 experts it routes to (of 128) and its cache
+    one_expert = 3 * 2048 * 768 * 48 * 2 // 8
+    read = 2 * params - 120 * one_expert + 4096 * plan.kv_bytes_per_token
+    assert plan.rows[1]["memory_ms"] == pytest.approx(read / 3350e9 * 1e3, rel=1e-12)
+    assert round(plan.rows[1]["tokens_per_s"]) == round(3350e9 / read) == 1176
