@@ -174,13 +174,17 @@ def param_shardings(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def state_sharding(leaf: Any, cfg: ModelConfig, mesh: Mesh, slots: int, split_kv_heads: bool = True) -> NamedSharding:
-    """Where one leaf of the engine's device state lives: a cache or pool buffer by ``CACHE_AXES``; a
+def state_sharding(leaf: Any, cfg: ModelConfig, mesh: Mesh, slots: int, split_kv_heads: bool = True,
+                   pool: bool = False) -> NamedSharding:
+    """Where one leaf of the engine's device state lives: a cache buffer by ``CACHE_AXES``; a prefix-pool
+    buffer (``pool``) the same but whole on every data shard (a prompt on any shard may reuse any block); a
     per-slot array (``[slots, ...]``) by slot over ``data``; anything else replicated. ``split_kv_heads=False``
     keeps every KV head on each ``model`` device (the CPU attention kernel is one opaque call per data shard:
     XLA would gather a head-split cache before every call)."""
     if leaf.ndim == 5:
         axes = CACHE_AXES if split_kv_heads else tuple(None if a == "kv_heads" else a for a in CACHE_AXES)
+        if pool:
+            axes = tuple(None if a == "slots" else a for a in axes)
     elif leaf.ndim >= 1 and leaf.shape[0] == slots:
         axes = ("slots",) + (None,) * (leaf.ndim - 1)
     else:

@@ -8,7 +8,8 @@ gathered by index out of a ``data``-sharded cache made it all-gather the cache e
 laid out shard by shard (``host_rows``), each shard decodes its own bucket with local slot indices, and the
 outputs are put back in the caller's order. A prompt chunk runs on every shard with only the owner's writes
 kept (the others address the dropped row past their slots) and the owner's logits returned: prefill is
-repeated on each data shard, decode is not.
+repeated on each data shard, decode is not. The prefix pool is whole on every shard; a block saved from a
+slot, or a slot copied to another shard, crosses as the owner's rows summed with the others' zeros.
 
 The seed contract holds per shard as on one device: a row's bits do not depend on the other rows of its
 bucket, and a shard's bucket is just a smaller bucket.
@@ -32,7 +33,7 @@ class DataShards:
     """The ``data`` axis of ``mesh`` over ``slots`` slots; wraps step implementations to run per shard."""
 
     def __init__(self, mesh: Mesh, slots: int, spec_of: Callable[[Any], P]):
-        """``spec_of(leaf)``: a state leaf's full ``PartitionSpec`` (``model/sharding.py``)."""
+        """``spec_of(path, leaf)``: a state leaf's full ``PartitionSpec`` (``model/sharding.py``)."""
         self.mesh, self.ways = mesh, mesh.shape[DATA]
         if slots % self.ways:
             raise MeshError(f"{slots} slots cannot be split over a data axis of {self.ways}: use a multiple")
@@ -40,12 +41,12 @@ class DataShards:
         self._spec_of = spec_of
 
     # ---- layout ----------------------------------------------------------------------------------
-    def _data_spec(self, leaf: Any) -> P:
+    def _data_spec(self, path: tuple, leaf: Any) -> P:
         """``leaf``'s spec over ``data`` alone (the manual axis; ``model`` stays automatic)."""
-        return P(*(axis if axis == DATA else None for axis in self._spec_of(leaf)))
+        return P(*(axis if axis == DATA else None for axis in self._spec_of(path, leaf)))
 
     def _specs(self, tree: Any) -> Any:
-        return jax.tree.map(self._data_spec, tree)
+        return jax.tree_util.tree_map_with_path(self._data_spec, tree)
 
     def _map(self, local: Callable, in_specs: tuple, out_specs: Any) -> Callable:
         # check_vma=False: the model's loops start from constants and carry per-shard values (the varying-axis
@@ -121,3 +122,49 @@ class DataShards:
             return (*outs, state)
 
         return run
+
+    # ---- the cache copies (the prefix pool is whole on every shard; a slot's rows on its owner only) ------
+    def _state_only(self, local: Callable) -> Callable:
+        """``local(state, *args)`` -> state, run per shard with the state's data layout."""
+        def run(state, *args):
+            specs = self._specs(state)
+            return self._map(local, (specs, *(P() for _ in args)), specs)(state, *args)
+
+        return run
+
+    def load_blocks(self, impl: Callable) -> Callable:
+        """``impl(state, slot, blocks, count)``: pool blocks into a slot. The owner copies from its own whole
+        pool; on the other shards ``count`` is 0 (the loop holds no collective, so shards may differ)."""
+        def local(state, slot, blocks, count):
+            mine = self._local(slot) < self.per_shard
+            return impl(state, jnp.where(mine, self._local(slot), 0), blocks, jnp.where(mine, count, 0))
+
+        return self._state_only(local)
+
+    def save_blocks(self, impl: Callable) -> Callable:
+        """``impl(state, slot, blocks, first, count, share=...)``: a slot's blocks into the pool on every shard.
+        Each block is the owner's, summed with the other shards' zeros over ``data`` (exact: one term is not
+        zero), so every copy of the pool stays the same; only the saved blocks cross shards."""
+        def local(state, slot, blocks, first, count):
+            mine = self._local(slot) < self.per_shard
+
+            def share(block):
+                return jax.lax.psum(jnp.where(mine, block, jnp.zeros_like(block)), DATA)
+
+            return impl(state, jnp.where(mine, self._local(slot), 0), blocks, first, count, share=share)
+
+        return self._state_only(local)
+
+    def copy_slot(self, impl: Callable) -> Callable:
+        """``impl(state, dst, src, share=...)``: ``src``'s cache rows to ``dst``, wherever each lives: the
+        source owner's rows summed with the others' zeros over ``data``, written by the destination's owner
+        (elsewhere ``dst`` is the dropped row)."""
+        def local(state, dst, src):
+            mine = self._local(src) < self.per_shard
+
+            def share(rows):
+                return jax.lax.psum(jnp.where(mine, rows, jnp.zeros_like(rows)), DATA)
+
+            return impl(state, self._local(dst), jnp.where(mine, self._local(src), 0), share=share)
+
+        return self._state_only(local)

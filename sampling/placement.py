@@ -20,10 +20,15 @@ from flaxchat.model.config import ModelConfig
 from flaxchat.sampling.data_shards import DataShards
 
 
+def is_pool(path: tuple) -> bool:
+    """Whether a state leaf's path is in ``DecodeState.pool``."""
+    return bool(path) and getattr(path[0], "name", None) == "pool"
+
+
 class Placement:
     def __init__(self, cfg: ModelConfig, mesh: Mesh | None, slots: int):
         self.cfg, self.mesh, self.slots = cfg, mesh, slots
-        self.shards = (DataShards(mesh, slots, lambda leaf: self.state_sharding(leaf).spec)
+        self.shards = (DataShards(mesh, slots, lambda path, leaf: self.state_sharding(path, leaf).spec)
                        if mesh is not None and mesh.shape["data"] > 1 else None)
         # free slots are taken in this order (round-robin over data shards: a call costs its fullest shard)
         self.slot_order = self.shards.slot_order() if self.shards else tuple(range(slots))
@@ -32,26 +37,31 @@ class Placement:
         return params if self.mesh is None else sharding.place(params, sharding.param_shardings(params, self.cfg,
                                                                                                  self.mesh))
 
-    def state_sharding(self, leaf: Any) -> NamedSharding:
-        # The CPU attention kernel is one opaque call per data shard: a cache split by KV heads would be
-        # gathered before each call, so with the kernels the cache keeps its heads whole.
-        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots, split_kv_heads=not kernels.available())
+    def state_sharding(self, path: tuple, leaf: Any) -> NamedSharding:
+        """The layout of the state's leaf at ``path`` (the prefix pool's buffers are whole on each data shard).
+        The CPU attention kernel is one opaque call per data shard: a cache split by KV heads would be gathered
+        before each call, so with the kernels the cache keeps its heads whole."""
+        return sharding.state_sharding(leaf, self.cfg, self.mesh, self.slots, split_kv_heads=not kernels.available(),
+                                       pool=is_pool(path))
 
     def init(self, make_state: Callable[[], Any]) -> Any:
         """``make_state()``'s arrays, each device allocating only its shard."""
         if self.mesh is None:
             return make_state()
-        shardings = jax.tree.map(self.state_sharding, jax.eval_shape(make_state))
+        shardings = jax.tree_util.tree_map_with_path(self.state_sharding, jax.eval_shape(make_state))
         return jax.jit(make_state, out_shardings=shardings)()
 
     def jit(self, step: Callable, donated: int, per_shard: str | None = None, results: int = 1) -> Callable:
         """``step`` jitted with argument ``donated`` (the state) donated; on a mesh, the state it returns
         (alone or last) is held to its layout. ``per_shard``: ``"prompt"`` (``results`` per slot) or
-        ``"decode"``, run per data shard where the mesh has a data axis."""
+        ``"decode"``, or a cache copy (``"load_blocks"``, ``"save_blocks"``, ``"copy_slot"``), run per data
+        shard where the mesh has a data axis."""
         if self.shards and per_shard == "prompt":
             step = self.shards.prefill(step, results=results)
         elif self.shards and per_shard == "decode":
             step = self.shards.decode(step)
+        elif self.shards and per_shard is not None:  # the cache copies: load_blocks, save_blocks, copy_slot
+            step = getattr(self.shards, per_shard)(step)
         if self.mesh is None:
             return jax.jit(step, donate_argnums=(donated,))
 
@@ -64,7 +74,8 @@ class Placement:
         return jax.jit(laid_out, donate_argnums=(donated,))
 
     def _constrain(self, state: Any) -> Any:
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.state_sharding(a)), state)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: jax.lax.with_sharding_constraint(a, self.state_sharding(path, a)), state)
 
     def whole(self, logits: jax.Array) -> jax.Array:
         """Logits gathered whole on each device of a row before sampling: a vocabulary split over ``model``

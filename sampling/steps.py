@@ -76,9 +76,9 @@ class EngineSteps:
         # they keep a row's bits wherever one-prompt chunks do.
         self.batch_shapes = batch_shapes(slots, smallest, self.buckets[-1])
         self._insert = placed.jit(self._insert_impl, 0)
-        self._copy_slot = placed.jit(self._copy_slot_impl, 0)
-        self._load_blocks = placed.jit(self._load_blocks_impl, 0)
-        self._save_blocks = placed.jit(self._save_blocks_impl, 0)
+        self._copy_slot = placed.jit(self._copy_slot_impl, 0, per_shard="copy_slot")
+        self._load_blocks = placed.jit(self._load_blocks_impl, 0, per_shard="load_blocks")
+        self._save_blocks = placed.jit(self._save_blocks_impl, 0, per_shard="save_blocks")
         self._decode = {k: placed.jit(functools.partial(self._decode_impl, k), 1, per_shard="decode")
                         for k in sorted({1, steps_per_call})}
         self._release = placed.jit(self._release_impl, 0)
@@ -147,10 +147,13 @@ class EngineSteps:
         last = jnp.clip(length - 1 - start, 0, tokens.shape[1] - 1)
         return chunk_scores(logits[0], next_tokens), logits[0, last], state.replace(cache=cache)
 
-    def _copy_slot_impl(self, state: DecodeState, dst, src):
-        """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt)."""
+    def _copy_slot_impl(self, state: DecodeState, dst, src, share=lambda rows: rows):
+        """Copy ``src``'s cache rows to ``dst`` (the other choices of an ``n > 1`` request share its prompt).
+        ``share``: what a data shard does to the rows (``sampling/data_shards.py``); a ``dst`` past the
+        slots writes nothing."""
         self.compiles += 1
-        return state.replace(cache=jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), state.cache))
+        return state.replace(cache=jax.tree.map(lambda a: a.at[:, dst].set(share(a[:, src]), mode="drop"),
+                                                state.cache))
 
     def _load_blocks_impl(self, state: DecodeState, slot, blocks, count):
         """Copy pool blocks ``blocks[:count]`` (every layer's) into ``slot``'s cache at positions
@@ -167,9 +170,9 @@ class EngineSteps:
 
         return state.replace(cache=jax.lax.fori_loop(0, count, one, state.cache))
 
-    def _save_blocks_impl(self, state: DecodeState, slot, blocks, first, count):
+    def _save_blocks_impl(self, state: DecodeState, slot, blocks, first, count, share=lambda block: block):
         """Copy ``slot``'s cache blocks ``first .. first + count - 1`` (every layer's) into pool blocks
-        ``blocks[:count]``."""
+        ``blocks[:count]`` (``share``: what a data shard does to each block, ``sampling/data_shards.py``)."""
         self.compiles += 1
         size = self.block_size
 
@@ -178,7 +181,7 @@ class EngineSteps:
                 tail = (0,) * (buffer.ndim - 4)
                 block = jax.lax.dynamic_slice(buffer, (0, slot, 0, (first + i) * size) + tail,
                                               (buffer.shape[0], 1, buffer.shape[2], size) + buffer.shape[4:])
-                return jax.lax.dynamic_update_slice(blocks_buffer, block, (0, blocks[i], 0, 0) + tail)
+                return jax.lax.dynamic_update_slice(blocks_buffer, share(block), (0, blocks[i], 0, 0) + tail)
 
             return jax.tree.map(put, pool, state.cache)
 

@@ -39,15 +39,25 @@ def _matrix_layout(params: dict, name: str) -> dict | None:
     return _layout(params[name]["kernel"] if "kernel" in params[name] else params[name]["codes"])
 
 
-def _cache_gathers(steps) -> int:
-    """All-gathers of a cache-shaped (5-D) array in the compiled one-row decode program: a data mesh must
-    decode each shard's rows where they live."""
+def _cache_gathers(steps) -> dict[str, int]:
+    """All-gathers of a cache- or pool-shaped (5-D) array in the compiled programs that touch the cache (a
+    one-row decode, the prefix pool's block copies, a slot copy): a data mesh must work on each shard's rows
+    where they live."""
     import re
+
+    import jax.numpy as jnp
 
     state = steps.init_state()
     rows = steps.shards.host_rows([0], 1) if steps.shards else (np.zeros(1, np.int32),)
-    text = steps._decode[1].lower(steps.params, state.replace(pool=None), *rows).compile().as_text()
-    return len(re.findall(r"= \w+\[(?:\d+,){4}\d+\]\S* all-gather", text))
+    blocks = steps._block_list([0, 1])
+    programs = {
+        "decode": steps._decode[1].lower(steps.params, state.replace(pool=None), *rows),
+        "load_blocks": steps._load_blocks.lower(state, jnp.int32(1), blocks, jnp.int32(2)),
+        "save_blocks": steps._save_blocks.lower(state, jnp.int32(1), blocks, jnp.int32(0), jnp.int32(2)),
+        "copy_slot": steps._copy_slot.lower(state, jnp.int32(1), jnp.int32(steps.slots - 1)),
+    }
+    return {name: len(re.findall(r"= \w+\[(?:\d+,){4}\d+\]\S* all-gather", lowered.compile().as_text()))
+            for name, lowered in programs.items()}
 
 
 def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str], moe: bool = False) -> dict:
@@ -81,7 +91,7 @@ def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str],
             engine.stop()  # the engine thread owns the state until then
         steps, layers = engine.steps, engine.steps.params["layers"]
         report[mesh] = {
-            "cache_gathers": _cache_gathers(steps) if steps.mesh is not None else 0,
+            "cache_gathers": _cache_gathers(steps) if steps.mesh is not None else {},
             "alone": [[e.token_id, e.logprob] for e in alone if e.token_id is not None],
             "loaded": [[e.token_id, e.logprob] for e in loaded if e.token_id is not None],
             "pair": [[e.token_id for e in pair[choice] if e.token_id is not None] for choice in sorted(pair)],
