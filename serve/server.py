@@ -87,10 +87,23 @@ class BackgroundServer:
         asyncio.run(main())
 
     def start(self) -> "BackgroundServer":
+        """Start serving; returns once the port accepts connections (Quart's startup hook runs before hypercorn
+        binds the socket, so a client sent off at that hook alone could be refused)."""
+        import socket
+        import time
+
         self._thread.start()
         if not self._started.wait(30):
             raise RuntimeError("server did not start")
-        return self
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return self
+            except OSError:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not listen on {self.url}") from None
+                time.sleep(0.01)
 
     def stop(self) -> None:
         if self._loop and self._stop:
