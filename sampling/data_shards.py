@@ -98,23 +98,21 @@ class DataShards:
 
         return run
 
-    def prefill(self, impl: Callable, slot_arg: int = 0, results: int = 1) -> Callable:
+    def prompt(self, impl: Callable, results: int = 1) -> Callable:
         """``impl(params, state, slot(s), ...)`` -> ``(*results, state)``, each result one per slot (a single
         slot: arrays; several: a tuple of them). Every shard runs the chunk; only the owner's writes and
         results count."""
-        def run(params, state, *args):
+        def run(params, state, slots, *args):
             specs = self._specs(state)
 
-            def local(params, state, *args):
-                args = list(args)
-                args[slot_arg] = self._local(args[slot_arg])
-                *outs, state = impl(params, state, *args)
+            def local(params, state, slots, *args):
+                *outs, state = impl(params, state, self._local(slots), *args)
                 return (*jax.tree.map(lambda a: a[None], tuple(outs)), state)
 
             arg_specs = tuple(P() for _ in args)
             out_specs = (*(P(DATA),) * results, specs)
-            *outs, state = self._map(local, (P(), specs, *arg_specs), out_specs)(params, state, *args)
-            owners = self.owner(args[slot_arg])
+            *outs, state = self._map(local, (P(), specs, P(), *arg_specs), out_specs)(params, state, slots, *args)
+            owners = self.owner(slots)
             if owners.ndim == 0:
                 outs = jax.tree.map(lambda a: a[owners], tuple(outs))
             else:  # a tuple of results per slot of the batch
@@ -141,30 +139,29 @@ class DataShards:
 
         return self._state_only(local)
 
+    @staticmethod
+    def _from_owner(mine: jax.Array) -> Callable[[jax.Array], jax.Array]:
+        """Rows read on every shard -> the owner's rows on every shard: the others' zeros summed with them over
+        ``data`` (exact: one term is not zero)."""
+        return lambda rows: jax.lax.psum(jnp.where(mine, rows, jnp.zeros_like(rows)), DATA)
+
     def save_blocks(self, impl: Callable) -> Callable:
-        """``impl(state, slot, blocks, first, count, share=...)``: a slot's blocks into the pool on every shard.
-        Each block is the owner's, summed with the other shards' zeros over ``data`` (exact: one term is not
-        zero), so every copy of the pool stays the same; only the saved blocks cross shards."""
+        """``impl(state, slot, blocks, first, count, share=...)``: a slot's blocks into the pool on every shard,
+        each block the owner's (``_from_owner``), so every copy of the pool stays the same; only the saved
+        blocks cross shards."""
         def local(state, slot, blocks, first, count):
             mine = self._local(slot) < self.per_shard
-
-            def share(block):
-                return jax.lax.psum(jnp.where(mine, block, jnp.zeros_like(block)), DATA)
-
-            return impl(state, jnp.where(mine, self._local(slot), 0), blocks, first, count, share=share)
+            return impl(state, jnp.where(mine, self._local(slot), 0), blocks, first, count,
+                        share=self._from_owner(mine))
 
         return self._state_only(local)
 
     def copy_slot(self, impl: Callable) -> Callable:
         """``impl(state, dst, src, share=...)``: ``src``'s cache rows to ``dst``, wherever each lives: the
-        source owner's rows summed with the others' zeros over ``data``, written by the destination's owner
-        (elsewhere ``dst`` is the dropped row)."""
+        source owner's rows (``_from_owner``), written by the destination's owner (elsewhere ``dst`` is the
+        dropped row)."""
         def local(state, dst, src):
             mine = self._local(src) < self.per_shard
-
-            def share(rows):
-                return jax.lax.psum(jnp.where(mine, rows, jnp.zeros_like(rows)), DATA)
-
-            return impl(state, self._local(dst), jnp.where(mine, self._local(src), 0), share=share)
+            return impl(state, self._local(dst), jnp.where(mine, self._local(src), 0), share=self._from_owner(mine))
 
         return self._state_only(local)

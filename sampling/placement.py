@@ -57,10 +57,8 @@ class Placement:
         ``"decode"``, or a cache copy (``"load_blocks"``, ``"save_blocks"``, ``"copy_slot"``), run per data
         shard where the mesh has a data axis."""
         if self.shards and per_shard == "prompt":
-            step = self.shards.prefill(step, results=results)
-        elif self.shards and per_shard == "decode":
-            step = self.shards.decode(step)
-        elif self.shards and per_shard is not None:  # the cache copies: load_blocks, save_blocks, copy_slot
+            step = self.shards.prompt(step, results=results)
+        elif self.shards and per_shard:  # decode, or a cache copy: DataShards' method of that name
             step = getattr(self.shards, per_shard)(step)
         if self.mesh is None:
             return jax.jit(step, donate_argnums=(donated,))
