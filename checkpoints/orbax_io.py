@@ -55,7 +55,7 @@ def restore_params(path: str | Path, cfg: ModelConfig, on_device: bool = True,
     if not path.is_dir():
         raise CheckpointError(path, "orbax checkpoint directory not found")
     shapes = param_shapes(cfg.replace(weights="float32"))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (several may restore)
     on_one_device = jax.tree.map(lambda _: device, shapes)
     placements = on_one_device if mesh is None or not on_device else sharding.param_shardings(shapes, cfg, mesh)
 

@@ -142,11 +142,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("flaxchat")
     content_filter = load_content_filter(args.content_filter) if args.content_filter else ()
-    served = launch(args.model, LaunchOptions(
+    options = LaunchOptions(
         slots=args.slots, max_len=args.max_len, queue_size=args.queue_size, dtype=args.dtype, weights=args.weights,
         prompt_activations=args.prompt_activations, kv_dtype=args.kv_dtype, steps_per_call=args.steps_per_call,
         prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb, content_filter=content_filter,
-        mesh=args.mesh))
+        mesh=args.mesh, warmup=not args.no_warmup)
+    if args.coordinator:
+        from flaxchat.cluster import Cluster, join
+        from flaxchat.launch import follow
+
+        cluster = Cluster(args.coordinator, args.num_processes, args.process_id)
+        join(cluster)
+        if not cluster.leads:
+            followed = follow(args.model, options)
+            log.info("process 0 stopped its engine after %d calls", followed.calls)
+            return 0
+    served = launch(args.model, options)
     engine = served.engine
     log.info("finished replies' blocks %s the prefix cache (decoded KV %s prefill's)",
              *(("join", "equals") if engine.steps.decode_extends_prefix else ("stay out of", "differs from")))
@@ -285,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8; float32 elsewhere")
     _add_prompt_activations(p)
     _add_mesh(p)
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="serve from several processes (hosts) as one mesh: process 0's address for "
+                        "jax.distributed; run the same command on each with its --process-id (process 0 serves "
+                        "HTTP, the others run its device calls in lockstep; flaxchat/cluster.py)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile each step on first use instead of before serving (starts sooner; a request "
+                        "that needs a shape not yet compiled waits for it; the same bits either way)")
+    p.add_argument("--num-processes", type=int, default=1, help="processes in the cluster (with --coordinator)")
+    p.add_argument("--process-id", type=int, default=0, help="this process's index (with --coordinator)")
     p.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
                    help="KV cache storage type; int8 = 8-bit codes with a float32 scale per 32 elements: 56%% of "
                         "bfloat16's memory (16 slots x 2048: 425 MB instead of 755); auto = int8 with int8/int4 "

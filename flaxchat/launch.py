@@ -65,11 +65,18 @@ def kv_dtype_for(choice: str, weights: str) -> str:
     return "int8" if weights in QUANTISED else "bfloat16"
 
 
-def resolve_model(model: str | Path) -> str:
+def resolve_model(model: str | Path, stored_only: bool = False) -> str:
     """The store name for ``model``: a stored name, the default model (pulled if missing), or a local GGUF
-    file or Hugging Face folder, imported under its stem (again when the file changed since)."""
+    file or Hugging Face folder, imported under its stem (again when the file changed since).
+    ``stored_only``: refuse to import or pull (in a cluster, where saving is every process's collective)."""
     from flaxchat.checkpoints.store import (DEFAULT_MODEL, canonical_name, file_sha256, import_path, is_stored,
                                             model_dir, pull)
+
+    def refuse_in_a_cluster(name: str) -> None:
+        if stored_only:
+            raise ValueError(f"{model} is not in the store as {name!r} (or changed since): with several "
+                             f"processes, run `flaxchat import {model} --name {name}` (or `flaxchat pull`) on every "
+                             "host first")
 
     path = Path(model).expanduser()
     if path.exists() and not (path / "manifest.json").is_file():
@@ -77,6 +84,7 @@ def resolve_model(model: str | Path) -> str:
         recorded = json.loads((model_dir(name) / "manifest.json").read_text()) if is_stored(name) else {}
         current = {"path": str(path.absolute())} | ({"sha256": file_sha256(path)} if path.is_file() else {})
         if any(recorded.get(k) != v for k, v in current.items()):
+            refuse_in_a_cluster(name)
             log.info("importing %s as %s", path, name)
             import_path(path, name, progress=True)
         return name
@@ -84,33 +92,70 @@ def resolve_model(model: str | Path) -> str:
         return path.name
     name = canonical_name(str(model))
     if not is_stored(name) and name == DEFAULT_MODEL:
+        refuse_in_a_cluster(name)
         pull(name)
     return name
 
 
-def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress: bool = True) -> ServedModel:
-    """Load ``model`` and start its engine (compiles every step it will use before returning, unless
-    ``options.warmup`` is False; ``progress``: a bar of the steps compiled, of the total)."""
-    from flaxchat.checkpoints.provenance import fingerprint, provenance
-    from flaxchat.checkpoints.store import ALIASES, load_model
-    from flaxchat.model.sharding import format_mesh
-    from flaxchat.sampling.engine import Engine, EngineConfig
-    from flaxchat.serve.memory import release_freed_memory
+def engine_config(options: LaunchOptions, weights: str):
+    """The ``EngineConfig`` that ``options`` ask for (``weights``: the loaded projections' kind)."""
+    from flaxchat.sampling.engine import EngineConfig
+
+    return EngineConfig(slots=options.slots, max_len=options.max_len, queue_size=options.queue_size,
+                        steps_per_call=options.steps_per_call, kv_dtype=kv_dtype_for(options.kv_dtype, weights),
+                        prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb,
+                        warmup=options.warmup, mesh=options.mesh)
+
+
+def _load(model: str | Path, options: LaunchOptions):
+    """(store name, loaded model) of ``model``; in a cluster, only from the store."""
+    import jax
+
+    from flaxchat.checkpoints.store import load_model
 
     setup_jax()
-    name = resolve_model(model)
+    name = resolve_model(model, stored_only=jax.process_count() > 1)
     loaded = load_model(name, dtype=options.dtype or default_dtype(), weights=options.weights,
                         prompt_activations=options.prompt_activations, mesh=options.mesh)
     if not loaded.chat_template:
         raise ValueError(f"model {name!r} has no chat template; the chat API needs one")
+    return name, loaded
+
+
+def _engine_steps(name: str, loaded, config):
+    """The device steps for ``config``, and what every process must agree on to replay them in lockstep."""
+    from flaxchat.sampling.engine import context_length
+    from flaxchat.sampling.lockstep import settings_digest
+    from flaxchat.sampling.steps import EngineSteps
+
+    steps = EngineSteps.for_engine(loaded.cfg, loaded.params, context_length(loaded.cfg, config), config)
+    return steps, settings_digest(name, loaded.cfg, config)
+
+
+def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress: bool = True) -> ServedModel:
+    """Load ``model`` and start its engine (compiles every step it will use before returning, unless
+    ``options.warmup`` is False; ``progress``: a bar of the steps compiled, of the total). In a cluster
+    (``flaxchat/cluster.py``) this is process 0's part: the engine's device calls are replayed by the others
+    (``follow``)."""
+    import jax
+
+    from flaxchat.checkpoints.provenance import fingerprint, provenance
+    from flaxchat.checkpoints.store import ALIASES
+    from flaxchat.model.sharding import format_mesh
+    from flaxchat.sampling.engine import Engine
+    from flaxchat.serve.memory import release_freed_memory
+
+    name, loaded = _load(model, options)
     release_freed_memory()  # the float checkpoint a quantised model was made from
     weights = loaded.cfg.weights
-    engine = Engine(loaded.cfg, loaded.params, loaded.tokenizer,
-                    EngineConfig(slots=options.slots, max_len=options.max_len, queue_size=options.queue_size,
-                                 steps_per_call=options.steps_per_call,
-                                 kv_dtype=kv_dtype_for(options.kv_dtype, weights),
-                                 prefill_chunk=options.prefill_chunk, prefix_cache_mb=options.prefix_cache_mb,
-                                 warmup=options.warmup, mesh=options.mesh))
+    config = engine_config(options, weights)
+    steps, settings = _engine_steps(name, loaded, config)
+    if jax.process_count() > 1:
+        from flaxchat.cluster import KeyValueChannel
+        from flaxchat.sampling.lockstep import Leader
+
+        steps = Leader(steps, KeyValueChannel(), settings)
+    engine = Engine(loaded.cfg, loaded.params, loaded.tokenizer, config, steps=steps)
     log.info("warming up %s (%d slots, %d-token context, %s weights, %s KV cache, %d steps per call, "
              "%d-block prefix cache)...", name, options.slots, engine.max_len, weights, engine.steps.kv_dtype,
              options.steps_per_call, engine.prefix.capacity)
@@ -120,7 +165,21 @@ def launch(model: str | Path, options: LaunchOptions = LaunchOptions(), progress
              "prompt_activations": loaded.cfg.prompt_activations}
     if engine.steps.mesh is not None:  # partitioned programs sum in another order: other bits than one device's
         setup["mesh"] = format_mesh(engine.steps.mesh)
+    if jax.process_count() > 1:  # collectives between processes may sum in another order than within one
+        setup["processes"] = jax.process_count()
     parts = provenance(loaded.path, loaded.manifest, setup, loaded.chat_template)
     aliases = tuple(sorted(alias for alias, target in ALIASES.items() if target == name))
     return ServedModel(name, engine, loaded.tokenizer, loaded.chat_template, fingerprint(parts), aliases=aliases,
                        content_filter=options.content_filter, provenance=parts)
+
+
+def follow(model: str | Path, options: LaunchOptions = LaunchOptions()):
+    """A cluster's process other than 0: load ``model`` onto this process's devices of the mesh and run
+    process 0's device calls until its engine stops (``sampling/lockstep.py``); what it ran (``Followed``)."""
+    from flaxchat.cluster import KeyValueChannel
+    from flaxchat.sampling import lockstep
+
+    name, loaded = _load(model, options)
+    steps, settings = _engine_steps(name, loaded, engine_config(options, loaded.cfg.weights))
+    log.info("following process 0's engine (%s)", name)
+    return lockstep.follow(steps, KeyValueChannel(), settings)

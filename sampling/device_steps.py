@@ -87,3 +87,6 @@ class DeviceSteps(Protocol):
 
     def set_allowed(self, state: State, masks: dict[int, np.ndarray]) -> State:
         """Next-token bitmasks for some slots (guided choices)."""
+
+    def close(self) -> None:
+        """The engine stopped: nothing more will be asked (other processes replaying the calls may exit)."""

@@ -68,6 +68,11 @@ class EngineConfig:
     mesh: str | None = None  # "data=2,model=4" (model/sharding.py); default: every local device on "model" if it divides the heads
 
 
+def context_length(cfg: ModelConfig, config: EngineConfig) -> int:
+    """Cache positions per slot: ``config.max_len``, else the model's up to ``DEFAULT_CONTEXT``."""
+    return min(config.max_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT), cfg.max_position_embeddings)
+
+
 @dataclass
 class _InFlight:
     """A dispatched decode call: the (slot, choice) of each of its rows, and its device outputs."""
@@ -82,8 +87,7 @@ class Engine:
                  steps: DeviceSteps | None = None):
         """``steps``: the device steps to schedule (default: ``EngineSteps`` compiled for ``params``)."""
         self.cfg, self.tokenizer, self.config = cfg, tokenizer, config
-        max_len = config.max_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
-        self.max_len = min(max_len, cfg.max_position_embeddings)
+        self.max_len = context_length(cfg, config)
         if config.prefill_chunk < 1 or config.prefix_block < 1 or config.prefix_cache_mb < 0:
             raise ValueError("prefill_chunk and prefix_block must be >= 1 and prefix_cache_mb >= 0")
         self.steps = steps = steps or EngineSteps.for_engine(cfg, params, self.max_len, config)
@@ -126,6 +130,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         self._end_started("cancelled")
+        self.steps.close()
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -274,13 +279,13 @@ class Engine:
     def _start(self, job: PrefillJob, logits: jax.Array) -> None:
         """The prompt is in ``job.slots[0]``: copy it to the other choices' slots, sample each first token."""
         pending, slots, params = job.request, job.slots, job.request.params
-        if pending.first:
-            pending.handle.cached_tokens, pending.handle.prompt_logprobs = job.cached, job.prompt_scores()
-        if params.max_tokens == 0:  # the prompt's scores were all that was asked for
-            for slot in slots:
-                self._slots[slot] = None
-            return pending.finish("length")
         try:
+            if pending.first:
+                pending.handle.cached_tokens, pending.handle.prompt_logprobs = job.cached, job.prompt_scores()
+            if params.max_tokens == 0:  # the prompt's scores were all that was asked for
+                for slot in slots:
+                    self._slots[slot] = None
+                return pending.finish("length")
             row = self.choices.row(params, pending.prompt)
             firsts = []
             for i, slot in enumerate(slots):
@@ -416,4 +421,4 @@ def _stop_if_alive(engine_ref: "weakref.ref[Engine]") -> None:
         engine.stop()
 
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig", "context_length"]

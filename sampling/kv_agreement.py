@@ -35,12 +35,13 @@ def decode_matches_prefill(steps: "EngineSteps", state: "DecodeState") -> tuple[
     out, state = steps.insert(state, 0, logits, make_row_request(steps.cfg.vocab_size, temperature=0.0),
                               jax.random.key(0), n)
     _, state = steps.decode(state, [0], 1)
-    decoded = _position(state, n)
+    decoded = _position(steps, state, n)
     _, state = steps.prefill(state, 0, prompt + [int(jax.device_get(out.tokens)[0])])
-    prefilled = _position(state, n)
+    prefilled = _position(steps, state, n)
     return all(np.array_equal(a, b) for a, b in zip(decoded, prefilled)), steps.release(state, 0)
 
 
-def _position(state: "DecodeState", position: int) -> list[np.ndarray]:
+def _position(steps: "EngineSteps", state: "DecodeState", position: int) -> list[np.ndarray]:
     """Slot 0's stored keys and values (and int8 scales) at ``position``, every layer's, on the host."""
-    return [np.asarray(leaf[:, 0, :, position]) for leaf in jax.tree.leaves(state.cache)]
+    return [np.asarray(leaf) for leaf in steps.placement.readable(
+        [leaf[:, 0, :, position] for leaf in jax.tree.leaves(state.cache)])]

@@ -55,7 +55,8 @@ class Placement:
         """``step`` jitted with argument ``donated`` (the state) donated; on a mesh, the state it returns
         (alone or last) is held to its layout. ``per_shard``: ``"prompt"`` (``results`` per slot) or
         ``"decode"``, or a cache copy (``"load_blocks"``, ``"save_blocks"``, ``"copy_slot"``), run per data
-        shard where the mesh has a data axis."""
+        shard where the mesh has a data axis. The other results (sampled tokens, logits, scores) come back
+        whole on every device, so any process of a multi-process mesh can read them."""
         if self.shards and per_shard == "prompt":
             step = self.shards.prompt(step, results=results)
         elif self.shards and per_shard:  # decode, or a cache copy: DataShards' method of that name
@@ -67,13 +68,25 @@ class Placement:
             out = step(*args)
             if not isinstance(out, tuple):
                 return self._constrain(out)
-            return (*out[:-1], self._constrain(out[-1]))
+            return (*self.replicated(out[:-1]), self._constrain(out[-1]))
 
         return jax.jit(laid_out, donate_argnums=(donated,))
 
     def _constrain(self, state: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda path, a: jax.lax.with_sharding_constraint(a, self.state_sharding(path, a)), state)
+
+    def replicated(self, tree: Any) -> Any:
+        """``tree``'s arrays whole on every device of the mesh (inside a jitted step)."""
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, whole), tree)
+
+    def readable(self, tree: Any) -> Any:
+        """``tree``'s arrays where this process can read them (outside a step): whole on every device, which
+        on a multi-process mesh every process must ask for together."""
+        if self.mesh is None:
+            return tree
+        return jax.jit(lambda t: t, out_shardings=NamedSharding(self.mesh, PartitionSpec()))(tree)
 
     def whole(self, logits: jax.Array) -> jax.Array:
         """Logits gathered whole on each device of a row before sampling: a vocabulary split over ``model``

@@ -389,6 +389,9 @@ class EngineSteps:
             allowed[slot], update[slot] = mask, True
         return self._set_allowed(state, jnp.asarray(allowed), jnp.asarray(update))
 
+    def close(self) -> None:
+        """Nothing to let go of: the state is the engine's, the compiled steps live as long as this object."""
+
     def warmup(self, progress: bool = False, compile_all: bool = True) -> DecodeState:
         """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
         so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``).

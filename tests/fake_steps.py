@@ -220,3 +220,6 @@ class FakeSteps:
         self._enter("set_allowed", sorted(masks))
         state.allowed.update(masks)
         return state
+
+    def close(self) -> None:
+        """Nothing to let go of."""
