@@ -11,8 +11,8 @@ among others, and the layout of a few params and the cache.
 
 ``python -m tests.mesh_worker roundtrip FOLDER``: orbax params saved from one mesh, restored into another.
 
-``python -m tests.mesh_worker default MESH``: greedy continuations of the default model's test prompts on
-``MESH`` (the store under ``FLAXCHAT_HOME``).
+``python -m tests.mesh_worker default MESH [MESH ...]``: greedy continuations of the default model's test prompts on
+each ``MESH`` (the store under ``FLAXCHAT_HOME``).
 """
 
 from __future__ import annotations
@@ -104,19 +104,24 @@ def run_tiny(folder: Path, xla_attention: bool, weights: str, meshes: list[str],
     return report
 
 
-def run_default(mesh: str) -> dict:
+def run_default(meshes: list[str]) -> dict:
+    """The default model's greedy continuations of the default-model prompts on each mesh:
+    ``{"prompts": [...], "meshes": {mesh: {"tokens", "prompt_ids"}}}``."""
     import flaxchat
     from tests.test_default_model import PROMPTS
 
     from flaxchat.model.sharding import format_mesh
 
-    with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=4, max_len=128,
-                      warmup=False, mesh=mesh) as llm:
-        results = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], max_tokens=16, temperature=0.0,
-                           progress=False)
-        return {"prompts": PROMPTS, "tokens": [r.choices[0].token_ids for r in results],
-                "prompt_ids": [r.prompt_token_ids for r in results],
-                "mesh": format_mesh(llm.served.engine.steps.mesh)}
+    report = {}
+    for mesh in meshes:
+        with flaxchat.LLM("smollm2-135m-instruct", weights="float32", kv_dtype="float32", slots=8, max_len=128,
+                          warmup=False, mesh=mesh) as llm:
+            results = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], max_tokens=16,
+                               temperature=0.0, progress=False)
+            report[format_mesh(llm.served.engine.steps.mesh)] = {
+                "tokens": [r.choices[0].token_ids for r in results],
+                "prompt_ids": [r.prompt_token_ids for r in results]}
+    return {"prompts": PROMPTS, "meshes": report}
 
 
 def run_roundtrip(folder: Path) -> dict:
@@ -171,7 +176,7 @@ def main(argv: list[str]) -> None:
         meshes = argv[argv.index("--meshes") + 1:] if "--meshes" in argv else list(MESHES)
         report = run_tiny(Path(argv[1]), "--xla-attention" in argv, weights, meshes, moe="--moe" in argv)
     else:
-        report = run_default(argv[1])
+        report = run_default(argv[1:])
     print("REPORT " + json.dumps(report))
 
 

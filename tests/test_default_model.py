@@ -186,12 +186,16 @@ def test_llm_score_equals_transformers(default_store, ours_and_reference):
 
 
 def test_greedy_continuations_on_a_mesh_equal_transformers(default_store, reference_greedy):
-    """The prompts above on a 2x4 mesh of fake CPU devices (``tests/mesh_worker.py``: MLP and vocabulary split
-    over ``model``, the 9 heads replicated, slots over ``data``; float32): 16 greedy tokens each, the ones
-    transformers (and so one device) gives."""
+    """The prompts above on 1x8, 2x4, 4x2 and 8x1 meshes of fake CPU devices (``tests/mesh_worker.py``, one
+    process; float32): 16 greedy tokens each, the ones transformers (and so one device) gives. SmolLM2's 9
+    heads and 3 KV heads divide none of the model axes (2, 4, 8): its heads stay whole while the MLP and the
+    vocabulary split; 8 slots over data=8 is one slot per shard."""
     from tests.test_sharding import mesh_worker
 
-    report = mesh_worker("default", "data=2,model=4", env={"FLAXCHAT_HOME": str(default_store)})
-    assert report["mesh"] == "data=2,model=4"
-    for prompt, ids, tokens in zip(PROMPTS, report["prompt_ids"], report["tokens"]):
-        assert tokens == reference_greedy(ids)[: len(tokens)] and len(tokens) == min(16, len(reference_greedy(ids))), prompt
+    meshes = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
+    report = mesh_worker("default", *meshes, env={"FLAXCHAT_HOME": str(default_store)})["meshes"]
+    assert sorted(report) == sorted(meshes)
+    for mesh, run in report.items():
+        for prompt, ids, tokens in zip(PROMPTS, run["prompt_ids"], run["tokens"]):
+            expected = reference_greedy(ids)
+            assert tokens == expected[: len(tokens)] and len(tokens) == min(16, len(expected)), (mesh, prompt)
