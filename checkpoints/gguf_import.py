@@ -1,5 +1,8 @@
 """Import a GGUF file (llama.cpp's format): metadata -> ModelConfig, tensors -> params, vocab -> tokenizer.
 
+Mixtures of experts (``qwen2moe``, ``qwen3moe``, and ``llama`` with experts: Mixtral) keep each layer's
+experts stacked in one tensor per projection; they are served as the per-expert HF names the layout asks for.
+
 Quantised tensors are dequantised to float32 with ``gguf.quants.dequantize``. llama.cpp stores the
 q/k projection rows of ``llama`` models permuted for its interleaved rotary layout; we undo that
 permutation (as transformers' GGUF loader does) because our rotary embedding uses the HF half-split layout.
@@ -20,7 +23,9 @@ from flaxchat.checkpoints.layout import assemble_params
 from flaxchat.checkpoints.tokenizer_files import byte_level_bpe_json, sentencepiece_proto
 from flaxchat.model.config import ModelConfig, RopeScaling, UnsupportedModelError
 
-_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                  "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # llama with experts: Mixtral
+_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -41,6 +46,16 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# A mixture of experts' tensors under the HF names ``checkpoints/layout.py`` asks for (Qwen's ``mlp.*``,
+# Mixtral's ``block_sparse_moe.*``) -> llama.cpp's: the router, every expert's projection as one row of a
+# stacked ``[experts, out, in]`` tensor, Qwen2-MoE's shared expert and its gate.
+_MOE_PATTERN = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(.+)\.weight$")
+_EXPERT_PATTERN = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)$")
+_EXPERT_STACKS = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps",
+                  "w3": "ffn_up_exps", "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
+_MOE_SINGLES = {"gate": "ffn_gate_inp", "shared_expert.gate_proj": "ffn_gate_shexp",
+                "shared_expert.up_proj": "ffn_up_shexp", "shared_expert.down_proj": "ffn_down_shexp",
+                "shared_expert_gate": "ffn_gate_inp_shexp"}
 
 
 @dataclass
@@ -109,12 +124,15 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Pat
         raise CheckpointError(path, f"unsupported rope scaling {scaling_type!r}")
     window = get("attention.sliding_window", None)
     vocab = get("vocab_size", None) or len(meta.get("tokenizer.ggml.tokens", []))
+    experts = _experts(arch_name, get, path)
+    if experts and arch == "llama":
+        arch = "mixtral"  # llama.cpp writes Mixtral as llama with experts
     try:
         return ModelConfig(
             architecture=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
+            intermediate_size=int(get("feed_forward_length", 0 if experts else KeyError)),
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
@@ -131,10 +149,28 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Pat
             hidden_act="gelu_pytorch_tanh" if arch == "gemma" else "silu",
             norm_weight_offset=1.0 if arch == "gemma" else 0.0,
             scale_embeddings=arch == "gemma",
-            **overrides,
+            **(experts | overrides),
         )
     except UnsupportedModelError as exc:
         raise CheckpointError(path, str(exc)) from None
+
+
+def _experts(arch_name: str, get: Any, path: Path) -> dict[str, Any]:
+    """A mixture of experts' config fields from llama.cpp's keys (nothing for a dense model). Whether the
+    chosen experts' weights are renormalised: ``expert_weights_norm`` where the file says, else what
+    llama.cpp does for the architecture (Qwen3-MoE and Mixtral yes, Qwen2-MoE no)."""
+    count = int(get("expert_count", 0) or 0)
+    if not count:
+        if arch_name in _MOE_ARCHITECTURES:
+            raise CheckpointError(path, f"{arch_name}: metadata key {arch_name}.expert_count is missing")
+        return {}
+    if arch_name not in (*_MOE_ARCHITECTURES, "llama"):
+        raise CheckpointError(path, f"{arch_name} with experts is not supported (Qwen2-MoE, Qwen3-MoE, Mixtral are)")
+    return dict(num_experts=count, experts_per_token=int(get("expert_used_count")),
+                expert_intermediate_size=int(get("expert_feed_forward_length", None) or get("feed_forward_length")),
+                norm_topk_prob=bool(get("expert_weights_norm", arch_name != "qwen2moe")),
+                shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0) or 0)
+                if arch_name == "qwen2moe" else 0)
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -171,7 +207,23 @@ def _load_gguf(path: Path, **overrides: Any) -> GGUFModel:
     by_hf_name = {hf_name(name): t for name, t in tensors.items() if hf_name(name)}
     permuted = meta.get("general.architecture") in ("llama", "mistral")
 
+    stacked: dict[str, np.ndarray] = {}  # the last stacked experts tensor read (each is asked for per expert)
+
+    def fetch_expert_tensor(name: str) -> np.ndarray:
+        layer, part = _MOE_PATTERN.match(name).groups()
+        expert = _EXPERT_PATTERN.match(part)
+        if expert:
+            gguf_name = f"blk.{layer}.{_EXPERT_STACKS[expert.group(2)]}.weight"
+            if gguf_name not in stacked:
+                stacked.clear()
+                stacked[gguf_name] = _dequantize(tensors[gguf_name], path)
+            return stacked[gguf_name][int(expert.group(1))]
+        array = _dequantize(tensors[f"blk.{layer}.{_MOE_SINGLES[part]}.weight"], path)
+        return array.reshape(1, -1) if part == "shared_expert_gate" else array  # llama.cpp keeps it 1-D
+
     def fetch(name: str) -> np.ndarray:
+        if cfg.num_experts and _MOE_PATTERN.match(name):
+            return fetch_expert_tensor(name)
         array = _dequantize(by_hf_name[name], path)
         if permuted and name.endswith("self_attn.q_proj.weight"):
             array = unpermute_rotary_rows(array, cfg.num_heads)

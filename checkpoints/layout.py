@@ -37,6 +37,7 @@ _TOP_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
 # A mixture of experts' tensors by architecture: the MLP's prefix, the router, and each expert's
 # gate / up / down projection names.
 _EXPERT_NAMES = {
+    "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
     "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
 }
@@ -56,6 +57,16 @@ def _load_experts(cfg: ModelConfig, shapes: dict, params: dict, load: Callable) 
         experts[ours] = np.stack([np.stack([load(f"model.layers.{i}.{prefix}.experts.{e}.{theirs}.weight", True, one)
                                             for e in range(cfg.num_experts)]) for i in range(cfg.num_layers)])
     params["layers"]["mlp"]["experts"] = experts
+    if cfg.shared_expert_intermediate_size:  # Qwen2-MoE
+        mlp = shapes["layers"]["mlp"]
+
+        def stacked(name: str, want: Any) -> np.ndarray:
+            one = jax.ShapeDtypeStruct(want.shape[1:], want.dtype)
+            return np.stack([load(f"model.layers.{i}.{prefix}.{name}.weight", True, one) for i in range(cfg.num_layers)])
+
+        params["layers"]["mlp"]["shared"] = {proj: {"kernel": stacked(f"shared_expert.{proj}", mlp["shared"][proj]["kernel"])}
+                                             for proj in ("gate_proj", "up_proj", "down_proj")}
+        params["layers"]["mlp"]["shared_gate"] = {"kernel": stacked("shared_expert_gate", mlp["shared_gate"]["kernel"])}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> Any:

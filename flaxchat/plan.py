@@ -65,6 +65,7 @@ class Shape:
     experts: int = 0  # mixture-of-experts: experts per layer, chosen per token, each expert's MLP width
     experts_per_token: int = 0
     expert_intermediate: int = 0
+    shared_intermediate: int = 0  # Qwen2-MoE: a shared expert's MLP width (every token, under a sigmoid gate)
     architecture: str = ""
     qk_norm: bool = False  # Qwen3: a norm scale per head dimension on q and k
 
@@ -78,6 +79,7 @@ class Shape:
                    experts=hf.get("num_experts") or hf.get("num_local_experts") or 0,
                    experts_per_token=hf.get("num_experts_per_tok", 0),
                    expert_intermediate=hf.get("moe_intermediate_size") or hf.get("intermediate_size", 0),
+                   shared_intermediate=hf.get("shared_expert_intermediate_size") or 0,
                    architecture=(hf.get("architectures") or [""])[0],
                    qk_norm=(hf.get("architectures") or [""])[0].startswith("Qwen3"))
 
@@ -86,7 +88,9 @@ class Shape:
         return cls(name=name, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
                    heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size,
                    context=cfg.max_position_embeddings, tied=cfg.tie_word_embeddings, architecture=cfg.architecture,
-                   qk_norm=cfg.qk_norm)
+                   qk_norm=cfg.qk_norm, experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                   expert_intermediate=cfg.expert_intermediate_size,
+                   shared_intermediate=cfg.shared_expert_intermediate_size)
 
 
 # Published config.json values of the models docs/SCALING.md plans (no hub access at run time).
@@ -167,6 +171,10 @@ def _weights(shape: Shape, model_ways: int, expert_ways: int = 1) -> tuple[float
         mlp_per_device = (3 * shape.hidden * width * count / _split((width,), model_ways) / _split((count,), expert_ways)
                           + shape.hidden * count)
         active_mlp = 3 * shape.hidden * width * shape.experts_per_token + shape.hidden * count
+        if shape.shared_intermediate:  # a dense MLP (split like one) and its gate (replicated)
+            shared = 3 * shape.hidden * shape.shared_intermediate
+            mlp, active_mlp = mlp + shared + shape.hidden, active_mlp + shared + shape.hidden
+            mlp_per_device += shared / _split((shape.shared_intermediate,), model_ways) + shape.hidden
     else:
         mlp = active_mlp = 3 * shape.hidden * shape.intermediate
         mlp_per_device = mlp / _split((shape.intermediate,), model_ways)

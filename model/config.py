@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
 }
@@ -68,13 +69,15 @@ class ModelConfig:
     hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
-    # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is ``num_experts`` experts of width
-    # ``expert_intermediate_size``, ``experts_per_token`` of them chosen per token by a softmax router, their
-    # weights renormalised over the chosen ones when ``norm_topk_prob``. 0: a dense MLP.
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral): every layer's MLP is ``num_experts`` experts of
+    # width ``expert_intermediate_size``, ``experts_per_token`` of them chosen per token by a softmax router,
+    # their weights renormalised over the chosen ones when ``norm_topk_prob``; Qwen2-MoE adds a shared
+    # expert of width ``shared_expert_intermediate_size`` on every token, scaled by a sigmoid gate. 0: a dense MLP.
     num_experts: int = 0
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the float weights
     # "float32": projections in param_dtype (exact parity with transformers); "int8"/"int4": projection
@@ -183,7 +186,7 @@ class ModelConfig:
         sliding = hf.get("sliding_window")
         if arch in ("mistral", "mixtral") and sliding:
             windows = (int(sliding),) * num_layers
-        elif arch in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window") and sliding:
+        elif arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window") and sliding:
             layer_types = hf.get("layer_types") or [
                 "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
                 for i in range(num_layers)
@@ -206,8 +209,9 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma")),
-            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-            o_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+            qkv_bias=(arch == "qwen2" or bool(hf.get("attention_bias", False))
+                      or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))),
+            o_bias=arch not in ("qwen2", "qwen2_moe") and bool(hf.get("attention_bias", False)),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             sliding_windows=windows,
             hidden_act=act,
@@ -220,17 +224,20 @@ class ModelConfig:
 
 
 def _experts(arch: str, hf: dict[str, Any]) -> dict[str, Any]:
-    """The mixture-of-experts fields of a Qwen3-MoE or Mixtral config (nothing for a dense model)."""
-    if arch not in ("qwen3_moe", "mixtral"):
+    """The mixture-of-experts fields of a Qwen2-MoE, Qwen3-MoE or Mixtral config (nothing for a dense model)."""
+    if arch not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         return {}
     experts = hf.get("num_experts") or hf.get("num_local_experts")
     if not experts or not hf.get("num_experts_per_tok"):
         raise UnsupportedModelError(f"{arch}: the config names no experts (num_experts, num_experts_per_tok)")
-    if arch == "qwen3_moe":
+    if arch in ("qwen2_moe", "qwen3_moe"):
         if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-            raise UnsupportedModelError("qwen3_moe with dense MLP layers (decoder_sparse_step, mlp_only_layers)")
+            raise UnsupportedModelError(f"{arch} with dense MLP layers (decoder_sparse_step, mlp_only_layers)")
+        shared = int(hf.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0
         return dict(num_experts=int(experts), experts_per_token=int(hf["num_experts_per_tok"]),
                     expert_intermediate_size=int(hf["moe_intermediate_size"]),
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", True)))
+                    # transformers' defaults: False for Qwen2-MoE, the released Qwen3-MoE configs say True
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", arch == "qwen3_moe")),
+                    shared_expert_intermediate_size=shared)
     return dict(num_experts=int(experts), experts_per_token=int(hf["num_experts_per_tok"]),
                 expert_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)  # Mixtral always

@@ -64,6 +64,9 @@ _PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlp/router/kernel$", ("embed", None)),
     (r"mlp/experts/(gate|up)_proj$", ("experts", "embed", "mlp")),
     (r"mlp/experts/down_proj$", ("experts", "mlp", "embed")),
+    (r"mlp/shared/(gate|up)_proj/kernel$", ("embed", "mlp")),  # Qwen2-MoE's shared expert: a dense MLP
+    (r"mlp/shared/down_proj/kernel$", ("mlp", "embed")),
+    (r"mlp/shared_gate/kernel$", ("embed", None)),
     (r"(scale|bias)$", None),  # norms' scales, other biases: replicated
 )
 

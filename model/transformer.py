@@ -198,6 +198,11 @@ def layer_spec(cfg: ModelConfig) -> dict:
         attn.update(q_norm=norm(cfg.head_dim), k_norm=norm(cfg.head_dim))
     if cfg.num_experts:
         mlp = expert_spec(cfg, param_dtype)
+        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP every token runs, under a sigmoid gate
+            width = cfg.shared_expert_intermediate_size
+            mlp["shared"] = {"gate_proj": matrix(hidden, width, False), "up_proj": matrix(hidden, width, False),
+                             "down_proj": matrix(width, hidden, False)}
+            mlp["shared_gate"] = {"kernel": ((hidden, 1), param_dtype, nn.initializers.normal(0.02))}
     else:
         mlp = {**group(("gate_proj", "up_proj"), hidden, (cfg.intermediate_size,) * 2, False),
                "down_proj": matrix(cfg.intermediate_size, hidden, False)}
@@ -293,7 +298,17 @@ def _experts(x, w, cfg: ModelConfig, layer):
     gate = jnp.einsum("bth,ehi->btei", x, experts["gate_proj"][layer].astype(cfg.dtype))
     up = jnp.einsum("bth,ehi->btei", x, experts["up_proj"][layer].astype(cfg.dtype))
     out = jnp.einsum("btei,eih->bteh", _activation(gate, cfg) * up, experts["down_proj"][layer].astype(cfg.dtype))
-    return tree_sum(out * weights[..., None], axis=2)
+    out = tree_sum(out * weights[..., None], axis=2)
+    if "shared" in w:  # transformers' Qwen2-MoE: experts' sum + sigmoid(gate . x) * shared MLP(x)
+        width = cfg.shared_expert_intermediate_size
+        shared_gate, shared_up = _projections(x, w["shared"], cfg, layer, ("gate_proj", "up_proj"), (width,) * 2)
+        shared = linear(_activation(shared_gate, cfg) * shared_up, w["shared"]["down_proj"], cfg.hidden_size, cfg,
+                        layer)
+        # the gate's score as products and a fixed-order sum, like the router's (row-independent bits)
+        score = tree_sum(x.astype(jnp.float32)[..., :, None] * w["shared_gate"]["kernel"][layer].astype(jnp.float32),
+                         axis=-2)
+        out = out + jax.nn.sigmoid(score).astype(cfg.dtype) * shared
+    return out
 
 
 def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,

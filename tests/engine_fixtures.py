@@ -46,7 +46,7 @@ def tiny_engine(folder: Path, model: dict | None = None, warmup: bool = False, *
 
 
 def tiny_moe_model(folder: Path, kind: str = "qwen3_moe", context: int | None = None):
-    """(cfg, params, tokenizer) of a tiny random mixture of experts (``kind``: qwen3_moe or mixtral) imported
+    """(cfg, params, tokenizer) of a tiny random mixture of experts (``kind``: qwen2_moe, qwen3_moe or mixtral) imported
     from its Hugging Face folder (the GGUF path has no experts), with ``tiny_model``'s byte-level tokenizer
     (the same 320-entry vocabulary); ``context`` overrides max_position_embeddings."""
     from flaxchat.checkpoints.hf_import import load_hf_folder

@@ -75,6 +75,14 @@ def write_gguf(
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if experts:  # as convert_hf_to_gguf.py writes a mixture of experts
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -124,8 +132,26 @@ def write_gguf(
             elif arch == "llama" and hf_suffix == "self_attn.k_proj.weight":
                 tensor = torch.from_numpy(llama_permute(tensor.numpy(), cfg.num_key_value_heads))
             add(f"blk.{i}.{gguf_suffix}", tensor)
+        if experts:
+            _add_experts(add, state, i)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_experts(add, state: dict, layer: int) -> None:
+    """Layer ``layer``'s router, stacked experts (``[experts, out, in]``: transformers keeps gate and up fused
+    as ``gate_up_proj``, gate first) and, for Qwen2-MoE, its shared expert and that expert's 1-D gate."""
+    prefix = next(key.rsplit(".experts.", 1)[0] for key in state
+                  if key.startswith(f"model.layers.{layer}.") and ".experts." in key)
+    add(f"blk.{layer}.ffn_gate_inp.weight", state[f"{prefix}.gate.weight"])
+    gate, up = state[f"{prefix}.experts.gate_up_proj"].chunk(2, dim=1)
+    add(f"blk.{layer}.ffn_gate_exps.weight", gate)
+    add(f"blk.{layer}.ffn_up_exps.weight", up)
+    add(f"blk.{layer}.ffn_down_exps.weight", state[f"{prefix}.experts.down_proj"])
+    if f"{prefix}.shared_expert_gate.weight" in state:
+        for proj in ("gate", "up", "down"):
+            add(f"blk.{layer}.ffn_{proj}_shexp.weight", state[f"{prefix}.shared_expert.{proj}_proj.weight"])
+        add(f"blk.{layer}.ffn_gate_inp_shexp.weight", state[f"{prefix}.shared_expert_gate.weight"].reshape(-1))

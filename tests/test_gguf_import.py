@@ -32,6 +32,20 @@ def test_f32_gguf_matches_torch_model(tmp_path, kind, arch):
     assert imported.cfg.tie_word_embeddings == torch_model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("kind,arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe"), ("mixtral", "llama")])
+def test_a_mixture_of_experts_gguf_matches_torch_model(tmp_path, kind, arch):
+    """Experts stacked per projection (``ffn_*_exps``), the router, Qwen2-MoE's shared expert and its 1-D gate,
+    and Mixtral written as ``llama`` with experts (q/k rows permuted): the HF model's logits back."""
+    torch_model = make_tiny_model(kind, tmp_path / "hf")
+    imported = load_gguf(write_gguf(torch_model, tmp_path / "tiny.gguf", arch=arch))
+    assert imported.cfg.architecture == kind and imported.cfg.num_experts == 4
+    assert imported.cfg.norm_topk_prob == (kind != "qwen2_moe")  # llama.cpp's choice, and these configs'
+    assert imported.cfg.shared_expert_intermediate_size == (96 if kind == "qwen2_moe" else 0)
+    with torch.no_grad():
+        reference = torch_model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(_our_logits(imported) - reference).max() <= 1e-4
+
+
 def test_q8_0_gguf_matches_transformers_gguf_loader(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -61,7 +61,7 @@ def test_the_config_reads_experts_and_refuses_what_it_cannot_run():
         prepare_weights(cfg, None, "int8")
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_engine_greedy_tokens_equal_transformers(tmp_path, kind):
     cfg, params, tokenizer = tiny_moe_model(tmp_path, kind)
     reference = make_tiny_model(kind, tmp_path / "reference")  # the same seed: the same weights
@@ -73,10 +73,11 @@ def test_engine_greedy_tokens_equal_transformers(tmp_path, kind):
     assert [e.token_id for e in events if e.token_id is not None] == expected
 
 
-def test_a_seeded_request_keeps_its_bits_among_others(tmp_path):
-    """Alone, then among three other requests (other row buckets, other experts chosen beside it): the same
-    tokens and logprobs, bit for bit."""
-    cfg, params, tokenizer = tiny_moe_model(tmp_path)
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
+def test_a_seeded_request_keeps_its_bits_among_others(tmp_path, kind):
+    """Alone, then among three other requests (other row buckets, other experts chosen beside it; Qwen2-MoE's
+    shared expert and its gate on every row): the same tokens and logprobs, bit for bit."""
+    cfg, params, tokenizer = tiny_moe_model(tmp_path, kind)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, seed=11, logprobs=True)
     with Engine(cfg, params, tokenizer, EngineConfig(slots=4, max_len=64, warmup=False)) as engine:
         alone = engine.submit(PROMPT, seeded).result()[0]

@@ -111,3 +111,26 @@ def test_a_mixture_of_experts_plan_by_hand():
     read = 2 * params - 120 * one_expert + 4096 * plan.kv_bytes_per_token
     assert plan.rows[1]["memory_ms"] == pytest.approx(read / 3350e9 * 1e3, rel=1e-12)
     assert round(plan.rows[1]["tokens_per_s"]) == round(3350e9 / read) == 1176
+
+
+QWEN15_MOE = dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", hidden_size=2048,
+                  intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                  vocab_size=151936, max_position_embeddings=8192, num_experts=60, num_experts_per_tok=4,
+                  moe_intermediate_size=1408, shared_expert_intermediate_size=5632, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("mesh", [(1, 8), (2, 4)])
+def test_a_shared_expert_is_planned_as_the_server_holds_it(mesh):
+    """Qwen1.5-MoE-A2.7B (Qwen2-MoE: 60 experts, 4 chosen, a shared expert of 5,632 units under a gate):
+    14.3 B parameters, 2.7 B active with the embedding lookup as its card counts them; per device, what the
+    server's rules make of the real params pytree (q/k/v biases aside: the planner leaves biases out)."""
+    from flaxchat.plan import Shape
+
+    shape = Shape.from_hf("qwen1.5-moe-a2.7b", QWEN15_MOE)
+    plan = make_plan(shape, DEVICES["h100"], dict(zip(("data", "model"), mesh)))
+    assert plan.params / 1e9 == pytest.approx(14.3, abs=0.05)
+    assert (plan.active_params + shape.vocab * shape.hidden) / 1e9 == pytest.approx(2.7, abs=0.02)
+    cfg = ModelConfig.from_hf(QWEN15_MOE)
+    assert cfg.shared_expert_intermediate_size == 5632 and cfg.qkv_bias and not cfg.norm_topk_prob
+    expected = _bytes_per_device(cfg, AbstractMesh(mesh, ("data", "model")), 2.0)
+    assert plan.weight_bytes == pytest.approx(expected, rel=1e-4)  # the biases' 0.01 % aside
