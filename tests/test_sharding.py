@@ -120,6 +120,18 @@ def test_every_parameter_of_every_layout_has_an_entry():
             assert spec == P(), name
 
 
+def test_a_shared_expert_splits_like_a_dense_mlp_and_its_gate_is_replicated():
+    """Qwen2-MoE: experts over ``expert`` and their units over ``model``; the shared expert's units over
+    ``model`` like a dense MLP's; the router and the shared expert's one-output gate whole."""
+    cfg = QWEN3_LIKE.replace(architecture="qwen2_moe", qk_norm=False, num_experts=4, experts_per_token=2,
+                             expert_intermediate_size=128, shared_expert_intermediate_size=256)
+    specs = _specs(cfg, AbstractMesh((1, 2, 2), ("data", "model", "expert")))
+    assert specs["layers/mlp/experts/gate_proj"] == P(None, "expert", None, "model")
+    assert specs["layers/mlp/shared/gate_proj/kernel"] == P(None, None, "model")
+    assert specs["layers/mlp/shared/down_proj/kernel"] == P(None, "model")
+    assert specs["layers/mlp/shared_gate/kernel"] == P() and specs["layers/mlp/router/kernel"] == P()
+
+
 def test_a_decode_call_on_a_data_mesh_lays_rows_out_shard_by_shard():
     """8 slots over data=2: slots 0-3 on shard 0, 4-7 on shard 1; free slots are taken alternately; a call's
     rows are local indices per shard (padding: 4, the dropped row) and ``order`` gives each slot's column."""
