@@ -134,19 +134,15 @@ class Leader:
         """``settings``: ``settings_digest`` of what built ``steps``; a follower built otherwise refuses."""
         self._steps, self._channel = steps, channel
         self._calls = 0
-        self._forgotten: collections.deque = collections.deque()  # logits references the engine dropped (any
-        # thread's garbage collection), sent with the next call
+        # logits references the engine dropped (collected on any thread), sent with the next call
+        self._forgotten: collections.deque = collections.deque()
         self._closed = False
         self._send("hello", [settings], {})
 
-    def __getattr__(self, name: str) -> Any:  # attributes and host-only methods (chunk_length, batch_plan, ...)
+    def __getattr__(self, name: str) -> Any:  # attributes, properties and host-only methods (chunk_length, ...)
         if name in _DEVICE_CALLS:
             return lambda *args, **kwargs: self._call(name, args, kwargs)
         return getattr(self._steps, name)
-
-    @property
-    def block_bytes(self) -> int:
-        return self._steps.block_bytes
 
     def _send(self, method: str, args: list, kwargs: dict) -> int:
         self._calls += 1
