@@ -201,3 +201,24 @@ def test_a_choice_key_is_the_request_key_folded_with_the_choice_index(seed, choi
     """choice_key runs as one jitted call; its bits are the eager definition's."""
     expected = jax.random.fold_in(request_key(seed), choice)
     assert np.array_equal(jax.random.key_data(choice_key(seed, choice)), jax.random.key_data(expected))
+
+
+def _nucleus_size(row: np.ndarray, p: float) -> int:
+    probs = np.sort(np.exp(row - row.max()) / np.exp(row - row.max()).sum())[::-1]
+    return int(np.searchsorted(np.cumsum(probs), p) + 1)
+
+
+def test_top_p_takes_the_smallest_candidate_stage_that_holds_each_row():
+    """A 16,384-token vocabulary whose rows' nuclei need the 1,024 candidates, the 8,192 ones and the full
+    sort: each matches transformers, and each row's mask is the same alone as beside the others (a row never
+    takes a wider stage because another row needed one)."""
+    rng = np.random.default_rng(3)
+    logits = np.stack([rng.normal(scale=s, size=16384) for s in (6.0, 1.5, 0.05)]).astype(np.float32)
+    ps = [0.9, 0.9, 0.9]
+    sizes = [_nucleus_size(row, p) for row, p in zip(logits, ps)]
+    assert sizes[0] <= P.TOP_P_STAGES[0] < sizes[1] <= P.TOP_P_STAGES[1] < sizes[2], sizes
+    _check_warper(P.top_p_mask, TopPLogitsWarper, logits, ps)
+    together = np.asarray(P.top_p_mask(jnp.asarray(logits), jnp.asarray(ps, jnp.float32)))
+    for i in range(3):
+        alone = np.asarray(P.top_p_mask(jnp.asarray(logits[i:i + 1]), jnp.asarray(ps[i:i + 1], jnp.float32)))
+        assert np.array_equal(alone[0], together[i]), i
