@@ -22,6 +22,11 @@ State = Any
 Logits = Any
 
 
+class DeviceLost(RuntimeError):
+    """The device can run no step again (a cluster's processes fell out of step): the engine stops, and the
+    server says it needs a restart, instead of failing every request that follows."""
+
+
 class DeviceSteps(Protocol):
     buckets: tuple[int, ...]  # prefill chunk sizes; the last is the most one call prefills
     pool_blocks: int  # prefix-pool blocks of block_size tokens
@@ -31,6 +36,7 @@ class DeviceSteps(Protocol):
     max_len: int  # cache positions per slot
     decode_extends_prefix: bool  # decoded tokens' KV equals prefill's: finished replies' blocks may be cached
     slot_order: tuple[int, ...]  # the order free slots are taken in (spread over data shards on a mesh)
+    lost: str | None  # why no step can run any more (``DeviceLost``), or None
 
     @property
     def block_bytes(self) -> int:
@@ -90,3 +96,6 @@ class DeviceSteps(Protocol):
 
     def close(self) -> None:
         """The engine stopped: nothing more will be asked (other processes replaying the calls may exit)."""
+
+    def failed(self, error: Exception) -> None:
+        """A call, or reading its results, raised ``error``: set ``lost`` if no step can run again."""

@@ -41,7 +41,7 @@ import numpy as np
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.tokenizer import Tokenizer
 from flaxchat.sampling.choices import Choice, ChoiceMaker
-from flaxchat.sampling.device_steps import DeviceSteps
+from flaxchat.sampling.device_steps import DeviceLost, DeviceSteps
 from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.prefill import PrefillFailed, PrefillJob, PrefillQueue
 from flaxchat.sampling.prefix_cache import PrefixIndex
@@ -194,6 +194,8 @@ class Engine:
 
     def _serve(self) -> None:
         while True:
+            if self.steps.lost:  # no step can run again: stop (``_loop`` ends every request), not fail each one
+                raise DeviceLost(self.steps.lost)
             with self._waiting.lock:
                 while self._waiting.open and not self._waiting and self.busy_slots == 0:
                     self._waiting.lock.wait(timeout=0.1)
@@ -270,7 +272,7 @@ class Engine:
                 self._state = failure.state
                 for job in failure.jobs:
                     self._abandon(job, "error", f"prefill failed: {failure.cause}")
-                self._recover_state()
+                self._recover_state(failure.cause)
                 continue
             spent += used
             for job, logits in finished:
@@ -303,7 +305,7 @@ class Engine:
             log.exception("starting request %s failed", pending.handle.id)
             for slot in slots:
                 self._slots[slot] = None
-            self._recover_state()
+            self._recover_state(exc)
             pending.finish("error", f"prefill failed: {exc}")
             return
         self.stats["requests"] += 1
@@ -336,7 +338,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
             self._collect()
-            self._fail([(slot, self._slots[slot]) for slot in live], f"decode step failed: {exc}")
+            self._fail([(slot, self._slots[slot]) for slot in live], f"decode step failed: {exc}", exc)
             return
         self.stats["decode_calls"] += 1
         self.stats[f"decode_rows_{self.steps.row_bucket_for(len(live))}"] += 1
@@ -362,7 +364,7 @@ class Engine:
             host = jax.device_get(inflight.outs)
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            self._fail(inflight.rows, f"decode step failed: {exc}")
+            self._fail(inflight.rows, f"decode step failed: {exc}", exc)
             return
         for step in range(host.tokens.shape[0]):
             for column, (slot, choice) in enumerate(inflight.rows):
@@ -370,20 +372,25 @@ class Engine:
                     self._on_token(slot, int(host.tokens[step, column]), host.logprobs[step, column],
                                    host.top_ids[step, column], host.top_logprobs[step, column])
 
-    def _fail(self, rows: list[tuple[int, "Choice"]], error: str) -> None:
+    def _fail(self, rows: list[tuple[int, "Choice"]], error: str, cause: Exception) -> None:
         for slot, choice in rows:
             if self._slots[slot] is choice and not choice.finished:
                 self._end(choice, "error", error)
                 self._free(slot)
-        self._recover_state()
+        self._recover_state(cause)
 
     def _next_masks(self) -> dict[int, np.ndarray]:
         """Masks to upload before the next step: guided rows, and rows whose restriction just ended."""
         masks = {slot: choice.next_mask(self.choices.words) for slot, choice in enumerate(self._slots) if isinstance(choice, Choice)}
         return {slot: mask for slot, mask in masks.items() if mask is not None}
 
-    def _recover_state(self) -> None:
-        """After a failed step the donated state may be gone: rebuild it (only if it is)."""
+    def _recover_state(self, error: Exception) -> None:
+        """After a failed step (or a failed read of its results: ``error``) the donated state may be gone:
+        rebuild it (only if it is). The steps judge first whether any step can run again; where none can
+        (a cluster out of step), the loop stops the engine instead."""
+        self.steps.failed(error)
+        if self.steps.lost:
+            return
         leaves = jax.tree.leaves(self._state)
         if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
             self._end_started("error", "engine state was lost in a failed step")
@@ -410,9 +417,9 @@ class Engine:
         self._slots[slot] = None
         try:
             self._state = self.steps.release(self._state, slot)
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             log.exception("release failed")
-            self._recover_state()
+            self._recover_state(exc)
 
 
 def _stop_if_alive(engine_ref: "weakref.ref[Engine]") -> None:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 
-from flaxchat.sampling.device_steps import DeviceSteps
+from flaxchat.sampling.device_steps import DeviceLost, DeviceSteps
 from flaxchat.sampling.sampler import RowRequest
 
 log = logging.getLogger("flaxchat")
@@ -137,6 +137,7 @@ class Leader:
         # logits references the engine dropped (collected on any thread), sent with the next call
         self._forgotten: collections.deque = collections.deque()
         self._closed = False
+        self.lost: str | None = None
         self._send("hello", [settings], {})
 
     def __getattr__(self, name: str) -> Any:  # attributes, properties and host-only methods (chunk_length, ...)
@@ -156,9 +157,15 @@ class Leader:
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if self._closed:
             raise LockstepError("the lockstep channel is closed")
+        if self.lost:
+            raise DeviceLost(self.lost)
         call = self._send(method, list(args if method in _STATELESS else args[1:]), kwargs)  # not the state
         local = [a.resolve() if isinstance(a, LogitsRef) else a for a in args]
-        result = getattr(self._steps, method)(*local, **kwargs)
+        try:
+            result = getattr(self._steps, method)(*local, **kwargs)
+        except jax.errors.JaxRuntimeError as exc:
+            self.failed(exc)
+            raise DeviceLost(self.lost) from exc
         at = _DEVICE_CALLS[method]
         if at is None:
             return result
@@ -168,6 +175,14 @@ class Leader:
         else:
             refs = self._ref(call, None, logits)
         return (*result[:at], refs, *result[at + 1:])
+
+    def failed(self, error: Exception) -> None:
+        """A host-side error (a bad argument) is raised alike by every process, which stay in step; the
+        runtime's (a collective whose peer is gone, a device out of memory), raised by a call or by reading
+        its results later, may strike this process only: no call can be trusted to run in step again."""
+        if isinstance(error, jax.errors.JaxRuntimeError) and not self.lost:
+            self.lost = f"the cluster's processes are out of step ({str(error).splitlines()[0][:300]})"
+        self._steps.failed(error)
 
     def _ref(self, call: int, index: int | None, logits: Any) -> LogitsRef:
         ref = LogitsRef(call, index, logits)

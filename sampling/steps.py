@@ -69,6 +69,7 @@ class EngineSteps:
         self.model = Transformer(cfg)
         self.compiles = 0
         self.decode_extends_prefix = False  # decoded tokens' KV equals prefill's (measured at warm-up)
+        self.lost: str | None = None  # one process's device never becomes unusable for good
         self._prefill = placed.jit(self._prefill_impl, 1, per_shard="prompt")
         self._prefill_batch = placed.jit(self._prefill_batch_impl, 1, per_shard="prompt")
         self._score = placed.jit(self._score_impl, 1, per_shard="prompt", results=2)
@@ -391,6 +392,9 @@ class EngineSteps:
 
     def close(self) -> None:
         """Nothing to let go of: the state is the engine's, the compiled steps live as long as this object."""
+
+    def failed(self, error: Exception) -> None:
+        """One process's failed step leaves the device usable (the engine rebuilds a consumed state)."""
 
     def warmup(self, progress: bool = False, compile_all: bool = True) -> DecodeState:
         """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,

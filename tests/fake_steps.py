@@ -114,6 +114,7 @@ class FakeSteps:
         self.decode_extends_prefix = decode_extends_prefix  # decode appends to the slot's cache as prefill would
         self.max_len = max_len
         self.calls: list[tuple[str, Any]] = []
+        self.lost: str | None = None
         self.before: dict[str, Callable[[], Any]] = {}
 
     # ---- sizes -----------------------------------------------------------------------------------
@@ -223,3 +224,6 @@ class FakeSteps:
 
     def close(self) -> None:
         """Nothing to let go of."""
+
+    def failed(self, error: Exception) -> None:
+        """A failed fake step leaves the fake device usable."""

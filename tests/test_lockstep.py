@@ -123,3 +123,42 @@ def test_a_follower_started_with_other_settings_refuses(model):
     Leader(leader_steps, channel, settings_digest("tiny", cfg, config))
     with pytest.raises(LockstepError, match="other settings"):
         follow(follower_steps, channel, settings_digest("tiny", cfg, EngineConfig(slots=8)))
+
+
+def test_a_runtime_failure_stops_the_clusters_engine(model):
+    """A device call that fails in the runtime on process 0 (a collective whose peer is gone, here
+    injected) may have run elsewhere: the processes are out of step, so the engine stops and says why
+    (the server's /health turns 503 and new requests are refused) instead of failing request after request."""
+    import time
+
+    from flaxchat.sampling.requests import EngineStoppedError
+    from tests.step_hooks import HookedSteps
+
+    cfg, tokenizer, config, leader_steps, follower_steps = _pair(model)
+    settings = settings_digest("tiny", cfg, config)
+    channel = QueueChannel()
+    thread = threading.Thread(target=follow, args=(follower_steps, channel, settings))
+    thread.start()
+    failing = threading.Event()
+
+    def hook(stage: str) -> None:
+        if stage == "decode" and failing.is_set():
+            raise jax.errors.JaxRuntimeError("INTERNAL: Gloo AllGather failed: Connection closed by peer")
+
+    engine = Engine(cfg, model[1], tokenizer, config,
+                    steps=Leader(HookedSteps(leader_steps, hook), channel, settings)).start()
+    try:
+        assert engine.submit([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0)).result()[0][-1].finish_reason
+        failing.set()
+        events = engine.submit([5, 6, 8], SamplingParams(max_tokens=4, temperature=0.0)).result()[0]
+        assert events[-1].finish_reason == "error"
+        deadline = time.time() + 30
+        while engine.healthy and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.healthy and "out of step" in engine.failure
+        with pytest.raises(EngineStoppedError):
+            engine.submit([5], SamplingParams(max_tokens=2))
+    finally:
+        engine.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()  # stopping the engine still releases the followers
