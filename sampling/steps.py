@@ -31,7 +31,8 @@ from flaxchat.sampling.placement import Placement
 from flaxchat.sampling.kv_agreement import decode_matches_prefill
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
-from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, prefill_buckets, row_buckets,
+from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, first_chunks, prefill_buckets,
+                                     row_buckets,
                                      smallest_prefill_bucket, smallest_row_bucket)
 
 
@@ -61,6 +62,7 @@ class EngineSteps:
         self.kv_dtype = kv_dtype or cfg.dtype
         smallest = min(smallest_prefill_bucket(cfg), max_len)
         self.buckets = prefill_buckets(max_len, smallest, max(largest_bucket, smallest))
+        self._first_chunks = first_chunks(self.buckets, max_len)
         self.pool_blocks, self.block_size = pool_blocks, block_size
         self.score_chunk_size = SCORE_CHUNK
         self.shards, self.slot_order = placed.shards, placed.slot_order
@@ -267,13 +269,10 @@ class EngineSteps:
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
     def chunk_length(self, n: int) -> int:
-        """How many of ``n`` prompt tokens to prefill in the next call: all of them (up to the largest bucket)
-        when their bucket is at most a fifth padding, else the largest bucket they fill. A padded row costs
-        as much as a real one, while a call's fixed cost is a few rows' worth (int8 on CPU: ~15 ms against
-        ~3 ms per row), so a 129-token prompt runs as 64 + 64 + 1 rather than one call of 256 rows."""
-        n = min(n, self.buckets[-1])
-        fitting = [b for b in self.buckets if b <= n]
-        return fitting[-1] if fitting and 4 * self.bucket_for(n) > 5 * n else n
+        """How many of ``n`` prompt tokens to prefill in the next call: the first call of the cheapest split
+        into buckets (``sampling/shapes.first_chunks``: a padded row costs as much as a real one, a call a few
+        rows' worth)."""
+        return self._first_chunks[min(n, len(self._first_chunks) - 1)]
 
     def row_bucket_for(self, n: int) -> int:
         """The bucket of a decode call over ``n`` rows (of one data shard's, on a data mesh)."""

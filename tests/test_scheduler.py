@@ -353,3 +353,34 @@ def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(steps):
             engine.submit(PROMPT, SamplingParams(max_tokens=2))
     finally:
         engine.stop()
+
+
+def test_a_prompts_rest_is_split_into_the_cheapest_calls():
+    """``first_chunks`` against every split into buckets (brute force, the same cost: a call's fixed rows
+    plus its bucket's rows): the cheapest, and the examples its docstring gives."""
+    import functools
+
+    from flaxchat.sampling.shapes import CALL_COST_ROWS, first_chunks
+
+    buckets = (4, 16, 64, 256)
+    first = first_chunks(buckets, 300)
+
+    @functools.cache
+    def cheapest(n: int) -> int:
+        if n <= 0:
+            return 0
+        return min(CALL_COST_ROWS + b + cheapest(n - b) for b in buckets)
+
+    def plan(n: int) -> list[int]:
+        calls = []
+        while n > 0:
+            calls.append(first[n])
+            n -= first[n]
+        return calls
+
+    for n in range(1, 301):
+        calls = plan(n)
+        assert sum(calls) == n and all(0 < c <= buckets[-1] for c in calls)
+        cost = sum(CALL_COST_ROWS + next(b for b in buckets if b >= c) for c in calls)
+        assert cost == cheapest(n), (n, calls)
+    assert plan(9) == [9] and plan(25) == [16, 9] and plan(129) == [64, 64, 1] and plan(8) == [4, 4]
