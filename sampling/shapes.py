@@ -68,9 +68,9 @@ def prefill_buckets(max_len: int, smallest: int = 4, largest: int = LARGEST_PREF
     """Powers of four from ``smallest`` up to min(max_len, largest); longer prompts go in chunks.
 
     Every bucket is a compiled program of the whole model (seconds of warm-up each), and since a prompt can
-    be cut anywhere without moving its bits, a prompt that would waste most of a bucket is cut into the
-    largest bucket that fits and a rest instead (``EngineSteps.chunk_length``): four buckets cover what
-    seven powers of two did."""
+    be cut anywhere without moving its bits, a prompt that would waste most of a bucket is cut into
+    smaller calls instead (the cheapest split: ``first_chunks``): four buckets cover what seven powers of
+    two did."""
     buckets, size = [], smallest
     while size < min(max_len, largest):
         buckets.append(size)
