@@ -26,6 +26,10 @@ _LAYER_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
     *((("attn", proj, "bias"), f"self_attn.{proj}.bias", False) for proj in _ATTENTION_PROJECTIONS),
     *((("attn", norm, "scale"), f"self_attn.{norm}.weight", False) for norm in ("q_norm", "k_norm")),
     *((("mlp", proj, "kernel"), f"mlp.{proj}.weight", True) for proj in ("gate_proj", "up_proj", "down_proj")),
+    # Qwen2-MoE's shared expert and its gate (only models whose params have them ask for them)
+    *((("mlp", "shared", proj, "kernel"), f"mlp.shared_expert.{proj}.weight", True)
+      for proj in ("gate_proj", "up_proj", "down_proj")),
+    (("mlp", "shared_gate", "kernel"), "mlp.shared_expert_gate.weight", True),
 ]
 _TOP_TENSORS: list[tuple[tuple[str, ...], str, bool]] = [
     (("embed", "embedding"), "model.embed_tokens.weight", False),
@@ -57,16 +61,6 @@ def _load_experts(cfg: ModelConfig, shapes: dict, params: dict, load: Callable) 
         experts[ours] = np.stack([np.stack([load(f"model.layers.{i}.{prefix}.experts.{e}.{theirs}.weight", True, one)
                                             for e in range(cfg.num_experts)]) for i in range(cfg.num_layers)])
     params["layers"]["mlp"]["experts"] = experts
-    if cfg.shared_expert_intermediate_size:  # Qwen2-MoE
-        mlp = shapes["layers"]["mlp"]
-
-        def stacked(name: str, want: Any) -> np.ndarray:
-            one = jax.ShapeDtypeStruct(want.shape[1:], want.dtype)
-            return np.stack([load(f"model.layers.{i}.{prefix}.{name}.weight", True, one) for i in range(cfg.num_layers)])
-
-        params["layers"]["mlp"]["shared"] = {proj: {"kernel": stacked(f"shared_expert.{proj}", mlp["shared"][proj]["kernel"])}
-                                             for proj in ("gate_proj", "up_proj", "down_proj")}
-        params["layers"]["mlp"]["shared_gate"] = {"kernel": stacked("shared_expert_gate", mlp["shared_gate"]["kernel"])}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> Any:

@@ -267,7 +267,12 @@ def _mlp(x, w, cfg: ModelConfig, layer):
     has them."""
     if cfg.num_experts:
         return _experts(x, w, cfg, layer)
-    gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (cfg.intermediate_size,) * 2)
+    return _gated_mlp(x, w, cfg, layer, cfg.intermediate_size)
+
+
+def _gated_mlp(x, w, cfg: ModelConfig, layer, width: int):
+    """``down(act(gate(x)) * up(x))`` with ``width`` units: the dense MLP, and Qwen2-MoE's shared expert."""
+    gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (width,) * 2)
     return linear(_activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer)
 
 
@@ -300,10 +305,7 @@ def _experts(x, w, cfg: ModelConfig, layer):
     out = jnp.einsum("btei,eih->bteh", _activation(gate, cfg) * up, experts["down_proj"][layer].astype(cfg.dtype))
     out = tree_sum(out * weights[..., None], axis=2)
     if "shared" in w:  # transformers' Qwen2-MoE: experts' sum + sigmoid(gate . x) * shared MLP(x)
-        width = cfg.shared_expert_intermediate_size
-        shared_gate, shared_up = _projections(x, w["shared"], cfg, layer, ("gate_proj", "up_proj"), (width,) * 2)
-        shared = linear(_activation(shared_gate, cfg) * shared_up, w["shared"]["down_proj"], cfg.hidden_size, cfg,
-                        layer)
+        shared = _gated_mlp(x, w["shared"], cfg, layer, cfg.shared_expert_intermediate_size)
         # the gate's score as products and a fixed-order sum, like the router's (row-independent bits)
         score = tree_sum(x.astype(jnp.float32)[..., :, None] * w["shared_gate"]["kernel"][layer].astype(jnp.float32),
                          axis=-2)
