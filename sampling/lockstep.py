@@ -222,9 +222,10 @@ def follow(steps: DeviceSteps, channel: Channel, settings: str) -> Followed:
         message = json.loads(channel.receive())
         method = message["method"]
         for call, _index in message["forget"]:
-            live[call] -= 1
-            if not live[call]:
-                del live[call], store[call]
+            if call in live:  # (not if that call failed here only)
+                live[call] -= 1
+                if not live[call]:
+                    del live[call], store[call]
         if method == "stop":
             return Followed(calls, len(store), state)
         args = decode(message["args"], resolve)
