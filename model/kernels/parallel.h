@@ -24,19 +24,22 @@
 
 namespace flaxchat {
 
-// One call's shared work: items claimed from `next`, `done` counts finished ones.
+// One call's shared work: items claimed from `next`, `grain` consecutive ones at a time; `done` counts
+// finished ones.
 struct Job {
   virtual ~Job() = default;
   virtual void Item(int64_t i) = 0;
   int64_t items = 0;
+  int64_t grain = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::atomic<bool> helper_done{false};  // set by the helper after its last access to this job
 
   void Run() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      Item(i);
-      done.fetch_add(1, std::memory_order_release);
+    for (int64_t i; (i = next.fetch_add(grain, std::memory_order_relaxed)) < items;) {
+      const int64_t end = std::min(i + grain, items);
+      for (int64_t j = i; j < end; ++j) Item(j);
+      done.fetch_add(end - i, std::memory_order_release);
     }
   }
 };
@@ -106,15 +109,17 @@ class Helper {
 };
 
 // Runs work(i) for i in [0, items) on the calling thread and, when `worth` > 0 and the machine has more
-// than one core, on the helper too. `pool` (XLA's) is not used (see the top of this file).
+// than one core, on the helper too, each thread claiming `grain` consecutive items at a time. `pool`
+// (XLA's) is not used (see the top of this file).
 template <typename Work>
-void ParallelFor(xla::ffi::ThreadPool& /*pool*/, int64_t items, int64_t worth, Work work) {
+void ParallelFor(xla::ffi::ThreadPool& /*pool*/, int64_t items, int64_t worth, Work work, int64_t grain = 1) {
   struct Call final : Job {
     explicit Call(Work& w) : work(w) {}
     void Item(int64_t i) override { work(i); }
     Work& work;
   } call(work);
   call.items = items;
+  call.grain = std::max<int64_t>(grain, 1);
   static const bool several_cores = std::thread::hardware_concurrency() > 1;
   const bool offered = several_cores && worth > 0 && items > 1 && Helper::Get().Offer(&call);
   call.Run();

@@ -201,11 +201,13 @@ void Panel(const Problem& p, int64_t panel_index, std::vector<float>& buffer) {
 
 template <typename Codes>
 void FloatProduct(ffi::ThreadPool& pool, const float* /*x*/, const Problem& problem) {
-  flaxchat::ParallelFor(pool, problem.n / kPanel, (problem.m * problem.k * problem.n) / (1 << 18),
+  const int64_t panels = problem.n / kPanel;
+  flaxchat::ParallelFor(pool, panels, (problem.m * problem.k * problem.n) / (1 << 18),
                         [problem](int64_t panel) {
                           thread_local std::vector<float> buffer;
                           Panel<Codes>(problem, panel, buffer);
-                        });
+                        },
+                        PanelGrain(panels, problem.m));
 }
 
 constexpr auto* QMatmul8 = &LayerHandler<Codes8, FloatProduct<Codes8>>;

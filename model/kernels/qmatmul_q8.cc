@@ -152,7 +152,7 @@ void Int8Product(ffi::ThreadPool& pool, const float* x, const Problem& w) {
         });
       }
     }
-  });
+  }, PanelGrain(panels, m));
 }
 
 constexpr auto* QMatmul4Q8 = &LayerHandler<Codes4, Int8Product>;
