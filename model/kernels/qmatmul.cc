@@ -2,9 +2,10 @@
 // 8-bit codes (FlaxchatQMatmul) or 4-bit (FlaxchatQMatmul4). The weights come stacked, one matrix per
 // decoder layer, with the layer to use as an int32 operand: the model's loop over layers hands the kernel
 // the whole stack and its layer index, so no layer's weights are ever sliced out (XLA:CPU would copy the slice).
-// A decode step at one row streams every weight byte once, so it runs at memory speed (measured ~15 GB/s
-// per core here): 4-bit codes (0.75 bytes per weight with the scales, against 1.25) are what make it
-// faster, and they hold a 4-bit checkpoint's weights (GGUF Q4_0/Q4_1/Q4_K blocks) exactly.
+// A decode step at one row streams every weight byte once, so it runs near memory speed: 4-bit codes (0.75
+// bytes per weight with the scales, against 1.25) are what make it faster, and they hold a 4-bit
+// checkpoint's weights (GGUF Q4_0/Q4_1/Q4_K blocks) exactly. With few rows each thread takes runs of
+// consecutive panels (PanelGrain, qmatmul.h), so the prefetchers see long streams.
 //
 // Why a kernel of our own (measured, bench/RESULTS.md): XLA:CPU materialises a float copy of converted
 // weights before a dot (slower than float32 weights), or needs int8 activations (which cost quality).
