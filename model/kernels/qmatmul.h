@@ -107,7 +107,7 @@ inline void StoreTile(float* y, int64_t n, int64_t row, int64_t column, const __
 // alternate panels left the hardware prefetchers restarting at every one. So up to `kStreamingRows` rows
 // claim runs of up to 16 panels (at least ~8 claims per call, so both threads finish together); more rows
 // are bound by arithmetic, and single panels balance the threads best. Measured on the default model
-// (int4, int8 KV), decode steps alone: 1 row 9.6-13.2 -> 7.6-7.7 ms, 2 rows 11.7-16.4 -> 10.1-10.6, 4
+// (int4, int8 KV), decode steps alone: 1 row 9.6-13.2 -> 7.6-9.9 ms, 2 rows 11.7-16.4 -> 10.1-10.6, 4
 // rows 19-21 -> 16.7-18.1; at 16 rows runs of panels cost ~3 %. Which thread computes a panel never
 // changes its bits.
 constexpr int64_t kStreamingRows = 4;
