@@ -28,12 +28,11 @@ from flaxchat.model.sharding import make_mesh
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
 from flaxchat.sampling.placement import Placement
-from flaxchat.sampling.kv_agreement import decode_matches_prefill
-from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, make_row_request, record_tokens, sample
+from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
 from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, first_chunks, prefill_buckets,
-                                     row_buckets,
-                                     smallest_prefill_bucket, smallest_row_bucket)
+                                     row_buckets, smallest_prefill_bucket, smallest_row_bucket)
+from flaxchat.sampling.warmup import warm_up
 
 
 @flax.struct.dataclass
@@ -46,26 +45,6 @@ class DecodeState:
     keys: jax.Array  # typed PRNG keys [B]: each slot's choice key
     active: jax.Array  # bool [B]
     rows: RowSettings
-
-
-def drop_staging_caches() -> None:
-    """Forget how JAX traced and lowered the programs compiled so far, keeping the compiled programs
-    themselves (a call with the same argument types runs them without tracing again).
-
-    Measured on the default model (decode programs at 16, 8, 4 and 2 rows): each whole-model program left
-    ~10 MB of tracing and lowering data and ~20 MB of executable resident, and dropping the former (JAX's
-    staging caches, ``jax._src.util.clear_all_caches``; ``jax.clear_caches`` would drop the executables
-    too) freed 47 MB of the 4 programs' ~125 while the next calls still ran without tracing. Done between
-    the warm-up's compilations, the next compilation reuses that memory, so the server's peak does not
-    grow with every program. A private JAX function: where it is missing, nothing is dropped.
-    """
-    try:
-        from jax._src import util
-    except ImportError:  # pragma: no cover - a JAX without the module
-        return
-    clear = getattr(util, "clear_all_caches", None)
-    if clear is not None:
-        clear()
 
 
 class EngineSteps:
@@ -415,48 +394,13 @@ class EngineSteps:
     def failed(self, error: Exception) -> None:
         """One process's failed step leaves the device usable (the engine rebuilds a consumed state)."""
 
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """The decode variants: steps per call (1, and ``steps_per_call``)."""
+        return tuple(self._decode)
+
     def warmup(self, progress: bool = False, compile_all: bool = True) -> DecodeState:
-        """Compile every prefill bucket, insert, copy, every decode bucket and variant, and release now,
-        so serving never compiles; then check whether decoded KV equals prefill's (``sampling/kv_agreement.py``).
-        ``progress``: a bar of the steps compiled so far (of the total) on stderr. ``compile_all=False``:
-        only the check, every other step compiles on first use (a one-off answer, most tests)."""
-        if not compile_all:
-            self.decode_extends_prefix, state = decode_matches_prefill(self, self.init_state())
-            return state
-        from tqdm import tqdm
-
-        decode_calls = [(steps, bucket) for steps in self._decode for bucket in self.row_buckets]
-        one_off = 8  # score, insert, copy, save and load blocks; set masks, release; the KV agreement check
-        bar = tqdm(total=len(self.buckets) + len(self.batch_shapes) + len(decode_calls) + one_off,
-                   desc="warm-up: compiling steps", unit="step", disable=not progress)
-        def compiled(count: int = 1) -> None:
-            bar.update(count)
-            drop_staging_caches()
-
-        state = self.init_state()
-        v = self.cfg.vocab_size
-        row = make_row_request(v, temperature=1.0)
-        for bucket in self.buckets:
-            logits, state = self._prefill(self.params, state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
-                                          jnp.int32(0), jnp.int32(bucket))
-            compiled()
-        for shape in self.batch_shapes:
-            _, state = self.prefill_batch(state, [(0, [0] * shape[1], 0)], shape)
-            compiled()
-        _, _, state = self.score_chunk(state, 0, [0], 0)
-        _, state = self.insert(state, 0, logits, row, jax.random.key(0), 1)
-        state = self.copy_slot(state, 0, 0)
-        state = self.save_blocks(state, 0, 0, [0])
-        state = self.load_blocks(state, 1 % self.slots, [0])
-        compiled(5)
-        for steps, bucket in decode_calls:
-            outs, state = self.decode(state, [0], steps, bucket)
-            compiled()
-        state = self.set_allowed(state, {})
-        state = self.release(state, 0)
-        compiled(2)
-        self.decode_extends_prefix, state = decode_matches_prefill(self, state)
-        bar.update()
-        bar.close()
-        jax.block_until_ready(outs)
+        """Compile every step now (``sampling/warmup.py``), or with ``compile_all=False`` only run the KV
+        agreement check; sets ``decode_extends_prefix``."""
+        self.decode_extends_prefix, state = warm_up(self, progress, compile_all)
         return state
