@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -46,13 +45,15 @@ def read_block(cache: jax.Array, scale: jax.Array | None, layer: jax.Array, rows
     return jax.vmap(one)(rows).astype(dtype)
 
 
-def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups):
+def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups, lengths=None):
     """Causal (optionally sliding-window) GQA of ``q`` over the cache, which already holds this call's keys.
 
     ``q`` ``[B, T, H, D]`` at ``positions`` ``[B, T]``; ``cache`` the stacked ``[L, slots, KV, S, D]``
     keys and values, of which batch row ``b`` reads layer ``layer``'s row ``rows[b]``; a query at position
     ``p`` sees the row's entries at positions ``<= p`` (and ``> p - window`` when the int32 scalar
-    ``window`` is positive). Returns the output and the cache, passed through unchanged.
+    ``window`` is positive). Returns the output and the cache, passed through unchanged. ``lengths`` (``[B]``,
+    optional): row ``b``'s first ``lengths[b]`` positions are real, the rest pad a bucket; the CPU kernel
+    does not compute those (their output is zero), the XLA formulation does.
 
     On CPU, where the kernels are built, ``model/kernels/prefill_attention.cc`` runs it, for prompt chunks
     and decode steps (one position per row) alike: a position's attention is then the same arithmetic
@@ -78,9 +79,10 @@ def grouped_attention(q, cache: KVCache, layer, rows, positions, window, groups)
     q = q * jnp.asarray(dim**-0.5, q.dtype)
     layer, window = jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)
     if kernels.available() and dim % 16 == 0:
-        out = jax.lax.platform_dependent(q, cache, layer, rows, positions, window,
-                                         cpu=functools.partial(_prefill_kernel, groups=groups),
-                                         default=lambda *args: _blockwise(*args, groups)[0])
+        lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        out = jax.lax.platform_dependent(q, cache, layer, rows, positions, window, lengths,
+                                         cpu=lambda *args: _prefill_kernel(*args[:-1], groups, args[-1]),
+                                         default=lambda *args: _blockwise(*args[:-1], groups)[0])
         return out, cache
     return _blockwise(q, cache, layer, rows, positions, window, groups)
 
@@ -91,13 +93,15 @@ def _cache_operands(cache: KVCache) -> tuple[jax.Array, ...]:
             no_scales if cache.v_scale is None else cache.v_scale)
 
 
-def _prefill_kernel(q, cache: KVCache, layer, rows, positions, window, groups):
+def _prefill_kernel(q, cache: KVCache, layer, rows, positions, window, groups, lengths=None):
     """Positions per row, a chunk's or a decode step's one (``model/kernels/prefill_attention.cc``): each
     query row computed on its own over cache blocks aligned to absolute positions, so a row's bits do not
-    depend on the chunking or the other rows."""
+    depend on the chunking or the other rows. ``lengths`` ``[B]``: each row's real positions (default all)."""
+    if lengths is None:
+        lengths = jnp.full((q.shape[0],), positions.shape[1], jnp.int32)
     out = jax.ffi.ffi_call(kernels.PREFILL_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), *_cache_operands(cache), rows.astype(jnp.int32), positions.astype(jnp.int32),
-        layer, window)
+        layer, window, lengths)
     return _heads_last(out.astype(q.dtype), positions.shape[1], groups)
 
 

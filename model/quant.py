@@ -144,17 +144,18 @@ def columns(codes: jax.Array, scale: jax.Array, offset: jax.Array, index: jax.Ar
 
 
 def _kernel_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array,
-                   int8_activations: bool = False) -> jax.Array:
+                   valid: jax.Array, int8_activations: bool = False) -> jax.Array:
     out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[1] * PANEL), jnp.float32)
     if codes.shape[-1] == PANEL:
         target = kernels.QMATMUL_TARGET
     else:
         target = kernels.QMATMUL4_Q8_TARGET if int8_activations else kernels.QMATMUL4_TARGET
-    return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset, layer)
+    return jax.ffi.ffi_call(target, out)(x2, codes, scale, offset, layer, valid)
 
 
-def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array
-                ) -> jax.Array:
+def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, layer: jax.Array,
+                valid: jax.Array | None = None) -> jax.Array:
+    """The XLA formulation (GPU, TPU, no kernel): every row is computed, ``valid`` or not."""
     codes, scale, offset = unpacked(codes[layer]), scale[layer], offset[layer]
     per_column = lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # noqa: E731  [N', K or K/32]
     w = dequantize(per_column(codes), per_column(scale), per_column(offset))  # [N', K]
@@ -162,13 +163,17 @@ def _xla_matmul(x2: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
 
 
 def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, features: int,
-                 layer: jax.Array | None = None, int8_activations: bool = False) -> jax.Array:
+                 layer: jax.Array | None = None, int8_activations: bool = False,
+                 valid: jax.Array | None = None) -> jax.Array:
     """``x @ W`` for float ``x`` ``[..., K]`` and block-quantised ``W`` ``[K, features]``: float32 ``[..., features]``.
 
     With ``layer``, the weights are a stack ``[L, ...]`` (the decoder layers') and ``W`` is layer ``layer``'s;
     the kernel takes the whole stack and the index, so the layer's weights are never copied out.
     ``int8_activations``: with 4-bit codes on the CPU kernel, ``x`` is quantised to int8 per block of 32 and
     the products are summed in integers (twice as fast; prompt chunks opt in: ``ModelConfig.prompt_activations``).
+    ``valid`` (bool, ``x``'s leading shape, optional) flags the rows whose results are used: the CPU kernel
+    skips padding rows after the last real one (their result is zero), so a padded bucket costs the rows it
+    carries; each computed row's bits are the same either way.
     """
     if layer is None:
         codes, scale, offset, layer = codes[None], scale[None], offset[None], 0
@@ -176,8 +181,9 @@ def block_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.A
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if kernels.available():
+        flags = jnp.ones(x2.shape[0], jnp.int32) if valid is None else valid.reshape(-1).astype(jnp.int32)
         kernel = functools.partial(_kernel_matmul, int8_activations=int8_activations)
-        y = jax.lax.platform_dependent(x2, codes, scale, offset, layer, cpu=kernel, default=_xla_matmul)
+        y = jax.lax.platform_dependent(x2, codes, scale, offset, layer, flags, cpu=kernel, default=_xla_matmul)
     else:
         y = _xla_matmul(x2, codes, scale, offset, layer)
     if y.shape[-1] != features:

@@ -74,7 +74,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Array | None = None,
-           normed_input: bool = False, out_dtype: Any = None) -> jax.Array:
+           normed_input: bool = False, out_dtype: Any = None, valid: jax.Array | None = None) -> jax.Array:
     """``x @ W (+ bias)`` for one projection's params ``w``: a float ``kernel`` ``[in, out]`` or quantised
     ``codes``/``scale``/``offset`` (``model/quant.py``). With ``layer``, every leaf of ``w`` is a stack over
     the decoder layers and layer ``layer``'s matrix is used: the quantised kernel takes the whole stack and
@@ -83,12 +83,14 @@ def linear(x: jax.Array, w: dict, features: int, cfg: ModelConfig, layer: jax.Ar
     q/k/v and gate/up) follows ``cfg.prompt_activations``; the attention output and the MLP's hidden state,
     with their outliers, stay float (measured: quantising them too cost the quality bar, bench/RESULTS.md).
     ``out_dtype``: the float product's accumulation and result type (float32 for the logits whatever the
-    compute dtype: a bfloat16 sum over the hidden size would round the vocabulary's scores)."""
+    compute dtype: a bfloat16 sum over the hidden size would round the vocabulary's scores). ``valid``
+    (``x``'s leading shape): the rows whose results are used; the quantised kernel skips trailing padding."""
     pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
     if "codes" in w:
         prompt_chunk = x.ndim == 3 and x.shape[1] > 1  # decode steps have one position per row
         int8 = normed_input and prompt_chunk and cfg.prompt_activations == "int8"
-        y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer, int8_activations=int8).astype(cfg.dtype)
+        y = block_matmul(x, w["codes"], w["scale"], w["offset"], features, layer, int8_activations=int8,
+                         valid=valid).astype(cfg.dtype)
     else:
         x, kernel = x.astype(cfg.dtype), pick(w["kernel"]).astype(cfg.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
@@ -231,20 +233,20 @@ def init_layers(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def _projections(x: jax.Array, w: dict, cfg: ModelConfig, layer: jax.Array, names: tuple[str, ...],
-                 features: tuple[int, ...]) -> list[jax.Array]:
+                 features: tuple[int, ...], valid: jax.Array | None) -> list[jax.Array]:
     """Several projections of the same normed input (one fused matrix with quantised weights, see
     ``layer_spec``)."""
     if fused_name(names) in w:
-        fused = linear(x, w[fused_name(names)], sum(features), cfg, layer, normed_input=True)
+        fused = linear(x, w[fused_name(names)], sum(features), cfg, layer, normed_input=True, valid=valid)
         return jnp.split(fused, list(itertools.accumulate(features))[:-1], axis=-1)
-    return [linear(x, w[name], n, cfg, layer, normed_input=True) for name, n in zip(names, features)]
+    return [linear(x, w[name], n, cfg, layer, normed_input=True, valid=valid) for name, n in zip(names, features)]
 
 
-def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos, sin, positions):
+def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos, sin, positions, valid):
     """Grouped-query attention of one layer over its cache; returns the output and the updated cache."""
     batch, seq, _ = x.shape
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    q, k, v = _projections(x, w, cfg, layer, ("q_proj", "k_proj", "v_proj"), (q_dim, kv_dim, kv_dim))
+    q, k, v = _projections(x, w, cfg, layer, ("q_proj", "k_proj", "v_proj"), (q_dim, kv_dim, kv_dim), valid)
     q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -254,26 +256,28 @@ def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos,
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     cache = write_layer(cache, k, v, layer, rows, positions)
-    out, cache = grouped_attention(q, cache, layer, rows, positions, window, cfg.num_heads // cfg.num_kv_heads)
-    return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer), cache
+    lengths = None if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
+    out, cache = grouped_attention(q, cache, layer, rows, positions, window, cfg.num_heads // cfg.num_kv_heads,
+                                   lengths)
+    return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer, valid=valid), cache
 
 
 def _activation(gate: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
 
 
-def _mlp(x, w, cfg: ModelConfig, layer):
+def _mlp(x, w, cfg: ModelConfig, layer, valid):
     """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma); a mixture of experts if the config
     has them."""
     if cfg.num_experts:
         return _experts(x, w, cfg, layer)
-    return _gated_mlp(x, w, cfg, layer, cfg.intermediate_size)
+    return _gated_mlp(x, w, cfg, layer, cfg.intermediate_size, valid)
 
 
-def _gated_mlp(x, w, cfg: ModelConfig, layer, width: int):
+def _gated_mlp(x, w, cfg: ModelConfig, layer, width: int, valid=None):
     """``down(act(gate(x)) * up(x))`` with ``width`` units: the dense MLP, and Qwen2-MoE's shared expert."""
-    gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (width,) * 2)
-    return linear(_activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer)
+    gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (width,) * 2, valid)
+    return linear(_activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer, valid=valid)
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -314,15 +318,15 @@ def _experts(x, w, cfg: ModelConfig, layer):
 
 
 def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,
-                  cache: KVCache, rows, cos, sin, positions) -> tuple[jax.Array, KVCache]:
+                  cache: KVCache, rows, cos, sin, positions, valid=None) -> tuple[jax.Array, KVCache]:
     """Pre-norm decoder layer ``layer`` (an int32 index into the stacked ``layers`` params and cache)."""
     def norm(h, name):
         return rms_norm(h, layers[name]["scale"][layer], cfg.rms_norm_eps, cfg.norm_weight_offset, cfg.dtype)
 
     h, cache = _attention(norm(x, "input_norm"), layers["attn"], cfg, layer, window, cache, rows, cos, sin,
-                          positions)
+                          positions, valid)
     x = x + h
-    x = x + _mlp(norm(x, "post_attention_norm"), layers["mlp"], cfg, layer)
+    x = x + _mlp(norm(x, "post_attention_norm"), layers["mlp"], cfg, layer, valid)
     return x, cache
 
 
@@ -333,7 +337,9 @@ class Transformer(nn.Module):
     writes, so a decode step can run a bucket of live slots out of a larger cache, and a prefill can fill
     one slot, without copying cache rows. ``logit_indices`` (``[batch, k]``, optional) selects which
     sequence positions get logits, so a bucketed prefill computes the vocabulary projection for its last
-    real token only.
+    real token only. ``valid`` (``[batch, seq]`` bool, optional; each row's real positions first) flags the
+    positions whose results are used: the CPU kernels skip the padding of a bucket (its products and
+    attention come out zero; nothing real reads them), so a padded call costs the rows it carries.
 
     The layers are one ``fori_loop`` over stacked params and a stacked cache, each layer addressing its
     weights and cache by index: a program traces and compiles one layer instead of ``num_layers`` (warm-up
@@ -354,6 +360,7 @@ class Transformer(nn.Module):
         cache: KVCache,
         logit_indices: jax.Array | None = None,
         rows: jax.Array | None = None,
+        valid: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -368,7 +375,7 @@ class Transformer(nn.Module):
         windows = jnp.asarray([w or 0 for w in cfg.sliding_windows] or [0] * cfg.num_layers, jnp.int32)
 
         def one_layer(layer, carry):
-            return decoder_layer(cfg, layers, layer, windows[layer], *carry, rows, cos, sin, positions)
+            return decoder_layer(cfg, layers, layer, windows[layer], *carry, rows, cos, sin, positions, valid)
 
         x, cache = jax.lax.fori_loop(0, cfg.num_layers, one_layer, (x, cache))
         x = RMSNorm(

@@ -62,6 +62,13 @@ LARGEST_PREFILL_BUCKET = 1024  # the longest prefill call; longer prompts go in 
 # A shape runs only where its product has enough rows to keep a row's bits (``batch_shapes``).
 BATCH_PREFILL_SHAPES = ((16, 2), (4, 4), (4, 8), (4, 16), (4, 32))
 CALL_COST_ROWS = 8  # a device call's fixed cost in prompt rows (int4 on CPU: ~15 ms, against ~2 ms a row)
+# What a bucket's padding row costs, in real rows, where the CPU kernels skip padding (``Transformer``'s
+# ``valid``): XLA's elementwise work on it remains. Timed on the default model (int4, int8 KV, 16 cached
+# positions): 4 real rows took 16.5 ms in a 4-row call, 24.0 in 64 and 45.3 in 256; 64 real rows 137 ms in a
+# 64-row call and 142.5 in 256 (0.11-0.21 ms a padding row, against ~2 ms a real one). So a rest of 25 tokens
+# takes one 64-row call, while 128 still go as 64 + 64 (128 in a 256-row call measured 285-293 ms against
+# 2 x 102-126). Elsewhere (float weights, GPU/TPU) a padding row costs a real one.
+SKIPPED_PADDING_COST = 0.1
 
 
 def prefill_buckets(max_len: int, smallest: int = 4, largest: int = LARGEST_PREFILL_BUCKET) -> tuple[int, ...]:
@@ -88,41 +95,48 @@ def batch_shapes(slots: int, smallest: int, largest: int) -> tuple[tuple[int, in
                         key=lambda shape: (shape[0] * shape[1], shape)))
 
 
-def first_chunks(buckets: tuple[int, ...], longest: int, call_cost: int = CALL_COST_ROWS) -> tuple[int, ...]:
+def first_chunks(buckets: tuple[int, ...], longest: int, call_cost: int = CALL_COST_ROWS,
+                 padding_cost: float = 1.0) -> tuple[int, ...]:
     """For every count ``n`` of prompt tokens to go (0 .. ``longest``), how many the next prefill call should
     take: the first call of the cheapest split of ``n`` into calls of these buckets, a call costing
-    ``call_cost`` rows plus its bucket's rows (padding included); on a tie, the split with fewer rows, then
-    the larger first call.
+    ``call_cost`` rows plus its real rows plus ``padding_cost`` per padding row; on a tie, the split with
+    fewer rows, then the larger first call.
 
-    Timed on the default model (int4, int8 KV): 4 rows 12.7 ms, 16 rows 27.6, 64 rows 83.4, so a 9-token
-    rest runs as one 16-row call (27.6 ms) rather than 4 + 4 + 1 (38 ms), and 25 tokens after a 1,500-token
-    conversation as 16 + 16 (87 ms) rather than 16 + 4 + 4 + 1 (97 ms); a bucket only ever helps when it is
-    well filled (129 tokens: 64 + 64 + 1, not 256). Splitting never moves a row's bits (``smallest_prefill_bucket``).
+    Where padding costs a real row (``padding_cost`` 1: float weights, no CPU kernels) a bucket only helps
+    when it is well filled: a 9-token rest runs as one 16-row call rather than 4 + 4 + 1, 25 tokens as
+    16 + 16 rather than one 64-row call. Where the kernels skip padding (``SKIPPED_PADDING_COST``) the
+    fewest calls win, nearly: 25 tokens after a 1,500-token conversation take one 64-row call (91 ms, against
+    100 for 16 + 16 and 188 for a 64-row call that computes its padding). Splitting never moves a row's bits
+    (``smallest_prefill_bucket``).
     """
-    cost = [(0, 0)] * (longest + 1)  # (cost, rows) of the cheapest split of n tokens
+    cost = [(0.0, 0)] * (longest + 1)  # (cost, rows) of the cheapest split of n tokens
     first = [0] * (longest + 1)
     for n in range(1, longest + 1):
-        options = [(call_cost + b + cost[max(n - b, 0)][0], b + cost[max(n - b, 0)][1], -min(b, n))
-                   for b in buckets]
+        options = []
+        for b in buckets:
+            taken, before = min(b, n), cost[max(n - b, 0)]
+            options.append((call_cost + taken + padding_cost * (b - taken) + before[0], b + before[1], -taken))
         total, rows, negative_first = min(options)
         cost[n], first[n] = (total, rows), -negative_first
     return tuple(first)
 
 
-def batch_plan(shapes: tuple[tuple[int, int], ...], rests: list[int]) -> tuple[tuple[int, int], int] | None:
+def batch_plan(shapes: tuple[tuple[int, int], ...], rests: list[int], padding_cost: float = 1.0
+               ) -> tuple[tuple[int, int], int] | None:
     """The batched call for the prompts at the head of the queue, whose remaining tokens are ``rests`` (in
     queue order): ``(shape, how many of them)``, or None when no shape takes two or more.
 
     A shape takes the leading prompts whose rests fit its length, up to its prompt count; the plan is the
-    one with the fewest rows per prompt taken (counting a call's fixed cost, ``CALL_COST_ROWS``), the
-    smaller shape on a tie."""
+    one with the lowest cost per prompt taken (a call's fixed cost, ``CALL_COST_ROWS``, plus its real rows
+    plus ``padding_cost`` per padding row, as in ``first_chunks``), the smaller shape on a tie."""
     best: tuple[float, tuple[int, int], int] | None = None
     for prompts, length in shapes:
         taken = 0
         while taken < min(prompts, len(rests)) and rests[taken] <= length:
             taken += 1
         if taken >= 2:
-            cost = (prompts * length + CALL_COST_ROWS) / taken
+            real = sum(rests[:taken])
+            cost = (CALL_COST_ROWS + real + padding_cost * (prompts * length - real)) / taken
             if best is None or cost < best[0]:
                 best = (cost, (prompts, length), taken)
     return None if best is None else best[1:]

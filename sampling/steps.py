@@ -24,14 +24,16 @@ from jax.sharding import Mesh
 
 from flaxchat.model.config import ModelConfig
 from flaxchat.model.kv_cache import entry_bytes
+from flaxchat.model.quant import rows_independent
 from flaxchat.model.sharding import make_mesh
 from flaxchat.model.transformer import KVCache, Transformer, init_cache
 from flaxchat.sampling.params import ALL_ALLOWED, bitmask_words
 from flaxchat.sampling.placement import Placement
 from flaxchat.sampling.sampler import RowRequest, RowSettings, SampleOutput, record_tokens, sample
 from flaxchat.sampling.scoring import SCORE_CHUNK, ChunkScores, chunk_scores
-from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, batch_plan, batch_shapes, first_chunks, prefill_buckets,
-                                     row_buckets, smallest_prefill_bucket, smallest_row_bucket)
+from flaxchat.sampling.shapes import (LARGEST_PREFILL_BUCKET, SKIPPED_PADDING_COST, batch_plan, batch_shapes,
+                                      first_chunks, prefill_buckets, row_buckets, smallest_prefill_bucket,
+                                      smallest_row_bucket)
 from flaxchat.sampling.warmup import warm_up
 
 
@@ -61,7 +63,9 @@ class EngineSteps:
         self.kv_dtype = kv_dtype or cfg.dtype
         smallest = min(smallest_prefill_bucket(cfg), max_len)
         self.buckets = prefill_buckets(max_len, smallest, max(largest_bucket, smallest))
-        self._first_chunks = first_chunks(self.buckets, max_len)
+        # the CPU kernels skip a bucket's padding rows (``Transformer``'s ``valid``) where they run the products
+        self.padding_cost = SKIPPED_PADDING_COST if rows_independent(cfg) else 1.0
+        self._first_chunks = first_chunks(self.buckets, max_len, padding_cost=self.padding_cost)
         self.pool_blocks, self.block_size = pool_blocks, block_size
         self.score_chunk_size = SCORE_CHUNK
         self.shards, self.slot_order = placed.shards, placed.slot_order
@@ -126,7 +130,7 @@ class EngineSteps:
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         last = jnp.clip(length - 1 - start, 0, tokens.shape[1] - 1).reshape(1, 1)
         logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
-                                         rows=slot[None])
+                                         rows=slot[None], valid=positions < length)
         return logits[0, 0], state.replace(cache=cache)
 
     def _prefill_batch_impl(self, params, state: DecodeState, slots, tokens, starts, lengths):
@@ -136,8 +140,9 @@ class EngineSteps:
         self.compiles += 1
         positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         last = jnp.clip(lengths - 1 - starts, 0, tokens.shape[1] - 1)[:, None]
+        valid = (positions < lengths[:, None]) & (slots < state.tokens.shape[0])[:, None]
         logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache, logit_indices=last,
-                                         rows=slots)
+                                         rows=slots, valid=valid)
         return tuple(logits[i, 0] for i in range(tokens.shape[0])), state.replace(cache=cache)
 
     def _score_impl(self, params, state: DecodeState, slot, tokens, next_tokens, start, length):
@@ -145,7 +150,8 @@ class EngineSteps:
         self.compiles += 1
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         logits, cache = self.model.apply({"params": params}, tokens, positions, state.cache,
-                                         logit_indices=jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], rows=slot[None])
+                                         logit_indices=jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], rows=slot[None],
+                                         valid=positions < length)
         last = jnp.clip(length - 1 - start, 0, tokens.shape[1] - 1)
         return chunk_scores(logits[0], next_tokens), logits[0, last], state.replace(cache=cache)
 
@@ -227,7 +233,8 @@ class EngineSteps:
         def one_step(carry, _):
             sub, cache = carry
             logits, cache = self.model.apply({"params": params}, sub.tokens[:, None], sub.positions[:, None], cache,
-                                             rows=jnp.where(sub.active, rows, state.tokens.shape[0]))
+                                             rows=jnp.where(sub.active, rows, state.tokens.shape[0]),
+                                             valid=sub.active[:, None])
             keys = jax.vmap(jax.random.fold_in)(sub.keys, sub.steps)
             out = sample(self.placement.whole(logits[:, 0]), sub.rows, keys)
             live = sub.active
@@ -300,7 +307,7 @@ class EngineSteps:
 
     def batch_plan(self, rests: list[int]) -> tuple[tuple[int, int], int] | None:
         """The batched prefill call for prompts with ``rests`` tokens to go (``sampling/shapes.batch_plan``)."""
-        return batch_plan(self.batch_shapes, rests)
+        return batch_plan(self.batch_shapes, rests, self.padding_cost)
 
     def prefill_batch(self, state: DecodeState, parts: list[tuple[int, list[int], int]], shape: tuple[int, int]
                       ) -> tuple[tuple[jax.Array, ...], DecodeState]:

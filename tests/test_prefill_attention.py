@@ -60,3 +60,16 @@ def test_a_rows_bits_do_not_depend_on_the_chunking_or_the_other_rows(kv_dtype, w
     for b in range(len(STARTS)):
         alone = kernel(q[b:b + 1], cache, LAYER, ROWS[b:b + 1], positions()[b:b + 1], window, GROUPS)
         assert np.array_equal(np.asarray(alone)[0], whole[b]), b
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_positions_past_a_rows_length_are_not_computed(kv_dtype):
+    """``lengths`` [B]: a row's real positions (a bucket's padding follows them). The real ones keep the bits
+    of a call that computes every position; the rest come out zero."""
+    cache, q, window = caches(kv_dtype, np.random.default_rng(4)), queries(5), jnp.int32(0)
+    whole = np.asarray(kernel(q, cache, LAYER, ROWS, positions(), window, GROUPS))
+    lengths = np.array([25, 0, 40, 16], np.int32)
+    out = np.asarray(kernel(q, cache, LAYER, ROWS, positions(), window, GROUPS, jnp.asarray(lengths)))
+    real = np.arange(SEQ)[None] < lengths[:, None]  # [B, T] (the output is [B, T, H, D])
+    assert np.array_equal(out[real & LIVE[:, None]], whole[real & LIVE[:, None]])
+    assert np.all(out[~real] == 0)

@@ -177,6 +177,26 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows(bits, int8_activations):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits,int8_activations", [(8, False), (4, False), (4, True)])
+def test_padding_rows_are_skipped_and_valid_rows_keep_their_bits(bits, int8_activations):
+    """``valid`` flags a bucket's real rows: those keep the bits of a call without padding, whether they
+    lead the call (one prompt's chunk, a decode bucket: computed in place) or are scattered (a batched
+    prefill's prompts: gathered and scattered back); the others come out zero (not computed)."""
+    rng = np.random.default_rng(5)
+    k, n = 576, 1536
+    codes, scale, offset = (jnp.asarray(a) for a in quantize_blocks(rng.standard_normal((k, n)).astype(np.float32), bits))
+    x = jnp.asarray(rng.standard_normal((64, k)).astype(np.float32))
+    product = jax.jit(functools.partial(block_matmul, int8_activations=int8_activations), static_argnums=4)
+    full = np.asarray(product(x, codes, scale, offset, n))
+    patterns = {"leading 25": np.arange(64) < 25, "none": np.zeros(64, bool), "one": np.arange(64) == 0,
+                "4 prompts of 16, 5 real each": np.arange(64) % 16 < 5, "every third": np.arange(64) % 3 == 0}
+    for name, valid in patterns.items():
+        out = np.asarray(product(x, codes, scale, offset, n, valid=jnp.asarray(valid)))
+        assert np.array_equal(out[valid], full[valid]), name
+        assert np.all(out[~valid] == 0), name
+
+
+@needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_embedding_columns_are_the_tables_rows(bits):
     rng = np.random.default_rng(3)

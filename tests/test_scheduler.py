@@ -14,7 +14,7 @@ import pytest
 from flaxchat.sampling.engine import Engine, EngineConfig
 from flaxchat.sampling.params import SamplingParams
 from flaxchat.sampling.requests import EngineStoppedError, QueueFullError, collect_text
-from flaxchat.sampling.shapes import batch_plan, batch_shapes
+from flaxchat.sampling.shapes import SKIPPED_PADDING_COST, batch_plan, batch_shapes
 from tests.fake_steps import EOS, FakeSteps, LetterTokenizer, expected_tokens, fake_config, first_token
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -250,6 +250,8 @@ def test_the_batch_plan_takes_the_fewest_rows_per_prompt():
     assert batch_plan(shapes, [2, 12, 30, 3]) == ((4, 32), 4)
     assert batch_plan(shapes, [12, 2, 40]) == ((4, 16), 2)  # the leading prompts only
     assert batch_plan(shapes, [40, 1, 1]) is None and batch_plan(shapes, [3]) is None
+    # where the kernels skip padding rows, a call's size matters little: the one that takes more prompts
+    assert batch_plan(shapes, [1] * 5, SKIPPED_PADDING_COST) == ((16, 2), 5)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(steps):
@@ -355,21 +357,26 @@ def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(steps):
         engine.stop()
 
 
-def test_a_prompts_rest_is_split_into_the_cheapest_calls():
+@pytest.mark.parametrize("padding_cost", [1.0, SKIPPED_PADDING_COST])
+def test_a_prompts_rest_is_split_into_the_cheapest_calls(padding_cost):
     """``first_chunks`` against every split into buckets (brute force, the same cost: a call's fixed rows
-    plus its bucket's rows): the cheapest, and the examples its docstring gives."""
+    plus its real rows plus its padding rows at ``padding_cost``): the cheapest, and the examples its
+    docstring gives, where padding costs a real row and where the kernels skip it."""
     import functools
 
     from flaxchat.sampling.shapes import CALL_COST_ROWS, first_chunks
 
     buckets = (4, 16, 64, 256)
-    first = first_chunks(buckets, 300)
+    first = first_chunks(buckets, 300, padding_cost=padding_cost)
+
+    def call_cost(tokens: int, bucket: int) -> float:
+        return CALL_COST_ROWS + tokens + padding_cost * (bucket - tokens)
 
     @functools.cache
-    def cheapest(n: int) -> int:
+    def cheapest(n: int) -> float:
         if n <= 0:
-            return 0
-        return min(CALL_COST_ROWS + b + cheapest(n - b) for b in buckets)
+            return 0.0
+        return min(call_cost(min(b, n), b) + cheapest(n - b) for b in buckets)
 
     def plan(n: int) -> list[int]:
         calls = []
@@ -381,6 +388,9 @@ def test_a_prompts_rest_is_split_into_the_cheapest_calls():
     for n in range(1, 301):
         calls = plan(n)
         assert sum(calls) == n and all(0 < c <= buckets[-1] for c in calls)
-        cost = sum(CALL_COST_ROWS + next(b for b in buckets if b >= c) for c in calls)
-        assert cost == cheapest(n), (n, calls)
-    assert plan(9) == [9] and plan(25) == [16, 9] and plan(129) == [64, 64, 1] and plan(8) == [4, 4]
+        cost = sum(call_cost(c, next(b for b in buckets if b >= c)) for c in calls)
+        assert cost == pytest.approx(cheapest(n)), (n, calls)
+    if padding_cost == 1.0:
+        assert plan(9) == [9] and plan(25) == [16, 9] and plan(129) == [64, 64, 1] and plan(8) == [4, 4]
+    else:  # padding is nearly free: the fewest calls
+        assert plan(9) == [9] and plan(25) == [25] and plan(129) == [129] and plan(8) == [8] and plan(300) == [256, 44]

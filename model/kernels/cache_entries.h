@@ -112,13 +112,14 @@ struct AttentionProblem {
   Caches c;
   const int32_t* rows;
   const int32_t* positions;
+  const int32_t* lengths;  // [B]: real positions per row (the rest pad the call)
   float* out;
   int64_t batch, groups, seq, window;
 };
 
 }  // namespace flaxchat
 
-// The attention kernels' XLA binding: q, k, v, k_scale, v_scale, rows, positions, layer, window -> out.
+// The attention kernels' XLA binding: q, k, v, k_scale, v_scale, rows, positions, layer, window, lengths -> out.
 #define FLAXCHAT_ATTENTION_BINDING()                \
   xla::ffi::Ffi::Bind()                            \
       .Ctx<xla::ffi::ThreadPool>()                 \
@@ -127,6 +128,7 @@ struct AttentionProblem {
       .Arg<xla::ffi::AnyBuffer>()                  \
       .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      \
       .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()      \

@@ -4,7 +4,8 @@
 //   q [B, KV, G * T, D] float32 (already scaled by D^-0.5; row g * T + t is query head g at position t),
 //   caches [L, R, KV, S, D] (cache_entries.h), rows [B] (>= R: a padding row),
 //   positions [B, T] (a query at position p sees keys <= p, or the last `window` of them; window <= 0: all),
-//   layer and window int32 scalars -> out [B, KV, G * T, D] float32.
+//   layer and window int32 scalars, lengths [B] (row b's first lengths[b] positions are real; the rest pad a
+//   bucket and are not computed: their output is zero) -> out [B, KV, G * T, D] float32.
 //
 // Why a kernel (measured, bench/RESULTS.md): XLA:CPU ran the blockwise online softmax of a prompt chunk
 // over a long cached prefix (a chat's next turn, a shared system prompt) at ~30-40 GFLOP/s, about as long as
@@ -199,6 +200,7 @@ void Softmax(QueryRow& row, int64_t first, float* scores, int64_t dim) {
 // Positions [t0, t0 + kPositions) of batch row b, kv head h: every query head of those positions.
 void Item(const Problem& p, int64_t b, int64_t h, int64_t t0, Scratch& s) {
   const int64_t dim = p.c.dim, seq = p.seq, t1 = std::min(t0 + kPositions, seq);
+  const int64_t real = std::min<int64_t>(t1, p.lengths[b]);  // positions [t0, real) are computed
   const int64_t base = (b * p.c.kv_heads + h) * p.groups * seq * dim;
   const int64_t row = p.rows[b];
   s.rows.clear();
@@ -207,11 +209,11 @@ void Item(const Problem& p, int64_t b, int64_t h, int64_t t0, Scratch& s) {
       const int64_t offset = base + (g * seq + t) * dim;
       const int64_t hi = std::min<int64_t>(p.positions[b * seq + t], p.c.length - 1);
       const int64_t lo = p.window > 0 ? std::max<int64_t>(0, hi - p.window + 1) : 0;
-      s.rows.push_back({p.q + offset, p.out + offset, lo, hi, kNegInf, 0.0f});
       std::fill(p.out + offset, p.out + offset + dim, 0.0f);
+      if (t < real) s.rows.push_back({p.q + offset, p.out + offset, lo, hi, kNegInf, 0.0f});
     }
   }
-  if (row < 0 || row >= p.c.cache_rows) return;  // a padding row: its output is discarded
+  if (row < 0 || row >= p.c.cache_rows || s.rows.empty()) return;  // padding: its output is discarded
   int64_t lo = s.rows[0].lo, hi = s.rows[0].hi;
   for (const QueryRow& r : s.rows) lo = std::min(lo, r.lo), hi = std::max(hi, r.hi);
   for (int64_t first = lo / kKeys * kKeys; first <= hi; first += kKeys) {
@@ -247,7 +249,7 @@ void Item(const Problem& p, int64_t b, int64_t h, int64_t t0, Scratch& s) {
 ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                             ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> window,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out) {
   Caches caches;
   if (ffi::Error error = flaxchat::LayerOf("prefill_attention", k, v, k_scale, v_scale, layer, caches);
       error.failure()) {
@@ -256,13 +258,14 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   const auto qd = q.dimensions(), pd = positions.dimensions();
   if (qd.size() != 4 || qd[1] != caches.kv_heads || qd[3] != caches.dim || caches.dim % 16 != 0 ||
       rows.element_count() != qd[0] || pd.size() != 2 || pd[0] != qd[0] || qd[2] % pd[1] != 0 ||
-      window.element_count() != 1) {
+      window.element_count() != 1 || lengths.element_count() != qd[0]) {
     return ffi::Error::InvalidArgument(
-        "prefill_attention: q [B, KV, G * T, D] with D a multiple of 16, rows [B], positions [B, T], window a scalar");
+        "prefill_attention: q [B, KV, G * T, D] with D a multiple of 16, rows [B], positions [B, T], window a "
+        "scalar, lengths [B]");
   }
   const int64_t seq = pd[1], tiles = (seq + kPositions - 1) / kPositions;
-  const Problem problem{q.typed_data(), caches, rows.typed_data(), positions.typed_data(), out->typed_data(),
-                        qd[0], qd[2] / seq, seq, window.typed_data()[0]};
+  const Problem problem{q.typed_data(), caches, rows.typed_data(), positions.typed_data(), lengths.typed_data(),
+                        out->typed_data(), qd[0], qd[2] / seq, seq, window.typed_data()[0]};
   const int64_t items = qd[0] * caches.kv_heads * tiles;
   int64_t longest = 0;
   for (int64_t i = 0; i < positions.element_count(); ++i) longest = std::max<int64_t>(longest, positions.typed_data()[i]);

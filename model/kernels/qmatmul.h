@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -126,20 +127,54 @@ inline void WithRowCount(int64_t rows, Tile&& tile) {
   }
 }
 
+// The rows of a call to compute: `valid` [M] flags the rows whose results are used (a prompt chunk's real
+// tokens, a batched prefill's real tokens of each prompt, a decode bucket's live rows); the others are padding.
+// Only flagged rows are computed and the rest of y is zero, so a padded bucket costs the rows it carries, not
+// its size. When they are a prefix (one prompt's chunk, a decode bucket) the kernel runs on that prefix in
+// place; otherwise they are gathered into a contiguous block first and their results scattered back. A
+// computed row's bits never depend on which other rows are computed (each row is its own chain).
+inline std::vector<int64_t> ValidRows(ffi::Buffer<ffi::S32> valid, int64_t m) {
+  std::vector<int64_t> rows;
+  if (valid.element_count() != m) {
+    for (int64_t i = 0; i < m; ++i) rows.push_back(i);
+    return rows;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    if (valid.typed_data()[i]) rows.push_back(i);
+  }
+  return rows;
+}
+
 // The FFI handler of one product kernel: checks the operands (LayerProblem) and runs `Run` on the layer's
-// weights with the call's activations.
+// weights with the call's valid rows (ValidRows); the other rows of y are zero.
 using LayerRun = void (*)(ffi::ThreadPool& pool, const float* x, const Problem& problem);
 
 template <typename Codes, LayerRun Run>
 ffi::Error LayerHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
-                        ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> y) {
   Problem problem;
   if (ffi::Error error = LayerProblem("qmatmul", Codes::kRowBytes, x, codes, scale, offset, layer, y, problem);
       error.failure()) {
     return error;
   }
-  Run(pool, x.typed_data(), problem);
+  const std::vector<int64_t> rows = ValidRows(valid, problem.m);
+  const int64_t count = static_cast<int64_t>(rows.size()), k = problem.k, n = problem.n;
+  if (count == 0 || rows.back() == count - 1) {  // a prefix: compute it in place
+    std::fill(problem.y + count * n, problem.y + problem.m * n, 0.0f);
+    problem.m = count;
+    if (count > 0) Run(pool, problem.x, problem);
+    return ffi::Error::Success();
+  }
+  thread_local std::vector<float> packed_x, packed_y;
+  packed_x.resize(count * k);
+  packed_y.resize(count * n);
+  for (int64_t i = 0; i < count; ++i) std::copy_n(problem.x + rows[i] * k, k, packed_x.data() + i * k);
+  float* out = problem.y;
+  std::fill(out, out + problem.m * n, 0.0f);
+  problem.x = packed_x.data(), problem.y = packed_y.data(), problem.m = count;
+  Run(pool, problem.x, problem);
+  for (int64_t i = 0; i < count; ++i) std::copy_n(packed_y.data() + i * n, n, out + rows[i] * n);
   return ffi::Error::Success();
 }
 
@@ -152,5 +187,6 @@ ffi::Error LayerHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       .Arg<ffi::Buffer<ffi::U8>>()                          \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                         \
       .Arg<ffi::Buffer<ffi::S32>>()                         \
       .Ret<ffi::Buffer<ffi::F32>>()
