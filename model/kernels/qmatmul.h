@@ -4,7 +4,8 @@
 // stored in panels of 32 output columns, scale and offset [N / 32, K / 32, 32] (float32), and codes
 //   8-bit (Codes8): [N / 32, K, 32], byte j of row k = code[k, j];
 //   4-bit (Codes4): [N / 32, K, 16], byte j of row k = code[k, j] | code[k, j + 16] << 4;
-// one matrix per decoder layer ([L, ...] on every weight operand), the layer to use an int32 operand.
+// one matrix per decoder layer ([L, ...] on every weight operand), the layer to use an int32 operand, and
+// `valid` [M] int32 the rows to compute (ValidRows: a bucket's padding rows are not computed).
 #pragma once
 
 #include <immintrin.h>
