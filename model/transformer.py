@@ -24,10 +24,11 @@ import jax.numpy as jnp
 
 from flaxchat.model.attention import grouped_attention
 from flaxchat.model.config import ModelConfig
+from flaxchat.model.experts import activation, dense_experts
 from flaxchat.model.kv_cache import KVCache, init_cache, write_layer
 from flaxchat.model.quant import (BLOCK, PANEL, QUANTISED, VOCABULARY_BITS, bits_of, block_matmul, code_bytes, columns,
                                   fused_name, padded, rows_independent)
-from flaxchat.model.reductions import tree_mean, tree_sum
+from flaxchat.model.reductions import tree_mean
 
 __all__ = ["KVCache", "Transformer", "init_cache", "init_params", "layer_spec", "param_shapes"]
 
@@ -262,59 +263,18 @@ def _attention(x, w, cfg: ModelConfig, layer, window, cache: KVCache, rows, cos,
     return linear(out.reshape(batch, seq, q_dim), w["o_proj"], cfg.hidden_size, cfg, layer, valid=valid), cache
 
 
-def _activation(gate: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
-
-
 def _mlp(x, w, cfg: ModelConfig, layer, valid):
     """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma); a mixture of experts if the config
     has them."""
     if cfg.num_experts:
-        return _experts(x, w, cfg, layer)
+        return dense_experts(x, w, cfg, layer, lambda h, shared, width: _gated_mlp(h, shared, cfg, layer, width))
     return _gated_mlp(x, w, cfg, layer, cfg.intermediate_size, valid)
 
 
 def _gated_mlp(x, w, cfg: ModelConfig, layer, width: int, valid=None):
     """``down(act(gate(x)) * up(x))`` with ``width`` units: the dense MLP, and Qwen2-MoE's shared expert."""
     gate, up = _projections(x, w, cfg, layer, ("gate_proj", "up_proj"), (width,) * 2, valid)
-    return linear(_activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer, valid=valid)
-
-
-def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Each token's weight for each expert, ``[..., experts]``: a float32 softmax over the router's scores,
-    the ``experts_per_token`` largest kept (renormalised over them when ``norm_topk_prob``), the rest 0, as
-    transformers' Qwen3-MoE and Mixtral route. The scores are products and a fixed-order sum (not a matrix
-    product, whose float32 rows change with the row count on XLA:CPU): a token's choice of experts depends on
-    its own row only, bit for bit, so no other request can tip it to another expert."""
-    scores = tree_sum(x.astype(jnp.float32)[..., :, None] * router.astype(jnp.float32), axis=-2)
-    probs = jax.nn.softmax(scores, axis=-1)
-    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
-    if cfg.norm_topk_prob:
-        top = top / jnp.sum(top, axis=-1, keepdims=True)
-    # each expert is chosen at most once per token, so this sum only ever adds zeros to one weight
-    return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
-
-
-def _experts(x, w, cfg: ModelConfig, layer):
-    """Mixture of experts, dense over experts: every expert runs on every token and the router's weights
-    (0 for experts not chosen) combine them in a fixed order, so a row's result depends on its own tokens
-    only, whatever the batch, and the experts axis can be split over a mesh (``model/sharding.py``). It
-    costs ``experts / experts_per_token`` times the FLOPs of running only the chosen experts (a grouped
-    product over tokens sorted by expert is the faster formulation, not built yet); parity with transformers
-    is what this one is for."""
-    weights = route(x, w["router"]["kernel"][layer], cfg).astype(cfg.dtype)  # [B, T, E]
-    experts = w["experts"]
-    gate = jnp.einsum("bth,ehi->btei", x, experts["gate_proj"][layer].astype(cfg.dtype))
-    up = jnp.einsum("bth,ehi->btei", x, experts["up_proj"][layer].astype(cfg.dtype))
-    out = jnp.einsum("btei,eih->bteh", _activation(gate, cfg) * up, experts["down_proj"][layer].astype(cfg.dtype))
-    out = tree_sum(out * weights[..., None], axis=2)
-    if "shared" in w:  # transformers' Qwen2-MoE: experts' sum + sigmoid(gate . x) * shared MLP(x)
-        shared = _gated_mlp(x, w["shared"], cfg, layer, cfg.shared_expert_intermediate_size)
-        # the gate's score as products and a fixed-order sum, like the router's (row-independent bits)
-        score = tree_sum(x.astype(jnp.float32)[..., :, None] * w["shared_gate"]["kernel"][layer].astype(jnp.float32),
-                         axis=-2)
-        out = out + jax.nn.sigmoid(score).astype(cfg.dtype) * shared
-    return out
+    return linear(activation(gate, cfg) * up, w["down_proj"], cfg.hidden_size, cfg, layer, valid=valid)
 
 
 def decoder_layer(cfg: ModelConfig, layers: dict, layer: jax.Array, window: jax.Array, x: jax.Array,

@@ -13,7 +13,7 @@ import torch
 
 from flaxchat.model.config import ModelConfig, UnsupportedModelError
 from flaxchat.model.quant import prepare_weights
-from flaxchat.model.transformer import route
+from flaxchat.model.experts import route
 from flaxchat.sampling.engine import Engine, EngineConfig
 from flaxchat.sampling.params import SamplingParams
 from tests.engine_fixtures import tiny_moe_model
