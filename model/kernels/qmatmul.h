@@ -5,7 +5,7 @@
 //   8-bit (Codes8): [N / 32, K, 32], byte j of row k = code[k, j];
 //   4-bit (Codes4): [N / 32, K, 16], byte j of row k = code[k, j] | code[k, j + 16] << 4;
 // one matrix per decoder layer ([L, ...] on every weight operand), the layer to use an int32 operand, and
-// `valid` [M] int32 the rows to compute (ValidRows: a bucket's padding rows are not computed).
+// `valid` [M] int32 the rows to compute (LeadingValidRows: a bucket's padding rows are not computed).
 #pragma once
 
 #include <immintrin.h>
@@ -131,23 +131,18 @@ inline void WithRowCount(int64_t rows, Tile&& tile) {
 // The rows of a call to compute: `valid` [M] flags the rows whose results are used (a prompt chunk's real
 // tokens, a batched prefill's real tokens of each prompt, a decode bucket's live rows); the others are padding.
 // Only flagged rows are computed and the rest of y is zero, so a padded bucket costs the rows it carries, not
-// its size. When they are a prefix (one prompt's chunk, a decode bucket) the kernel runs on that prefix in
-// place; otherwise they are gathered into a contiguous block first and their results scattered back. A
-// computed row's bits never depend on which other rows are computed (each row is its own chain).
-inline std::vector<int64_t> ValidRows(ffi::Buffer<ffi::S32> valid, int64_t m) {
-  std::vector<int64_t> rows;
-  if (valid.element_count() != m) {
-    for (int64_t i = 0; i < m; ++i) rows.push_back(i);
-    return rows;
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    if (valid.typed_data()[i]) rows.push_back(i);
-  }
-  return rows;
+// its size. When they lead the call (one prompt's chunk, a decode bucket: the common case, checked without
+// allocating) the kernel runs on that prefix in place; otherwise they are gathered into a contiguous block
+// first and their results scattered back. A computed row's bits never depend on which other rows are
+// computed (each row is its own chain).
+inline int64_t LeadingValidRows(const int32_t* flags, int64_t m) {
+  int64_t leading = 0;
+  while (leading < m && flags[leading]) ++leading;
+  return std::any_of(flags + leading, flags + m, [](int32_t flag) { return flag != 0; }) ? -1 : leading;
 }
 
 // The FFI handler of one product kernel: checks the operands (LayerProblem) and runs `Run` on the layer's
-// weights with the call's valid rows (ValidRows); the other rows of y are zero.
+// weights with the call's valid rows (LeadingValidRows); the other rows of y are zero.
 using LayerRun = void (*)(ffi::ThreadPool& pool, const float* x, const Problem& problem);
 
 template <typename Codes, LayerRun Run>
@@ -159,14 +154,23 @@ ffi::Error LayerHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       error.failure()) {
     return error;
   }
-  const std::vector<int64_t> rows = ValidRows(valid, problem.m);
-  const int64_t count = static_cast<int64_t>(rows.size()), k = problem.k, n = problem.n;
-  if (count == 0 || rows.back() == count - 1) {  // a prefix: compute it in place
-    std::fill(problem.y + count * n, problem.y + problem.m * n, 0.0f);
-    problem.m = count;
-    if (count > 0) Run(pool, problem.x, problem);
+  if (valid.element_count() != problem.m) {
+    return ffi::Error::InvalidArgument("qmatmul: valid [M], one flag per row of x");
+  }
+  const int32_t* flags = valid.typed_data();
+  const int64_t k = problem.k, n = problem.n, leading = LeadingValidRows(flags, problem.m);
+  if (leading >= 0) {  // the valid rows lead the call: compute them in place
+    std::fill(problem.y + leading * n, problem.y + problem.m * n, 0.0f);
+    problem.m = leading;
+    if (leading > 0) Run(pool, problem.x, problem);
     return ffi::Error::Success();
   }
+  thread_local std::vector<int64_t> rows;
+  rows.clear();
+  for (int64_t i = 0; i < problem.m; ++i) {
+    if (flags[i]) rows.push_back(i);
+  }
+  const int64_t count = static_cast<int64_t>(rows.size());
   thread_local std::vector<float> packed_x, packed_y;
   packed_x.resize(count * k);
   packed_y.resize(count * n);
