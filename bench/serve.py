@@ -11,6 +11,10 @@ system prompts, distinct long prompts), stops it; then the same for ``flaxchat s
 servers never run at the same time. Each level's figures are the median of ``--repeat`` probe runs
 (prefix_probe.py asks the same prompts every run, so its repeats after the first measure warm caches).
 Peak resident memory is each server process's VmHWM. Prints a markdown table with ratios (and writes it to ``--out``).
+
+The same probes also run against ``bench/null_server.py``, which answers every request at once: its
+TTFTs are the probe client's own share (a new connection per request, 16 client threads sharing this
+machine's cores), which both servers' figures include. ``--no-floor`` skips it.
 """
 
 from __future__ import annotations
@@ -143,6 +147,7 @@ def main() -> int:
     parser.add_argument("--plot", default=None, help="a PNG of them (flaxchat.bench.plot)")
     parser.add_argument("--probe", choices=("load", "prefix", "both"), default="load",
                         help="load_probe.py (tok/s, TTFT at 1-16 clients), prefix_probe.py (prompt reuse), or both")
+    parser.add_argument("--no-floor", action="store_true", help="skip the probes against bench/null_server.py")
     parser.add_argument("flaxchat_args", nargs="*", help="extra `flaxchat serve` arguments (after --)")
     args = parser.parse_args()
 
@@ -159,6 +164,11 @@ def main() -> int:
     flax_command = [str(ROOT / ".venv" / "bin" / "flaxchat"), "serve", "--slots", "16", "--port", str(port),
                     *args.flaxchat_args]
     ours = run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat, probes)
+    floor = None
+    if not args.no_floor:
+        port = free_port()
+        floor = run_server([sys.executable, str(ROOT / "bench" / "null_server.py"), str(port)],
+                           f"http://127.0.0.1:{port}/v1", args.repeat, probes)
 
     lines = [
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct; llama-server runs the Q4_1 GGUF "
@@ -176,6 +186,9 @@ def main() -> int:
         for c in LEVELS:
             (ft, fl), (lt, ll) = ours["levels"][c], llama["levels"][c]
             lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x** | {fl:.0f} | {ll:.0f} |")
+        if floor:
+            lines += ["", "The probe client alone (`bench/null_server.py`: every reply at once), p50 TTFT at "
+                      + ", ".join(f"{c}: {floor['levels'][c][1]:.0f} ms" for c in LEVELS) + "."]
     if "prefix" in probes:
         f, l = ours["prefix"], llama["prefix"]
         lines += [
@@ -193,6 +206,11 @@ def main() -> int:
             f"| 16 clients, distinct prompts, p50 | {f['distinct']:.0f} | {l['distinct']:.0f} | "
             f"**{f['distinct'] / l['distinct']:.2f}x** |",
         ]
+        if floor:
+            z = floor["prefix"]
+            lines += ["", f"The probe client alone (`bench/null_server.py`): short prompt {z['short']:.0f} ms, "
+                      f"next turn {z['next']:.0f} ms, 16 clients sharing a prompt p50 {z['shared']:.0f} ms, "
+                      f"distinct prompts p50 {z['distinct']:.0f} ms."]
     lines += [
         "",
         f"Peak resident memory: flaxchat {ours['rss_mb']:.0f} MB, llama-server {llama['rss_mb']:.0f} MB. "
@@ -203,7 +221,8 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(table + "\n")
     if args.json or args.plot:
-        write_figures(args, lines[0], {"flaxchat": ours, "llama-server": llama}, probes)
+        servers = {"flaxchat": ours, "llama-server": llama} | ({"probe client alone": floor} if floor else {})
+        write_figures(args, lines[0], servers, probes)
     return 0
 
 

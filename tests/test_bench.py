@@ -50,3 +50,36 @@ def test_markdown_and_plot_take_several_servers(tmp_path):
     assert "| 4 | 140.0 | 400 | 98.0 | 350 |" in table
     assert "| its next turn | 140 | 272 |" in table
     assert bench.plot(run, tmp_path / "two.png").stat().st_size > 10_000
+
+
+def test_the_null_server_streams_what_the_probes_count(tmp_path):
+    """bench/null_server.py (the probe client's own share of a TTFT) answers as the probes read a server:
+    the model list, then a stream of max_tokens content chunks with usage, to the openai client unchanged."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "bench" / "null_server.py"), str(port)])
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for _ in range(100):
+            try:
+                (model,) = client.models.list().data
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        stream = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=5, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "xxxxx"
+        assert chunks[-1].usage.completion_tokens == 5
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
