@@ -10,7 +10,11 @@ given) on the default model's GGUF (Q4_1, from the PyPI wheel), runs ../shared/t
 system prompts, distinct long prompts), stops it; then the same for ``flaxchat serve --slots 16``. The
 servers never run at the same time. Each level's figures are the median of ``--repeat`` probe runs
 (prefix_probe.py asks the same prompts every run, so its repeats after the first measure warm caches).
-Peak resident memory is each server process's VmHWM. Prints a markdown table with ratios (and writes it to ``--out``).
+``--rounds N`` starts the servers N times, alternating (llama-server, flaxchat, llama-server, ...), and
+reports medians over the rounds: this shared VM's speed drifts by tens of percent within minutes, and
+alternating spreads the drift over both servers instead of loading it onto whichever ran second.
+Peak resident memory is each server process's VmHWM (the largest over rounds). Prints a markdown table
+with ratios (and writes it to ``--out``).
 
 The same probes also run against ``bench/null_server.py``, which answers every request at once: its
 TTFTs are the probe client's own share (a new connection per request, 16 client threads sharing this
@@ -129,6 +133,26 @@ def run_server(command: list[str], base: str, repeat: int, probes: tuple[str, ..
         process.wait(timeout=60)
 
 
+def median_of_rounds(results: list[dict]) -> dict:
+    """One server's figures over its rounds: medians, the largest peak memory."""
+    merged: dict = {"ready_s": statistics.median(r["ready_s"] for r in results),
+                    "rss_mb": max(r["rss_mb"] for r in results)}
+    if "levels" in results[0]:
+        merged["levels"] = {c: tuple(statistics.median(r["levels"][c][i] for r in results) for i in range(2))
+                            for c in LEVELS}
+    if "prefix" in results[0]:
+        merged["prefix"] = {name: statistics.median(r["prefix"][name] for r in results) for name in results[0]["prefix"]}
+    return merged
+
+
+def round_ratios(rounds: dict[str, list[dict]], probe: str, key) -> str:
+    """" (rounds: a, b, c)": each round's flaxchat / llama-server tok/s, when there was more than one round."""
+    if len(rounds["ours"]) < 2:
+        return ""
+    pairs = zip(rounds["ours"], rounds["llama"])
+    return " (rounds: " + ", ".join(f"{o[probe][key][0] / l[probe][key][0]:.2f}" for o, l in pairs) + ")"
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -141,7 +165,8 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", default=None, help="llama-server binary (default: build it)")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="probe runs per server start")
+    parser.add_argument("--rounds", type=int, default=1, help="server starts, alternating the servers")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="the figures as a bench/results/*.json file (flaxchat.bench's shape)")
     parser.add_argument("--plot", default=None, help="a PNG of them (flaxchat.bench.plot)")
@@ -154,26 +179,31 @@ def main() -> int:
     probes = ("load", "prefix") if args.probe == "both" else (args.probe,)
     binary = args.llama_server or subprocess.run(["bash", str(TOOLS / "build-llama-server.sh")], check=True,
                                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    rounds: dict[str, list[dict]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         gguf = default_gguf(Path(tmp))
-        port = free_port()
-        llama = run_server([binary, "-m", str(gguf), "-t", str(os.cpu_count()), "-c", "16384", "--parallel", "16",
-                            "--jinja", "--port", str(port), "--host", "127.0.0.1"],
-                           f"http://127.0.0.1:{port}/v1", args.repeat, probes)
-    port = free_port()
-    flax_command = [str(ROOT / ".venv" / "bin" / "flaxchat"), "serve", "--slots", "16", "--port", str(port),
-                    *args.flaxchat_args]
-    ours = run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat, probes)
-    floor = None
-    if not args.no_floor:
-        port = free_port()
-        floor = run_server([sys.executable, str(ROOT / "bench" / "null_server.py"), str(port)],
-                           f"http://127.0.0.1:{port}/v1", args.repeat, probes)
+        for _ in range(args.rounds):
+            port = free_port()
+            rounds["llama"].append(run_server(
+                [binary, "-m", str(gguf), "-t", str(os.cpu_count()), "-c", "16384", "--parallel", "16", "--jinja",
+                 "--port", str(port), "--host", "127.0.0.1"], f"http://127.0.0.1:{port}/v1", args.repeat, probes))
+            port = free_port()
+            flax_command = [str(ROOT / ".venv" / "bin" / "flaxchat"), "serve", "--slots", "16", "--port", str(port),
+                            *args.flaxchat_args]
+            rounds["ours"].append(run_server(flax_command, f"http://127.0.0.1:{port}/v1", args.repeat, probes))
+            if not args.no_floor:
+                port = free_port()
+                rounds["floor"].append(run_server([sys.executable, str(ROOT / "bench" / "null_server.py"), str(port)],
+                                                  f"http://127.0.0.1:{port}/v1", args.repeat, probes))
+    llama, ours = median_of_rounds(rounds["llama"]), median_of_rounds(rounds["ours"])
+    floor = median_of_rounds(rounds["floor"]) if rounds["floor"] else None
 
     lines = [
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct; llama-server runs the Q4_1 GGUF "
         f"(`-t {os.cpu_count()} -c 16384 --parallel 16`), flaxchat `{' '.join(flax_command[1:4] + flax_command[6:])}` "
-        f"(its defaults otherwise). Medians of {args.repeat} run(s) of each probe.",
+        f"(its defaults otherwise). Medians of {args.repeat} run(s) of each probe"
+        + (f" per server start, then medians over {args.rounds} rounds of starts, the servers alternating." if
+           args.rounds > 1 else "."),
     ]
     if "load" in probes:
         lines += [
@@ -185,7 +215,8 @@ def main() -> int:
         ]
         for c in LEVELS:
             (ft, fl), (lt, ll) = ours["levels"][c], llama["levels"][c]
-            lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x** | {fl:.0f} | {ll:.0f} |")
+            lines.append(f"| {c} | {ft:.1f} | {lt:.1f} | **{ft / lt:.2f}x**{round_ratios(rounds, 'levels', c)} | "
+                         f"{fl:.0f} | {ll:.0f} |")
         if floor:
             lines += ["", "The probe client alone (`bench/null_server.py`: every reply at once), p50 TTFT at "
                       + ", ".join(f"{c}: {floor['levels'][c][1]:.0f} ms" for c in LEVELS) + "."]
@@ -206,6 +237,12 @@ def main() -> int:
             f"| 16 clients, distinct prompts, p50 | {f['distinct']:.0f} | {l['distinct']:.0f} | "
             f"**{f['distinct'] / l['distinct']:.2f}x** |",
         ]
+        if len(rounds["ours"]) > 1:
+            per_round = [(o["prefix"], l["prefix"]) for o, l in zip(rounds["ours"], rounds["llama"])]
+            lines += ["", "Each round (flaxchat): next turn / short " + ", ".join(
+                f"{o['next'] / o['short']:.2f}x" for o, _ in per_round) + "; shared-prompt crowd / llama-server's "
+                + ", ".join(f"{o['shared'] / l['shared']:.2f}x" for o, l in per_round) + "; distinct crowd "
+                + ", ".join(f"{o['distinct'] / l['distinct']:.2f}x" for o, l in per_round) + "."]
         if floor:
             z = floor["prefix"]
             lines += ["", f"The probe client alone (`bench/null_server.py`): short prompt {z['short']:.0f} ms, "
