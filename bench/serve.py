@@ -12,7 +12,8 @@ servers never run at the same time. Each level's figures are the median of ``--r
 (prefix_probe.py asks the same prompts every run, so its repeats after the first measure warm caches).
 ``--rounds N`` starts the servers N times, alternating (llama-server, flaxchat, llama-server, ...), and
 reports medians over the rounds: this shared VM's speed drifts by tens of percent within minutes, and
-alternating spreads the drift over both servers instead of loading it onto whichever ran second.
+alternating spreads the drift over both servers instead of loading it onto whichever ran second. Each
+server answers two warm-up requests after a start before any probe (``warm``).
 Peak resident memory is each server process's VmHWM (the largest over rounds). Prints a markdown table
 with ratios (and writes it to ``--out``).
 
@@ -112,12 +113,24 @@ def prefix_probe(base: str, repeat: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
+def warm(base: str) -> None:
+    """Two requests before any probe. llama-server answers its first request after a start slower (its first
+    1-client level measured 76-109 tok/s against 99-122 in later runs), while flaxchat warms up before it
+    reports ready; a probe must not measure either server's first request."""
+    model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
+    for i in range(2):
+        httpx.post(f"{base}/chat/completions", timeout=600, json={
+            "model": model, "max_tokens": 64, "temperature": 0.7, "seed": i,
+            "messages": [{"role": "user", "content": "Warm up: write one sentence."}]}).raise_for_status()
+
+
 def run_server(command: list[str], base: str, repeat: int, probes: tuple[str, ...], env: dict | None = None) -> dict:
     print("$", " ".join(command), flush=True)
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         ready = wait_ready(base, process)
+        warm(base)
         results = {"ready_s": ready}
         if "load" in probes:
             results["levels"] = probe(base, repeat)
