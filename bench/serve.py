@@ -43,6 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT.parent / "shared" / "tools"
 LEVELS = (1, 4, 8, 16)
+FLOOR = "probe client alone"  # bench/null_server.py's figures (its tok/s only say how fast the client reads)
 PROBE_LINE = re.compile(r"concurrency (\d+): ([\d.]+) tok/s aggregate, p50 TTFT (\d+|nan) ms, (\d+) tokens, (\d+)/")
 PREFIX_LINE = re.compile(r"short prompt TTFT (\d+) ms; long conversation first turn (\d+) ms; next turn (\d+) ms")
 CROWD_LINE = re.compile(r"shared ~1,000-token system prompt: p50 TTFT (\d+) ms; distinct prompts of that length: (\d+) ms")
@@ -271,7 +272,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(table + "\n")
     if args.json or args.plot:
-        servers = {"flaxchat": ours, "llama-server": llama} | ({"probe client alone": floor} if floor else {})
+        servers = {"flaxchat": ours, "llama-server": llama} | ({FLOOR: floor} if floor else {})
         write_figures(args, lines[0], servers, probes)
     return 0
 
@@ -286,8 +287,8 @@ def write_figures(args: argparse.Namespace, what: str, servers: dict[str, dict],
     run: dict = {}
     if "load" in probes:
         run["load"] = {"clients": list(LEVELS)} | {
-            name: {"tok_s": [round(r["levels"][c][0], 1) for c in LEVELS],
-                   "p50_ttft_ms": [round(r["levels"][c][1]) for c in LEVELS]} for name, r in servers.items()}
+            name: ({} if name == FLOOR else {"tok_s": [round(r["levels"][c][0], 1) for c in LEVELS]})
+            | {"p50_ttft_ms": [round(r["levels"][c][1]) for c in LEVELS]} for name, r in servers.items()}
     if "prefix" in probes:
         keys = {"short": "short_ms", "first": "first_turn_ms", "next": "next_turn_ms", "shared": "shared_p50_ms",
                 "distinct": "distinct_p50_ms"}

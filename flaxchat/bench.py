@@ -199,8 +199,8 @@ def markdown(run_result: dict[str, Any]) -> str:
         lines += ["| clients | " + " | ".join(f"{s} tok/s | {s} p50 TTFT ms" for s in servers) + " |",
                   "| ---: |" + " ---: | ---: |" * len(servers)]
         for i, clients in enumerate(load["clients"]):
-            lines.append(f"| {clients} | " + " | ".join(f"{load[s]['tok_s'][i]} | {load[s]['p50_ttft_ms'][i]}"
-                                                          for s in servers) + " |")
+            lines.append(f"| {clients} | " + " | ".join(f"{load[s]['tok_s'][i] if 'tok_s' in load[s] else '-'} | "
+                                                          f"{load[s]['p50_ttft_ms'][i]}" for s in servers) + " |")
         lines.append("")
     if "prefix" in run_result:
         prefix = run_result["prefix"]
@@ -227,13 +227,15 @@ def plot(run_result: dict[str, Any], path: str | Path, title: str = "") -> Path:
         load, (speed, ttft) = run_result["load"], axes[:2]
         axes = axes[2:]
         for server in (k for k in load if k != "clients"):
-            speed.plot(load["clients"], load[server]["tok_s"], "o-", label=server)
+            if "tok_s" in load[server]:  # (a client-only floor has TTFTs but no throughput worth plotting)
+                speed.plot(load["clients"], load[server]["tok_s"], "o-", label=server)
             ttft.plot(load["clients"], load[server]["p50_ttft_ms"], "o-", label=server)
         speed.set(xlabel="concurrent streaming clients", ylabel="tokens / s, all clients", xscale="log")
         ttft.set(xlabel="concurrent streaming clients", ylabel="p50 time to first token, ms", xscale="log")
         for ax in (speed, ttft):
             ax.set_xticks(load["clients"], labels=[str(c) for c in load["clients"]])
         speed.legend()
+        ttft.legend()
     if "prefix" in run_result:
         prefix, ax = run_result["prefix"], axes[0]
         keys = ["short_ms", "next_turn_ms", "shared_p50_ms"]

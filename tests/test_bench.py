@@ -46,8 +46,9 @@ def test_markdown_and_plot_take_several_servers(tmp_path):
                                        distinct_p50_ms=14020),
                       "llama-server": dict(short_ms=63, first_turn_ms=5658, next_turn_ms=272, shared_p50_ms=708,
                                            distinct_p50_ms=30045)}}
+    run["load"]["probe client alone"] = {"p50_ttft_ms": [24, 56]}  # bench/null_server.py: TTFTs only
     table = bench.markdown(run)
-    assert "| 4 | 140.0 | 400 | 98.0 | 350 |" in table
+    assert "| 4 | 140.0 | 400 | 98.0 | 350 | - | 56 |" in table
     assert "| its next turn | 140 | 272 |" in table
     assert bench.plot(run, tmp_path / "two.png").stat().st_size > 10_000
 
