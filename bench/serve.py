@@ -115,9 +115,10 @@ def prefix_probe(base: str, repeat: int) -> dict[str, float]:
 
 
 def warm(base: str) -> None:
-    """Two requests before any probe. llama-server answers its first request after a start slower (its first
-    1-client level measured 76-109 tok/s against 99-122 in later runs), while flaxchat warms up before it
-    reports ready; a probe must not measure either server's first request."""
+    """Two requests before any probe, so that no probe measures a server's first request after a start
+    (flaxchat warms up before it reports ready; llama-server does not). Later probe runs within one start
+    are faster still, for both servers, because the probes resend the same prompts and find them cached:
+    llama-server's 1-client level measured 99-122 tok/s in those against 77-90 in first runs after warm-up."""
     model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
     for i in range(2):
         httpx.post(f"{base}/chat/completions", timeout=600, json={
