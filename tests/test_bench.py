@@ -56,7 +56,6 @@ def test_markdown_and_plot_take_several_servers(tmp_path):
 def test_the_null_server_streams_what_the_probes_count(tmp_path):
     """bench/null_server.py (the probe client's own share of a TTFT) answers as the probes read a server:
     the model list, then a stream of max_tokens content chunks with usage, to the openai client unchanged."""
-    import socket
     import subprocess
     import sys
     import time
@@ -64,9 +63,7 @@ def test_the_null_server_streams_what_the_probes_count(tmp_path):
 
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = bench._free_port()
     server = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "bench" / "null_server.py"), str(port)])
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
